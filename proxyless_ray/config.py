@@ -1,0 +1,326 @@
+"""Experiment configuration: one frozen dataclass per concern, loaded from YAML with ``--set`` overrides.
+
+``experiments/*.yaml`` list only what differs from these defaults. Unknown keys are errors that name the key and
+the file. Plain dicts appear only at the Ray boundary (:meth:`Experiment.to_dict` / :meth:`Experiment.from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from proxyless_ray.space import PRESETS, SearchSpace, space_from_preset
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are split."""
+
+    name: str = "fashion_mnist"  # fashion_mnist | imagefolder | parquet
+    path: str | None = None  # None: Debian's /usr/share/datasets/fashion-mnist for fashion_mnist
+    heldout_size: int = 5000  # images carved from train for architecture steps (deterministic)
+    train_subset: int = 0  # use only this many training images (0: all); for quick demos
+    test_subset: int = 0  # evaluate on this many test images (0: all)
+    batch_size: int = 128  # per worker
+    eval_batch_size: int = 512
+    loader_workers: int = 0  # DataLoader processes per Ray worker
+    augment: bool = True  # random crop + flip (Fashion-MNIST) / RandomResizedCrop (ImageNet)
+    seed: int = 0  # split seed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Search loop (ProxylessNAS defaults unless noted; all tunable)."""
+
+    epochs: int = 6  # total epochs, warm-up included
+    warmup_epochs: int = 2  # weights only, alpha frozen, paths sampled uniformly from softmax(alpha)
+    lr: float = 0.05  # weight SGD, cosine per batch (paper: 0.025 at batch 256 on ImageNet)
+    warmup_lr: float = 0.05  # paper: hard-coded lr_max 0.05 for warm-up
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 4e-5
+    label_smoothing: float = 0.1
+    arch_lr: float = 1e-3  # Adam on alpha
+    arch_betas: tuple[float, float] = (0.0, 0.999)
+    arch_eps: float = 1e-8
+    arch_weight_decay: float = 0.0
+    arch_update_every: int = 5  # an arch step after every k weight steps
+    arch_steps: int = 1
+    gate_mode: str = "two"  # two | full_v2 | reinforce
+    reinforce_baseline_decay: float = 0.99
+    alpha_init_std: float = 1e-3
+    grad_clip: float = 0.0  # 0: off
+    seed: int = 0  # weights, gates and data order
+    threads: int = 0  # torch threads per worker (0: leave torch's default)
+    max_steps_per_epoch: int = 0  # 0: the whole split; small values for smoke tests
+    sync_bn: bool = False  # False: per-worker BatchNorm statistics (the paper's setting)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Hardware target and the latency loss (formulas in :mod:`proxyless_ray.objective`)."""
+
+    profile: str = "flops"  # a name in hardware_profiles/, a path to a profile, or 'flops' (placeholder model)
+    loss: str = "add"  # add | mul_log | none
+    lam: float = 0.1  # 'add': CE + lam * (E[lat] - ref) / ref  (YAML key 'lambda' also accepted)
+    ref_ms: float = 0.0  # 'add' reference latency; 0: E[lat] of the supernet at initialisation
+    target_ms: float = 0.0  # 'mul_log' target latency; 0: E[lat] at initialisation
+    alpha: float = 0.2  # 'mul_log': alpha * CE * (log E[lat] / log target) ** beta
+    beta: float = 0.3
+    strict: bool = False  # raise on a shape the profile does not hold instead of predicting
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """Ray Train scaling, storage and fault tolerance."""
+
+    workers: int = 1  # Ray Train workers; 0 runs the search in this process without Ray
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {hw_a100: 1}
+    address: str | None = None  # None: embedded ray.init(); 'auto' or 'ray://host:port' for a cluster
+    storage_path: str | None = None  # checkpoints; a local folder or a pyarrow URI (s3://, gs://). None: <out>/ray
+    checkpoint_every: int = 1  # epochs
+    checkpoints_to_keep: int = 2
+    max_failures: int = 1
+    connect_timeout_s: float = 60.0
+    placement_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune latency-trade-off sweep: hardware profiles x coefficients."""
+
+    hardware: tuple[str, ...] = ()
+    loss: str = "add"
+    lambdas: tuple[float, ...] = ()  # for 'add'
+    betas: tuple[float, ...] = ()  # for 'mul_log'
+    targets_ms: dict[str, list[float]] = field(default_factory=dict)  # for 'mul_log', per hardware
+    sampling: str = "grid"  # grid | log (num_samples draws log-uniform between min and max of each list)
+    num_samples: int = 1
+    scheduler: str = "pareto"  # fifo | asha | pareto
+    grace_period: int = 1  # epochs of the search phase before the first rung
+    reduction_factor: int = 2
+    workers_per_trial: int = 1
+    max_concurrent_trials: int = 0  # 0: from cluster resources
+    shared_warmup: bool = True
+    retrain_epochs: int = 0  # retrain Pareto-front networks briefly after the sweep (0: skip)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "proxyless-ray"
+    register_models: bool = True
+    max_artifact_mb: float = 200.0
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A whole experiment: what to search, on which data, against which hardware, where to write."""
+
+    name: str = "experiment"
+    out_dir: str = "runs"  # outputs go to <out_dir>/<name>
+    space: SearchSpace = field(default_factory=SearchSpace)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def output_dir(self) -> str:
+        return os.path.join(self.out_dir, self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe) for the Ray boundary and MLflow params."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> Experiment:
+        return _build_experiment(d, source)
+
+
+_SECTIONS = {"space": SearchSpace, "data": DataConfig, "train": TrainConfig, "latency": LatencyConfig,
+             "dist": DistConfig, "sweep": SweepConfig, "tracking": TrackingConfig}
+_ALIASES = {("latency", "lambda"): "lam"}
+GATE_MODES = ("two", "full_v2", "reinforce")
+LOSSES = ("add", "mul_log", "none")
+SCHEDULERS = ("fifo", "asha", "pareto")
+
+
+def validate(exp: Experiment) -> None:
+    """Cross-field checks; every message names the bad value and what was expected."""
+    t, lat, d = exp.train, exp.latency, exp.data
+    if t.gate_mode not in GATE_MODES:
+        raise ValueError(f"train.gate_mode {t.gate_mode!r} is unknown; expected one of {list(GATE_MODES)}")
+    if lat.loss not in LOSSES:
+        raise ValueError(f"latency.loss {lat.loss!r} is unknown; expected one of {list(LOSSES)}")
+    if lat.lam < 0:
+        raise ValueError(f"latency.lambda must be >= 0, got {lat.lam}")
+    if lat.loss == "mul_log" and lat.target_ms < 0:
+        raise ValueError(f"latency.target_ms must be > 0 for mul_log (0 picks E[lat] at init), got {lat.target_ms}")
+    if lat.ref_ms < 0:
+        raise ValueError(f"latency.ref_ms must be > 0 (0 picks E[lat] at init), got {lat.ref_ms}")
+    if not 0 <= t.warmup_epochs <= t.epochs:
+        raise ValueError(f"train.warmup_epochs {t.warmup_epochs} must be within [0, train.epochs={t.epochs}]")
+    if t.arch_update_every < 1:
+        raise ValueError(f"train.arch_update_every must be >= 1, got {t.arch_update_every}")
+    for name in ("lr", "warmup_lr", "arch_lr"):
+        if getattr(t, name) <= 0:
+            raise ValueError(f"train.{name} must be > 0, got {getattr(t, name)}")
+    if d.name not in ("fashion_mnist", "imagefolder", "parquet"):
+        raise ValueError(f"data.name {d.name!r} is unknown; expected fashion_mnist, imagefolder or parquet")
+    if d.batch_size < 1 or d.heldout_size < 0:
+        raise ValueError(f"data.batch_size must be >= 1 and data.heldout_size >= 0, got {d.batch_size}, "
+                         f"{d.heldout_size}")
+    if exp.dist.workers < 0:
+        raise ValueError(f"dist.workers must be >= 0, got {exp.dist.workers}")
+    if exp.sweep.scheduler not in SCHEDULERS:
+        raise ValueError(f"sweep.scheduler {exp.sweep.scheduler!r} does not exist; expected one of {list(SCHEDULERS)}")
+
+
+def load_experiment(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read an experiment YAML (safe_load) and apply ``key=value`` overrides such as ``train.lr=0.05``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: malformed YAML, an unknown key (named with the file) or an invalid value.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"experiment file {path!r} does not exist")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: an experiment must be a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    for item in overrides:
+        apply_override(raw, item)
+    return _build_experiment(raw, path)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``section.key=value`` (value parsed as YAML) in a raw experiment dict."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=0.05")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _build_experiment(raw: dict[str, Any], source: str) -> Experiment:
+    known = {f.name for f in fields(Experiment)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level key(s) {unknown}; expected some of {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: section {key!r} must be a mapping, got {value!r}")
+            kwargs[key] = _build_section(key, value, source)
+        else:
+            kwargs[key] = value
+    try:
+        return Experiment(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def _build_section(section: str, values: dict[str, Any], source: str) -> Any:
+    cls = _SECTIONS[section]
+    values = {_ALIASES.get((section, k), k): v for k, v in values.items()}
+    valid = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {[f'{section}.{k}' for k in unknown]}; expected some of "
+                         f"{sorted(f'{section}.{k}' for k in valid)}")
+    coerced = {k: _coerce(section, k, v, valid[k], cls) for k, v in values.items()}
+    try:
+        if section == "space":
+            preset = coerced.pop("preset", "small")
+            if preset not in PRESETS:
+                raise ValueError(f"space.preset {preset!r} is unknown; expected one of {sorted(PRESETS)}")
+            return space_from_preset(preset, **coerced)
+        return cls(**coerced)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {section}: {err}") from None
+
+
+def _coerce(section: str, key: str, value: Any, f: dataclasses.Field, cls: type) -> Any:
+    """Light type check against the field's default: numbers, bools, strings, lists -> tuples."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return type(default)(value)
+    elif isinstance(default, tuple):
+        if isinstance(value, (int, float, str)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    elif isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'train': {'lr': 0.1}}`` -> ``{'train.lr': 0.1}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def with_overrides(exp: Experiment, **sections: dict[str, Any]) -> Experiment:
+    """A copy with some section fields replaced, e.g. ``with_overrides(exp, latency={'lam': 0.3})``."""
+    d = exp.to_dict()
+    for section, values in sections.items():
+        d[section].update(values)
+    return Experiment.from_dict(d)
+
+
+__all__ = ["DataConfig", "DistConfig", "Experiment", "LatencyConfig", "SweepConfig", "TrackingConfig",
+           "TrainConfig", "apply_override", "flatten", "load_experiment", "with_overrides"]

@@ -1,0 +1,60 @@
+"""The latency-model interface, ``lat_ms(block, in_chs, resolution)``, and the FLOPs placeholder model.
+
+Any object with a ``name`` and that method prices architectures; hardware profiles
+(:mod:`proxyless_ray.latency.profile`) are the real ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxyless_ray.arch import Arch, Layer, parse_block
+from proxyless_ray.latency.flops import layer_cost
+
+
+class LatencyModel(Protocol):
+    """Predicts the latency in ms of one layer at a given input shape (batch and dtype are the model's own)."""
+
+    name: str
+
+    def lat_ms(self, block: str, in_chs: int, resolution: int) -> float: ...
+
+
+def layer_latency(model: LatencyModel, layer: Layer) -> float:
+    """Latency of a placed layer; zero layers cost nothing."""
+    if not layer.block.startswith("fc_c") and parse_block(layer.block).is_zero:
+        return 0.0
+    return float(model.lat_ms(layer.block, layer.in_chs, layer.resolution))
+
+
+def arch_latency(model: LatencyModel, arch: Arch) -> tuple[float, list[tuple[Layer, float]]]:
+    """Total and per-layer predicted latency of a whole network (stem, blocks, feature mix, classifier)."""
+    per_layer = [(layer, layer_latency(model, layer)) for layer in arch.layers()]
+    return sum(ms for _, ms in per_layer), per_layer
+
+
+@dataclass(frozen=True)
+class FlopsLatencyModel:
+    """Placeholder: latency proportional to MACs plus a per-kernel overhead (no hardware measured)."""
+
+    ms_per_gmac: float = 10.0
+    ms_per_kernel: float = 0.01
+    name: str = "flops"
+
+    def lat_ms(self, block: str, in_chs: int, resolution: int) -> float:
+        cost = layer_cost(block, in_chs, resolution)
+        return cost.macs / 1e9 * self.ms_per_gmac + cost.kernels * self.ms_per_kernel
+
+
+def load_latency_model(spec: str, strict: bool = False) -> LatencyModel:
+    """Resolve ``flops`` or a hardware profile (a name in ``hardware_profiles/`` or a path).
+
+    Raises:
+        ValueError / FileNotFoundError: naming the spec when it cannot be resolved.
+    """
+    if spec == "flops":
+        return FlopsLatencyModel()
+    from proxyless_ray.latency.profile import load_profile
+
+    return load_profile(spec, strict=strict)
