@@ -1,0 +1,53 @@
+"""The ``proxyless-ray`` command line.
+
+Each feature module owns its subcommand through ``add_cli(subparsers)``, which registers a parser whose
+``func(args) -> int`` runs it. Errors a user can fix (bad config, missing data, bad values) print one clear line
+and exit with status 2; nothing is half-written because every writer goes through a temp file and a rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Modules that contribute subcommands, in help order.
+COMMAND_MODULES = (
+    "proxyless_ray.commands.search",
+)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxyless-ray",
+        description="ProxylessNAS hardware-aware architecture search on Ray Train / Ray Tune with MLflow tracking.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as err:
+        if os.environ.get("PROXYLESS_RAY_DEBUG"):
+            raise
+        print(f"proxyless-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"proxyless-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommands, one module each (registered in :mod:`proxyless_ray.cli`)."""

@@ -1,0 +1,78 @@
+"""Data: splits (train / held-out for arch steps / test) behind one small batch interface.
+
+A :class:`BatchSource` turns a batch of indices into ``(images, labels)`` tensors (float, normalised, NCHW).
+In-memory sources (Fashion-MNIST) index tensors directly; file-backed sources (ImageFolder, Parquet shards)
+decode on demand. Sharding across ranks is :func:`proxyless_ray.data.sharding.shard_batches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class BatchSource(Protocol):
+    """A split that can produce batches by index."""
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: torch.Tensor, train: bool, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class Splits:
+    """The three splits plus what the network must match."""
+
+    train: BatchSource
+    heldout: BatchSource
+    test: BatchSource
+    num_classes: int
+    in_chs: int
+    resolution: int
+    name: str
+    stats: dict | None = None  # e.g. skipped corrupt images: {"skipped": 3, "files": [...]}
+
+
+def iterate(source: BatchSource, batches: Sequence[torch.Tensor], train: bool, seed: int = 0
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` for each index batch; augmentation randomness is seeded per batch for reproducibility."""
+    for i, idx in enumerate(batches):
+        g = torch.Generator().manual_seed(int(seed) * 7919 + i) if train else None
+        yield source.get_batch(idx, train, g)
+
+
+def build_splits(data_cfg, space) -> Splits:
+    """Build the splits a data config names, checked against the search space's input shape."""
+    name = data_cfg.name
+    if name == "fashion_mnist":
+        from proxyless_ray.data.fashion_mnist import fashion_mnist_splits
+
+        splits = fashion_mnist_splits(data_cfg)
+    elif name == "imagefolder":
+        from proxyless_ray.data.imagefolder import imagefolder_splits
+
+        splits = imagefolder_splits(data_cfg, space.resolution, space.in_chs)
+    elif name == "parquet":
+        from proxyless_ray.data.parquet import parquet_splits
+
+        splits = parquet_splits(data_cfg, space.resolution, space.in_chs)
+    else:
+        raise ValueError(f"data.name {name!r} is unknown; expected fashion_mnist, imagefolder or parquet")
+    check_shapes(splits, space.resolution, space.in_chs, space.num_classes)
+    return splits
+
+
+def check_shapes(splits: Splits, resolution: int, in_chs: int, num_classes: int) -> None:
+    """Refuse a network whose input shape or class count does not match the data."""
+    if splits.resolution != resolution or splits.in_chs != in_chs:
+        raise ValueError(
+            f"data set {splits.name!r} gives {splits.in_chs}x{splits.resolution}x{splits.resolution} images but the "
+            f"network expects {in_chs}x{resolution}x{resolution}; set space.resolution / space.in_chs to match"
+        )
+    if splits.num_classes != num_classes:
+        raise ValueError(f"data set {splits.name!r} has {splits.num_classes} classes but the network has "
+                         f"{num_classes} outputs; set space.num_classes: {splits.num_classes}")
