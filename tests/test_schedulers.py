@@ -1,0 +1,211 @@
+"""Pareto ASHA on synthetic trial streams (no Ray cluster), plus one run through real Tune."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+from proxyless_ray.schedulers import (
+    COMPLETE,
+    SCHEDULERS,
+    ParetoASHAScheduler,
+    asha_scalarised,
+    build_scheduler,
+    config_value,
+)
+
+CONT, STOP = "CONTINUE", "STOP"
+
+
+def trial(trial_id: str, hardware: str = "pixel1", **config) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"hardware": hardware, **config})
+
+
+def report(sched: ParetoASHAScheduler, t: SimpleNamespace, epoch: float, acc: float, lat: float) -> str:
+    return sched.on_trial_result(None, t, {"epoch": epoch, "heldout_acc": acc, "expected_latency_ms": lat})
+
+
+def make(**kwargs) -> ParetoASHAScheduler:
+    kwargs = {"max_t": 8, "grace_period": 1, "reduction_factor": 2, **kwargs}
+    return ParetoASHAScheduler(**kwargs)
+
+
+def test_rungs():
+    assert make(max_t=6).rungs == (1, 2, 4)
+    assert make(max_t=8).rungs == (1, 2, 4, 8)
+    assert ParetoASHAScheduler(max_t=9, grace_period=1, reduction_factor=3).rungs == (1, 3, 9)
+    assert ParetoASHAScheduler(max_t=10, grace_period=2, reduction_factor=2).rungs == (2, 4, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"grace_period": 0}, "grace_period"), ({"max_t": 0.5}, "max_t"), ({"reduction_factor": 1}, "reduction_factor"),
+    ({"group_by": 3}, "group_by")])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_dominated_stopped_non_dominated_continue():
+    sched = make()
+    ta, tb, tc, td, te = (trial(x) for x in "abcde")
+    assert report(sched, ta, 1, 0.9, 10.0) == CONT  # alone at the rung
+    assert report(sched, tb, 1, 0.8, 20.0) == STOP  # dominated by a: n=2, keep=1, 1 better
+    assert report(sched, td, 1, 0.85, 15.0) == CONT  # rank 1 behind a only: n=3, keep=2, 1 better
+    assert report(sched, tc, 1, 0.95, 30.0) == CONT  # more accurate, slower: non-dominated
+    assert report(sched, te, 1, 0.5, 50.0) == STOP  # rank 3: n=5, keep=3, 4 better (a, c, d, b)
+    assert sched.records()["pixel1"]["1"]["b"] == {"acc": 0.8, "lat": 20.0, "decision": STOP}
+
+
+def test_decisions_only_at_rungs_and_never_revisited():
+    sched = make()
+    ta, tb = trial("a"), trial("b")
+    assert report(sched, ta, 1, 0.9, 10.0) == CONT
+    assert report(sched, tb, 1, 0.8, 20.0) == STOP
+    # b reports again at rung 1 (e.g. a resumed trial): same answer, no second record.
+    assert report(sched, tb, 1.5, 0.99, 1.0) == STOP
+    assert report(sched, ta, 1.5, 0.1, 99.0) == CONT
+    assert sched.records()["pixel1"]["1"]["a"]["acc"] == 0.9
+    # A trial that skips rungs is recorded at the highest one it reached.
+    tc = trial("c")
+    assert report(sched, tc, 3, 0.5, 5.0) == CONT
+    assert set(sched.records()["pixel1"]) == {"1", "2"}
+    assert "c" in sched.records()["pixel1"]["2"]
+
+
+def test_equal_points_share_a_rank():
+    sched = make()
+    for name in "abc":
+        assert report(sched, trial(name), 1, 0.8, 10.0) == CONT  # identical points never dominate each other
+    # The cut falls between ranks: rank 0 = {p}, rank 1 = {x, y}, identical; both continue or both stop.
+    recorded = {"p": {"acc": 0.9, "lat": 5.0}, "x": {"acc": 0.7, "lat": 9.0}, "y": {"acc": 0.7, "lat": 9.0},
+                "z": {"acc": 0.1, "lat": 90.0}}
+    assert sched._decide(recorded, "x") == sched._decide(recorded, "y") == CONT  # n=4, keep=2, 1 better
+    assert sched._decide(recorded, "z") == STOP
+    more = dict(recorded, q={"acc": 0.95, "lat": 6.0}, r={"acc": 0.99, "lat": 8.0})  # two more on the front
+    assert sched._decide(more, "x") == sched._decide(more, "y") == STOP  # n=6, keep=3, 3 better
+
+
+def test_trials_that_report_once_or_reach_max_t():
+    sched = make(max_t=6)
+    early = trial("early")
+    assert report(sched, early, 0.5, 0.1, 100.0) == CONT  # before the grace period: nothing recorded
+    assert sched.records() == {}
+    # A one-report trial that finishes at its first rung is ranked like any other.
+    once = trial("once")
+    assert report(sched, once, 1, 0.9, 10.0) == CONT
+    sched.on_trial_complete(None, once, {"epoch": 1, "heldout_acc": 0.9, "expected_latency_ms": 10.0})
+    assert sched.records()["pixel1"]["1"]["once"]["decision"] == CONT
+    # A result only seen at completion is recorded as COMPLETE, and later trials are ranked against it.
+    quiet = trial("quiet")
+    sched.on_trial_complete(None, quiet, {"epoch": 2, "heldout_acc": 0.95, "expected_latency_ms": 5.0})
+    assert sched.records()["pixel1"]["2"]["quiet"]["decision"] == COMPLETE
+    assert report(sched, trial("late"), 2, 0.5, 50.0) == STOP
+    sched.on_trial_complete(None, trial("never"), None)  # no result at all
+    # Reaching max_t stops (stop_last_trials), without recording anything new.
+    long = trial("long")
+    assert report(sched, long, 6, 0.99, 1.0) == STOP
+    assert "long" not in str(sched.records())
+    assert make(max_t=6, stop_last_trials=False).on_trial_result(
+        None, long, {"epoch": 6, "heldout_acc": 0.1, "expected_latency_ms": 1.0}) == CONT
+
+
+def test_results_without_time_or_metrics_continue_unrecorded():
+    sched = make()
+    t = trial("a")
+    assert sched.on_trial_result(None, t, {"training_iteration": 3, "heldout_acc": 0.5}) == CONT
+    assert sched.on_trial_result(None, t, {"epoch": 2, "loss": 1.0}) == CONT
+    assert sched.records() == {}
+
+
+def test_hardware_groups_never_compared():
+    sched = make()
+    assert report(sched, trial("g", "gpu"), 1, 0.99, 1.0) == CONT
+    assert report(sched, trial("p1", "pixel1"), 1, 0.5, 100.0) == CONT  # dominated by gpu's trial, alone in pixel1
+    assert report(sched, trial("p2", "pixel1"), 1, 0.4, 200.0) == STOP
+    assert report(sched, trial("g2", "gpu"), 1, 0.6, 2.0) == STOP  # dominated by g, not saved by pixel1's trials
+    assert sorted(sched.records()) == ["gpu", "pixel1"]
+
+
+def test_group_by_dotted_key_and_callable():
+    nested = SimpleNamespace(trial_id="n", config={"sweep": {"hw": "tpu"}})
+    sched = make(group_by="sweep.hw")
+    sched.on_trial_add(None, nested)
+    report(sched, nested, 1, 0.5, 1.0)
+    assert list(sched.records()) == ["tpu"]
+    sched = make(group_by=lambda config: config["sweep"]["hw"].upper())
+    report(sched, nested, 1, 0.5, 1.0)
+    assert list(sched.records()) == ["TPU"]
+    assert config_value({"a.b": 1, "a": {"b": 2}}, "a.b") == 1
+    with pytest.raises(ValueError, match="cannot group by 'hardware'.*sweep"):
+        make().on_trial_add(None, nested)
+
+
+STREAM = [("a", "pixel1", 1, 0.9, 10.0), ("b", "pixel1", 1, 0.8, 20.0), ("g", "gpu", 1, 0.7, 2.0),
+          ("a", "pixel1", 2, 0.92, 10.0), ("c", "pixel1", 1, 0.95, 25.0), ("h", "gpu", 1, 0.6, 3.0),
+          ("c", "pixel1", 2, 0.96, 25.0)]
+LATER = [("d", "pixel1", 1, 0.85, 8.0), ("d", "pixel1", 2, 0.97, 9.0), ("i", "gpu", 1, 0.75, 1.5),
+         ("g", "gpu", 2, 0.8, 2.0), ("i", "gpu", 2, 0.7, 2.5), ("b", "pixel1", 1, 0.8, 20.0)]
+
+
+def _play(sched: ParetoASHAScheduler, stream) -> list[str]:
+    return [report(sched, trial(tid, hw), ep, acc, lat) for tid, hw, ep, acc, lat in stream]
+
+
+def test_state_survives_a_new_instance_and_unpickling(tmp_path):
+    path = tmp_path / "pareto_state.json"
+    sched = make(state_path=path)
+    pickled_before = pickle.dumps(sched)  # what Tuner writes to tuner.pkl before the sweep runs
+    _play(sched, STREAM)
+    state = json.loads(path.read_text())
+    assert state["records"] == sched.records() and state["num_stopped"] == 2
+    reborn, unpickled = make(state_path=path), pickle.loads(pickled_before)
+    assert reborn.records() == unpickled.records() == sched.records()
+    assert reborn.debug_string() == sched.debug_string()
+    # The state file is a snapshot: play the rest into a copy of the file for each scheduler.
+    decisions = []
+    for i, s in enumerate((sched, reborn, unpickled)):
+        copy_path = tmp_path / f"copy{i}.json"
+        copy_path.write_text(path.read_text())
+        s._state_path = str(copy_path)
+        decisions.append(_play(s, LATER))
+    assert decisions[0] == decisions[1] == decisions[2]
+    assert STOP in decisions[0] and CONT in decisions[0]
+    assert decisions[0][-1] == STOP  # b was stopped at rung 1 before the "restore"
+
+
+def test_state_from_other_settings_is_refused(tmp_path):
+    path = tmp_path / "state.json"
+    _play(make(state_path=path), STREAM)
+    with pytest.raises(ValueError, match="settings differ.*reduction_factor"):
+        make(state_path=path, reduction_factor=3)
+    with pytest.raises(ValueError, match="rungs"):
+        make(state_path=path, max_t=1)  # rung "2" no longer exists
+    make(state_path=path, max_t=4)  # fewer rungs, but all recorded ones still exist
+
+
+def test_debug_string():
+    sched = make()
+    _play(sched, STREAM)
+    text = sched.debug_string()
+    assert "num_stopped=2" in text
+    assert "pixel1: epoch 1: 3 recorded, 1 stopped | epoch 2: 2 recorded, 0 stopped" in text
+    assert "gpu: epoch 1: 2 recorded, 1 stopped" in text
+
+
+def test_build_scheduler():
+    assert type(build_scheduler("fifo")) is FIFOScheduler
+    asha = build_scheduler("asha", max_t=8, grace_period=1, reduction_factor=2)
+    assert isinstance(asha, AsyncHyperBandScheduler) and asha.metric == "score" and asha._time_attr == "epoch"
+    pareto = build_scheduler("pareto", max_t=8, reduction_factor=2, group_by="hw")
+    assert isinstance(pareto, ParetoASHAScheduler) and pareto.rungs == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"unknown scheduler 'hb'; expected one of \['fifo', 'asha', 'pareto'\]"):
+        build_scheduler("hb")
+    with pytest.raises(ValueError, match="no arguments"):
+        build_scheduler("fifo", max_t=3)
+    with pytest.raises(ValueError, match="mode"):
+        asha_scalarised(mode="up")
+    assert SCHEDULERS == ("fifo", "asha", "pareto")
