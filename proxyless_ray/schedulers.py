@@ -74,7 +74,9 @@ class ParetoASHAScheduler(FIFOScheduler):
     the recorded trials, those of equal rank (identical points included) would get the same decision. Decisions are
     never revisited (asynchronous halving without promotions): a trial reporting again at a rung it is already
     recorded at gets its recorded decision back. A trial that finishes between rungs has its final result recorded
-    (marked ``COMPLETE``) at the highest rung it reached, so later trials are ranked against it.
+    (marked ``COMPLETE``) at the highest rung it reached, so later trials are ranked against it. (syne-tune's MOASHA
+    orders trials within a front by an epsilon-net and continues while ``position / n <= 1 / reduction_factor``; this
+    rule cuts between whole ranks and needs no tie-break.)
 
     Args:
         time_attr: Monotone progress counter in each result. Default ``"epoch"``, the trial's own count of finished

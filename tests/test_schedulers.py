@@ -209,3 +209,51 @@ def test_build_scheduler():
     with pytest.raises(ValueError, match="mode"):
         asha_scalarised(mode="up")
     assert SCHEDULERS == ("fifo", "asha", "pareto")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pareto_asha_through_tune(tmp_path):
+    import ray
+    import ray.cloudpickle
+    from ray import tune
+
+    def synthetic_trainable(config):
+        p = config["p"]
+        for epoch in range(1, 7):  # accuracy rises towards its final value; latency is fixed by the architecture
+            tune.report({"epoch": epoch, "heldout_acc": p["acc"] * (1 - 0.5**epoch), "expected_latency_ms": p["lat"]})
+
+    # Per hardware: two front members, then two trials dominated by both. Trials start in grid order (FIFO), so the
+    # front members are recorded at the rungs first.
+    profiles = []
+    for kind, acc, lat in [("front", 0.9, 20.0), ("front", 0.8, 10.0), ("dominated", 0.7, 25.0),
+                           ("dominated", 0.6, 30.0)]:
+        for hw, scale in [("pixel1", 1.0), ("gpu", 0.1)]:
+            profiles.append({"hw": hw, "kind": kind, "acc": acc, "lat": lat * scale})
+    state_path = tmp_path / "pareto_state.json"
+    sched = ParetoASHAScheduler(group_by="p.hw", max_t=8, grace_period=1, reduction_factor=2, state_path=state_path)
+    ray.init(num_cpus=2, resources={"driver_slot": 8}, include_dashboard=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(synthetic_trainable, {"driver_slot": 1}),
+            param_space={"p": tune.grid_search(profiles)},
+            tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=2),
+            run_config=tune.RunConfig(name="pareto_asha", storage_path=str(tmp_path / "runs"), verbose=0),
+        )
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    assert grid.num_errors == 0
+    epochs = {(r.config["p"]["hw"], r.config["p"]["kind"], r.config["p"]["lat"]): r.metrics["epoch"] for r in grid}
+    assert len(epochs) == 8
+    for (hw, kind, _), epoch in epochs.items():
+        assert epoch == (6 if kind == "front" else 1), (hw, kind, epochs)
+    state = json.loads(state_path.read_text())
+    assert sorted(state["records"]) == ["gpu", "pixel1"]
+    assert state["num_stopped"] == 4
+    for hw in ("gpu", "pixel1"):
+        assert len(state["records"][hw]["1"]) == 4 and len(state["records"][hw]["4"]) == 2
+    # Tuner.restore unpickles the scheduler from tuner.pkl, as it was before the sweep: it must reread the file.
+    with open(tmp_path / "runs" / "pareto_asha" / "tuner.pkl", "rb") as fh:
+        restored = ray.cloudpickle.load(fh)["_tune_config"].scheduler
+    assert restored.records() == state["records"]
