@@ -188,6 +188,7 @@ class ParetoASHAScheduler(FIFOScheduler):
 
     def _save(self) -> None:
         if self._state_path:
+            os.makedirs(os.path.dirname(self._state_path), exist_ok=True)
             atomic_write_text(self._state_path, json.dumps(self.state_dict(), indent=1, sort_keys=True))
 
     def __getstate__(self) -> dict[str, Any]:

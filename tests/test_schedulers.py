@@ -178,7 +178,7 @@ def test_state_survives_a_new_instance_and_unpickling(tmp_path):
 
 
 def test_state_from_other_settings_is_refused(tmp_path):
-    path = tmp_path / "state.json"
+    path = tmp_path / "not_yet" / "state.json"  # the folder is created on the first write
     _play(make(state_path=path), STREAM)
     with pytest.raises(ValueError, match="settings differ.*reduction_factor"):
         make(state_path=path, reduction_factor=3)
