@@ -27,9 +27,12 @@ class DataConfig:
     test_subset: int = 0  # evaluate on this many test images (0: all)
     batch_size: int = 128  # per worker
     eval_batch_size: int = 512
-    loader_workers: int = 0  # DataLoader processes per Ray worker
+    loader_workers: int = 0  # decoding threads per Ray worker for imagefolder / parquet (0: decode inline)
     augment: bool = True  # random crop + flip (Fashion-MNIST) / RandomResizedCrop (ImageNet)
     seed: int = 0  # split seed
+    test_size: int = 0  # imagefolder / parquet without a val split: images carved for the test split (0: 10%)
+    cache_mb: float = 1024.0  # parquet: encoded bytes each worker keeps in memory (LRU over row groups)
+    verify_checksum: bool = False  # parquet: hash every shard against the manifest before training
 
 
 @dataclass(frozen=True)
