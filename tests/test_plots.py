@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +309,15 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
         plot_arch(small_arch(SMALL_BLOCKS), target)
     assert target.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["arch.png"]
+
+
+def test_plotting_leaves_pyplot_and_backend_alone(tmp_path):
+    code = (
+        "import sys\n"
+        "from proxyless_ray.plots import plot_latency_breakdown\n"
+        f"plot_latency_breakdown([('conv_k3_c16_s1', 0.5)], {str(tmp_path / 'b.png')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'plots imported pyplot'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_png(tmp_path / "b.png", min_w=200, min_h=100)
