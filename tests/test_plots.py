@@ -30,7 +30,7 @@ from proxyless_ray.plots import (
 )
 from proxyless_ray.plots_arch import FIXED_COLOUR
 from proxyless_ray.plots_search import candidate_column
-from proxyless_ray.space import space_from_preset
+from proxyless_ray.space import SearchSpace, space_from_preset
 
 GPU_CONFIG = Path("/work/shared/reference/proxylessnas/proxyless_gpu.config")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -64,8 +64,20 @@ def captured(monkeypatch):
     return figs
 
 
+# Spelled out rather than the "small" preset, whose widths may be retuned: these tests pin exact block strings.
+SMALL_SPACE = SearchSpace(
+    preset="plots-test", resolution=28, in_chs=1, num_classes=10, stem="conv_k3_c16_s1",
+    first_block="mb_k3_e1_c16_s1", widths=(24, 40, 80, 96), depths=(2, 3, 3, 2), strides=(2, 2, 2, 1),
+    kernel_sizes=(3, 5, 7), exp_ratios=(3, 6), zero_op=True, feature_mix_chs=256,
+)
+
+
+def get_space(name: str) -> SearchSpace:
+    return SMALL_SPACE if name == "small" else space_from_preset(name)
+
+
 def small_arch(blocks: list[str]) -> Arch:
-    return space_from_preset("small").arch_from_blocks(blocks, name="t")
+    return SMALL_SPACE.arch_from_blocks(blocks, name="t")
 
 
 SMALL_BLOCKS = [
@@ -159,7 +171,7 @@ def test_plot_arch_published_gpu_config(tmp_path):
 
 
 def test_candidate_columns_are_kernels_by_expansions_then_zero():
-    cands = space_from_preset("small").slots()[1].candidates
+    cands = SMALL_SPACE.slots()[1].candidates
     shuffled = list(cands)
     random.Random(0).shuffle(shuffled)
     order = sorted({candidate_column(c) for c in shuffled})
@@ -168,7 +180,7 @@ def test_candidate_columns_are_kernels_by_expansions_then_zero():
 
 
 def test_heatmap_ragged_rows(tmp_path, captured):
-    space = space_from_preset("small")
+    space = SMALL_SPACE
     cands = [s.candidates for s in space.slots()]
     probs = random_alphas(space)
     assert {len(p) for p in probs} == {6, 7}  # the small space mixes layers with and without zero
@@ -198,14 +210,14 @@ def test_heatmap_writes_png_and_rejects_mismatched_rows(tmp_path):
 
 @pytest.mark.parametrize("preset,n_epochs", [("small", 5), ("proxyless_imagenet", 3), ("small", 1)])
 def test_alpha_evolution_png(tmp_path, preset, n_epochs):
-    space = space_from_preset(preset)
+    space = get_space(preset)
     cands = [s.candidates for s in space.slots()]
     history = [random_alphas(space, seed=e) for e in range(n_epochs)]
     assert_png(plot_alpha_evolution(history, cands, tmp_path / "evo.png"), min_w=600, min_h=250)
 
 
 def test_alpha_evolution_panels_and_styles(tmp_path, captured):
-    space = space_from_preset("small")
+    space = SMALL_SPACE
     cands = [s.candidates for s in space.slots()]
     plot_alpha_evolution([random_alphas(space, seed=e) for e in range(4)], cands, tmp_path / "evo.png")
     visible = [ax for ax in captured[0].axes if ax.get_visible()]
@@ -218,7 +230,7 @@ def test_alpha_evolution_panels_and_styles(tmp_path, captured):
 
 
 def test_alpha_evolution_rejects_bad_history(tmp_path):
-    space = space_from_preset("small")
+    space = SMALL_SPACE
     cands = [s.candidates for s in space.slots()]
     with pytest.raises(ValueError, match="empty"):
         plot_alpha_evolution([], cands, tmp_path / "evo.png")
