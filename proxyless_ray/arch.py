@@ -202,8 +202,6 @@ class Arch:
                 b = parse_block(text)
                 if b.kind == "conv":
                     raise ValueError(f"stage {si} block {bi}: {text!r} is a plain conv; stages hold 'mb' or 'zero'")
-                if b.is_zero and bi == 0:
-                    raise ValueError(f"stage {si} opens with 'zero'; the first block of a stage sets its width")
                 if b.stride == 2 and res < 2:
                     raise ValueError(
                         f"stage {si} block {bi}: {text!r} downsamples a {res}x{res} feature map; "

@@ -1,0 +1,62 @@
+"""Collective operations between data-parallel search workers (no-ops for a single worker).
+
+The supernet is not wrapped in DDP: only the sampled path has gradients, and every rank samples the same path
+(shared per-step seed), so one flattened all-reduce of the gradients that exist is both correct and cheap, with
+none of DDP's unused-parameter bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    """Rank, world size and the few collectives the search loop needs.
+
+    Args:
+        rank: This worker's rank.
+        world: Number of workers. With ``world == 1`` or no initialised process group every call is local.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+        self.allreduce_s = 0.0  # time spent in all-reduce, for the benchmark's share-of-step figure
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Average tensors across ranks in place with one flattened all-reduce."""
+        if not self.active or not tensors:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+        self.allreduce_s += time.perf_counter() - t0
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Sum scalars across ranks (counts for accuracy)."""
+        if not self.active:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def broadcast_(self, tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+        """Copy rank ``src``'s tensors to every rank (initial weights and alphas)."""
+        if not self.active:
+            return
+        for t in tensors:
+            dist.broadcast(t, src=src)

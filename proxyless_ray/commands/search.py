@@ -1,0 +1,53 @@
+"""``proxyless-ray search EXP``: one supernet search, in-process or on Ray Train workers."""
+
+from __future__ import annotations
+
+import argparse
+
+from proxyless_ray.config import Experiment, load_experiment
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every experiment-driven command shares."""
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/fashion_mnist.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--data", help="data folder (sets data.path)")
+    p.add_argument("--out", help="output root (sets out_dir); outputs go to <out>/<name>")
+    p.add_argument("--workers", type=int, help="Ray Train workers (0: run in this process without Ray)")
+    p.add_argument("--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: embedded Ray")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray Train worker")
+    p.add_argument("--storage-path", help="checkpoint storage (local folder or s3://, gs:// URI)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true", help="run without MLflow tracking")
+
+
+def experiment_from_args(args: argparse.Namespace) -> Experiment:
+    """Load the experiment and fold the command-line flags into its overrides."""
+    overrides = list(args.overrides)
+    for flag, key in (("data", "data.path"), ("out", "out_dir"), ("workers", "dist.workers"),
+                      ("address", "dist.address"), ("gpus_per_worker", "dist.gpus_per_worker"),
+                      ("storage_path", "dist.storage_path"), ("tracking_uri", "tracking.uri")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "no_tracking", False):
+        overrides.append("tracking.enabled=false")
+    return load_experiment(args.experiment, overrides)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    exp = experiment_from_args(args)
+    from proxyless_ray.trainer import run_search
+
+    run_search(exp, resume=args.resume)
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run a ProxylessNAS supernet search",
+                       description="Run a ProxylessNAS search and write the derived architecture, its latency on "
+                                   "the target profile and the exported network to <out_dir>/<name>.")
+    add_experiment_args(p)
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+    p.set_defaults(func=cmd_search)

@@ -1,0 +1,299 @@
+"""The per-worker search loop: warm-up, then alternating weight and architecture steps (ProxylessNAS Alg. 1).
+
+ProxylessNAS, https://arxiv.org/abs/1812.00332. Each batch of the training split:
+
+1. weight step: one path per layer sampled from softmax(alpha) (the same on every rank, from a per-step seed);
+   only that path runs forward and backward; gradients of the existing parameters are all-reduced; SGD (Nesterov,
+   cosine per batch);
+2. every ``arch_update_every`` batches, after the warm-up epochs, an architecture step on a held-out batch:
+   CE (no label smoothing) plus the latency term on E[lat], gradients through the binary gates (``two`` /
+   ``full_v2``) or REINFORCE; alpha gradients all-reduced; Adam.
+
+The loop is the function a Ray Train worker runs (:mod:`proxyless_ray.trainer`); a single process runs it with
+``Comm()`` and an in-process reporter. Each epoch ends with a report (a barrier across ranks) carrying the metrics
+and, on rank 0, a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from proxyless_ray.comm import Comm
+from proxyless_ray.config import Experiment
+from proxyless_ray.data import Splits, build_splits, iterate
+from proxyless_ray.data.sharding import shard_batches
+from proxyless_ray.evaluate import accuracy, derived_network, recalibrate_bn, to_device
+from proxyless_ray.latency.expected import SupernetLatency
+from proxyless_ray.latency.model import LatencyModel, load_latency_model
+from proxyless_ray.mixed_op import GateMode
+from proxyless_ray.network import ProxylessNet
+from proxyless_ray.objective import latency_objective, reward
+from proxyless_ray.progress import Progress
+from proxyless_ray.search_state import (
+    DERIVED_DIR,
+    SearchState,
+    cosine_lr,
+    load_checkpoint,
+    new_state,
+    save_checkpoint,
+    save_derived,
+)
+
+# report(metrics, checkpoint_dir or None): a barrier across ranks; rank 0 passes the checkpoint folder.
+Reporter = Callable[[dict[str, Any], "str | None"], None]
+
+BN_RECALIBRATION_BATCHES = 20
+
+
+def step_generator(seed: int, epoch: int, step: int, kind: int) -> torch.Generator:
+    """The gate-sampling generator of one step: identical on every rank, different for every step and kind."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 4 + kind)
+
+
+class SearchLoop:
+    """One worker's search.
+
+    Args:
+        exp: The experiment.
+        comm: Rank, world size and collectives.
+        report: Called once per epoch on every rank (see :data:`Reporter`).
+        splits: Data splits (built from ``exp.data`` when omitted).
+        latency_model: The target's latency model (``exp.latency.profile`` when omitted).
+        other_models: More latency models whose prediction of the current architecture is reported per epoch.
+        device: Torch device.
+    """
+
+    def __init__(self, exp: Experiment, comm: Comm, report: Reporter, splits: Splits | None = None,
+                 latency_model: LatencyModel | None = None, other_models: dict[str, LatencyModel] | None = None,
+                 device: torch.device | str = "cpu", progress: bool = True):
+        self.progress = progress and comm.rank == 0
+        self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
+        if exp.train.threads > 0:
+            torch.set_num_threads(exp.train.threads)
+        self.splits = splits or build_splits(exp.data, exp.space)
+        self.model = latency_model or load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+        self.lat = SupernetLatency(self.model, exp.space)
+        self.other_models = other_models or {}
+        self.mode = GateMode(exp.train.gate_mode)
+        self.state: SearchState = new_state(exp, self.device)
+        self.cl = exp.train.channels_last
+        if self.cl:
+            self.state.net.to(memory_format=torch.channels_last)
+        comm.broadcast_([p.data for p in self.state.net.parameters()])
+        with torch.no_grad():
+            lat0 = float(self.lat.expected(self.state.net.arch_parameters()))
+        # Reference / target latency default to E[lat] of the freshly initialised (near-uniform) supernet.
+        self.ref_ms = exp.latency.ref_ms or lat0
+        self.target_ms = exp.latency.target_ms or lat0
+        b = exp.data.batch_size
+        self.steps_per_epoch = len(shard_batches(len(self.splits.train), b, comm.rank, comm.world, 0, exp.train.seed,
+                                                 max_steps=exp.train.max_steps_per_epoch))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"training split of {len(self.splits.train)} images gives no full batch of "
+                             f"{b} x {comm.world} workers; lower data.batch_size")
+        self._heldout = self._heldout_batches()
+        self.derived: ProxylessNet | None = None
+
+    # -- public ------------------------------------------------------------------------------------------------
+
+    def restore(self, folder: str, weights_only: bool = False) -> None:
+        """Continue from a checkpoint folder (resume) or take its weights (shared warm-up)."""
+        load_checkpoint(self.state, folder, self.exp, weights_only=weights_only)
+
+    def run(self, until_epoch: int | None = None) -> dict[str, Any]:
+        """Run epochs from the state's counter up to ``until_epoch`` (default: all); returns the last metrics."""
+        t = self.exp.train
+        end = t.epochs if until_epoch is None else min(until_epoch, t.epochs)
+        last: dict[str, Any] = self.state.history[-1] if self.state.history else {}
+        while self.state.epoch < end:
+            epoch = self.state.epoch
+            metrics = self._epoch(epoch)
+            self.state.epoch = epoch + 1
+            if self.state.epoch == t.epochs:
+                metrics.update(self._final_metrics())
+            metrics["done"] = self.state.epoch == t.epochs
+            self.state.history.append(metrics)
+            self.state.alpha_history.append([p.tolist() for p in self.state.net.probs()])
+            self._report(metrics, force_checkpoint=self.state.epoch == end)
+            last = metrics
+        return last
+
+    # -- one epoch ---------------------------------------------------------------------------------------------
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        exp, t, st = self.exp, self.exp.train, self.state
+        warm = epoch < t.warmup_epochs
+        plan = shard_batches(len(self.splits.train), exp.data.batch_size, self.comm.rank, self.comm.world, epoch,
+                             t.seed, max_steps=t.max_steps_per_epoch)
+        net = st.net
+        net.train()
+        self._freeze_bn_if_asked()
+        loss_sum = correct = seen = 0.0
+        arch_losses: list[float] = []
+        t0 = time.perf_counter()
+        weight_s = 0.0
+        bar = Progress(len(plan), f"epoch {epoch + 1}/{t.epochs} {'warm-up' if warm else 'search'}",
+                       enabled=self.progress)
+        for i, (x, y) in enumerate(iterate(self.splits.train, plan, train=True, seed=t.seed * 10_007 + epoch)):
+            x, y = to_device(x, self.device, self.cl), y.to(self.device)
+            # [1] weight step on one sampled path
+            ws = time.perf_counter()
+            self._set_lr(epoch, i)
+            net.sample_single(step_generator(t.seed, epoch, i, 0))
+            st.w_opt.zero_grad(set_to_none=True)
+            logits = net(x)
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+            loss.backward()
+            grads = [p.grad for p in net.weight_parameters() if p.grad is not None]
+            self.comm.mean_(grads)
+            if t.grad_clip > 0:
+                nn.utils.clip_grad_norm_([p for p in net.weight_parameters() if p.grad is not None], t.grad_clip)
+            st.w_opt.step()
+            st.step += 1
+            weight_s += time.perf_counter() - ws
+            loss_sum += loss.item() * len(y)
+            correct += float((logits.argmax(1) == y).sum())
+            seen += len(y)
+            # [2] architecture step on a held-out batch
+            if not warm and (i + 1) % t.arch_update_every == 0:
+                for k in range(t.arch_steps):
+                    arch_losses.append(self._arch_step(epoch, i, k))
+            bar.update(1, loss=loss.item())
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        loss_sum, correct, seen = self.comm.sum([loss_sum, correct, seen])
+        # [3] end of epoch: the current argmax architecture on the held-out split
+        choices = net.set_argmax()
+        heldout_acc, heldout_ce = accuracy(net, self.splits.heldout, self.comm, exp.data.eval_batch_size,
+                                           device=self.device, channels_last=self.cl)
+        arch = net.derive(choices)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "phase": "warmup" if warm else "search",
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "heldout_acc": heldout_acc,
+            "heldout_ce": heldout_ce,
+            "arch_loss": sum(arch_losses) / len(arch_losses) if arch_losses else float("nan"),
+            "expected_latency_ms": self._expected_ms(),
+            "argmax_latency_ms": self.lat.of_choices(choices),
+            "entropy": net.entropy(),
+            "images_per_s": seen / max(elapsed, 1e-9),
+            "weight_images_per_s": seen / max(weight_s, 1e-9),  # global images / this rank's weight-step time
+            "lr": st.w_opt.param_groups[0]["lr"],
+            "arch": arch.arch_string(),
+            "choices": choices,
+        }
+        for name, model in self.other_models.items():
+            metrics[f"latency_{name}_ms"] = SupernetLatency(model, exp.space).of_choices(choices)
+        return metrics
+
+    def _arch_step(self, epoch: int, i: int, k: int) -> float:
+        t, st, net = self.exp.train, self.state, self.state.net
+        x, y = next(self._heldout)
+        x, y = to_device(x, self.device, self.cl), y.to(self.device)
+        st.a_opt.zero_grad(set_to_none=True)
+        gen = step_generator(t.seed, epoch, i * 16 + k, 1)
+        if self.mode == GateMode.REINFORCE:
+            loss = self._reinforce_step(x, y, gen)
+        else:
+            net.sample_for_arch(self.mode, gen)
+            with net.weights_frozen():
+                ce = nn.functional.cross_entropy(net(x), y)
+                exp_lat = self.lat.expected(net.arch_parameters())
+                lat_cfg = self.exp.latency
+                obj = latency_objective(lat_cfg.loss, ce, exp_lat, lam=lat_cfg.lam, ref_ms=self.ref_ms,
+                                        alpha=lat_cfg.alpha, beta=lat_cfg.beta, target_ms=self.target_ms)
+                obj.backward()
+            net.set_alpha_grads(self.mode)
+            loss = float(obj)
+        self.comm.mean_([a.grad for a in net.arch_parameters() if a.grad is not None])
+        st.a_opt.step()
+        if self.mode == GateMode.TWO:
+            net.rescale_pairs()
+        st.arch_step += 1
+        return loss
+
+    @torch.no_grad()
+    def _reinforce_step(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> float:
+        net, lat_cfg, st = self.state.net, self.exp.latency, self.state
+        choices = net.sample_for_arch(GateMode.REINFORCE, gen)
+        correct, total = self.comm.sum([float((net(x).argmax(1) == y).sum()), float(len(y))])
+        r = reward(lat_cfg.loss, correct / max(total, 1.0), self.lat.of_choices(choices), lam=lat_cfg.lam,
+                   ref_ms=self.ref_ms, beta=lat_cfg.beta, target_ms=self.target_ms)
+        decay = self.exp.train.reinforce_baseline_decay
+        st.baseline = r if st.baseline is None else decay * st.baseline + (1 - decay) * r
+        for m in net.mixed_ops():
+            m.set_reinforce_grad(r - st.baseline)
+        return -r
+
+    def _final_metrics(self) -> dict[str, Any]:
+        """Test accuracy of the derived network with inherited weights (BN statistics recalibrated)."""
+        child = derived_network(self.state.net)
+        data = self.exp.data
+        recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES,
+                       self.exp.train.seed, self.device, self.cl)
+        test_acc, test_ce = accuracy(child, self.splits.test, self.comm, data.eval_batch_size, device=self.device,
+                                     channels_last=self.cl)
+        self.derived = child  # goes into the final checkpoint, BN statistics and all
+        arch = child.arch
+        return {"test_acc": test_acc, "test_ce": test_ce, "derived_arch": arch.arch_string(),
+                "derived_latency_ms": self.lat.of_choices(self.state.net.argmax_choices())}
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _heldout_batches(self):
+        """Endless held-out batches (reshuffled each pass), sharded like the training split."""
+        exp = self.exp
+        n = len(self.splits.heldout)
+        bs = min(exp.data.batch_size, max(n // self.comm.world, 1))
+        for pass_ in itertools.count():
+            plan = shard_batches(n, bs, self.comm.rank, self.comm.world, pass_, exp.train.seed + 17)
+            if not plan:
+                raise ValueError(f"held-out split of {n} images is too small for {self.comm.world} workers; "
+                                 f"raise data.heldout_size")
+            yield from iterate(self.splits.heldout, plan, train=False)
+
+    @torch.no_grad()
+    def _expected_ms(self) -> float:
+        return float(self.lat.expected(self.state.net.arch_parameters()))
+
+    def _set_lr(self, epoch: int, i: int) -> None:
+        t = self.exp.train
+        if epoch < t.warmup_epochs:
+            lr = cosine_lr(t.warmup_lr, epoch * self.steps_per_epoch + i, t.warmup_epochs * self.steps_per_epoch)
+        else:
+            done = (epoch - t.warmup_epochs) * self.steps_per_epoch + i
+            lr = cosine_lr(t.lr, done, (t.epochs - t.warmup_epochs) * self.steps_per_epoch)
+        for g in self.state.w_opt.param_groups:
+            g["lr"] = lr
+
+    def _freeze_bn_if_asked(self) -> None:
+        if self.exp.train.freeze_bn:
+            for m in self.state.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def _report(self, metrics: dict[str, Any], force_checkpoint: bool) -> None:
+        every = self.exp.dist.checkpoint_every
+        want = force_checkpoint or (every > 0 and self.state.epoch % every == 0)
+        folder = None
+        if want and self.comm.rank == 0:
+            folder = save_checkpoint(self.state, tempfile.mkdtemp(prefix="proxyless-ckpt-"), self.exp)
+            if metrics.get("done") and self.derived is not None:
+                save_derived(self.derived, os.path.join(folder, DERIVED_DIR))
+        try:
+            self.report(metrics, folder)
+        finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+

@@ -1,0 +1,107 @@
+"""Search drivers: in-process (``dist.workers == 0``) or a Ray Train ``TorchTrainer`` of N workers.
+
+Both run the same per-worker loop (:class:`proxyless_ray.train_loop.SearchLoop`) and end with the same outputs
+(:func:`proxyless_ray.results.write_search_outputs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+from proxyless_ray.comm import Comm
+from proxyless_ray.config import Experiment
+from proxyless_ray.latency.model import LatencyModel, load_latency_model
+from proxyless_ray.results import check_writable, write_search_outputs
+from proxyless_ray.train_loop import SearchLoop
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def format_epoch(m: dict[str, Any]) -> str:
+    """One log line per epoch."""
+    line = (f"epoch {m['epoch']:>3} {m['phase']:<6} loss {m['train_loss']:.3f} train {m['train_acc']:.3f} "
+            f"held-out {m['heldout_acc']:.3f} E[lat] {m['expected_latency_ms']:.3f} ms H {m['entropy']:.2f} "
+            f"{m['images_per_s']:.0f} img/s")
+    if "test_acc" in m:
+        line += f" | test {m['test_acc']:.4f}"
+    return line
+
+
+class LocalReporter:
+    """Keeps the last checkpoints under ``<out>/checkpoints/epoch-XXXX`` and prints one line per epoch."""
+
+    def __init__(self, out_dir: str, keep: int = 2, echo: bool = True):
+        self.folder = os.path.join(out_dir, CHECKPOINTS_DIR)
+        self.keep, self.echo = max(keep, 1), echo
+        self.latest: str | None = latest_checkpoint(out_dir)
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if self.echo:
+            print(format_epoch(metrics), file=sys.stderr, flush=True)
+        if checkpoint_dir is None:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        dest = os.path.join(self.folder, f"epoch-{metrics['epoch']:04d}")
+        tmp = dest + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        self.latest = dest
+        old = sorted(d for d in os.listdir(self.folder) if d.startswith("epoch-") and not d.endswith(".tmp"))
+        for d in old[:-self.keep]:
+            shutil.rmtree(os.path.join(self.folder, d), ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    folder = os.path.join(out_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(folder):
+        return None
+    done = sorted(d for d in os.listdir(folder) if d.startswith("epoch-") and not d.endswith(".tmp"))
+    return os.path.join(folder, done[-1]) if done else None
+
+
+def shipped_models(exclude: str | None = None) -> dict[str, LatencyModel]:
+    """Every profile in ``hardware_profiles/`` (for per-epoch latency on all platforms); empty if none ship."""
+    try:
+        from proxyless_ray.latency.profile import list_profiles, load_profile
+    except ImportError:
+        return {}
+    return {name: load_profile(name) for name in list_profiles() if name != exclude}
+
+
+def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[str, Any]:
+    """Run the whole search in this process and write the outputs; returns ``result.json``'s content."""
+    out = exp.output_dir
+    check_writable(out)
+    model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+    others = shipped_models()
+    reporter = LocalReporter(out, exp.dist.checkpoints_to_keep, echo)
+    loop = SearchLoop(exp, Comm(), reporter, latency_model=model, other_models=others)
+    if resume:
+        if reporter.latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(out, CHECKPOINTS_DIR)!r}")
+        loop.restore(reporter.latest)
+        print(f"resuming from {reporter.latest} (epoch {loop.state.epoch})", file=sys.stderr)
+    elif reporter.latest is not None:
+        shutil.rmtree(os.path.join(out, CHECKPOINTS_DIR))  # a fresh run does not mix with an old one
+        reporter.latest = None
+    loop.run()
+    if reporter.latest is None:
+        raise RuntimeError("the search finished without a final checkpoint")
+    result = write_search_outputs(exp, reporter.latest, out, model, others)
+    print(json.dumps({k: result[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
+    return result
+
+
+def run_search(exp: Experiment, resume: bool = False) -> dict[str, Any]:
+    """Run a search the way its experiment asks (in-process for ``dist.workers == 0``, else Ray Train)."""
+    if exp.dist.workers == 0:
+        return run_local(exp, resume=resume)
+    from proxyless_ray.ray_trainer import run_ray_search
+
+    return run_ray_search(exp, resume=resume)
