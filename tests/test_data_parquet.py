@@ -86,7 +86,7 @@ def test_splits_are_deterministic_disjoint_and_augmented(shards):
     s = parquet_splits(cfg(shards), RES, 3)
     assert (len(s.train), len(s.heldout), len(s.test)) == (50, 10, 15)
     assert not set(s.train.rows) & set(s.heldout.rows)
-    assert parquet_splits(cfg(shards), RES, 3).heldout.rows == s.heldout.rows
+    assert parquet_splits(cfg(shards), RES, 3).heldout.rows.tolist() == s.heldout.rows.tolist()
     assert s.stats["skipped"] == 2 and s.stats["skipped_at_prepare"] == 2
     idx = torch.arange(20)
     a, _ = s.train.get_batch(idx, True, torch.Generator().manual_seed(1))
@@ -109,7 +109,7 @@ def test_file_uri_threads_small_cache_and_pickling(shards):
 
 def test_rank_shards_are_disjoint(shards):
     s = parquet_splits(cfg(shards), RES, 3)
-    rows = [[s.train.rows[i] for i in idx.tolist()]
+    rows = [s.train.rows[idx.numpy()].tolist()
             for rank in range(2) for idx in shard_batches(len(s.train), 8, rank, 2, epoch=0, seed=0)]
     flat = [r for batch in rows for r in batch]
     assert len(rows) == 2 * (50 // 16) and len(set(flat)) == len(flat)

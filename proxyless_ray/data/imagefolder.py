@@ -185,7 +185,7 @@ def imagefolder_splits(data_cfg, resolution: int, in_chs: int) -> Splits:
     layout = resolve_layout(data_cfg.path)
     classes = find_classes(layout.train_dir)
     paths, labels, ignored = list_images(layout.train_dir, classes)
-    test_size = None if layout.test_dir else getattr(data_cfg, "test_size", 0)
+    test_size = None if layout.test_dir else data_cfg.test_size
     train, held, test = carve(len(paths), data_cfg.heldout_size, data_cfg.seed, test_size)
     if layout.test_dir:
         test_classes = find_classes(layout.test_dir)

@@ -234,10 +234,10 @@ class ParquetSource(EncodedSource):
 
     def __init__(self, shards: ShardSet, rows: torch.Tensor, **kwargs):
         super().__init__(len(rows), **kwargs)
-        self.shards, self.rows = shards, rows.tolist()
+        self.shards, self.rows = shards, rows.numpy().astype(np.int64)  # compact: ImageNet has 1.28M rows
 
     def _load(self, indices: list[int]) -> list[tuple[torch.Tensor | None, int, str]]:
-        return self.shards.read([self.rows[i] for i in indices])
+        return self.shards.read(self.rows[indices].tolist())
 
 
 def parquet_splits(data_cfg, resolution: int, in_chs: int) -> Splits:
@@ -258,15 +258,14 @@ def parquet_splits(data_cfg, resolution: int, in_chs: int) -> Splits:
     location = data_cfg.path
     fs, root = open_location(location)
     manifest = read_manifest(fs, root, location)
-    check_shards(fs, root, manifest, getattr(data_cfg, "verify_checksum", False), location)
-    cache_mb = getattr(data_cfg, "cache_mb", 1024.0)
+    check_shards(fs, root, manifest, data_cfg.verify_checksum, location)
     splits = manifest["splits"]
-    train_set = ShardSet(location, splits["train"]["shards"], cache_mb)
+    train_set = ShardSet(location, splits["train"]["shards"], data_cfg.cache_mb)
     has_test = TEST_SPLIT in splits
     train, held, test = carve(len(train_set), data_cfg.heldout_size, data_cfg.seed,
-                              None if has_test else getattr(data_cfg, "test_size", 0))
+                              None if has_test else data_cfg.test_size)
     if has_test:
-        test_set = ShardSet(location, splits[TEST_SPLIT]["shards"], cache_mb)
+        test_set = ShardSet(location, splits[TEST_SPLIT]["shards"], data_cfg.cache_mb)
         test = subset(torch.arange(len(test_set)), data_cfg.test_subset, data_cfg.seed)
         test_split = f"{location} split {TEST_SPLIT!r} ({len(test)} images)"
     else:
