@@ -1,0 +1,198 @@
+"""The profiler: timing statistics, CPU and (faked) CUDA timers, measuring a tiny space, the ``profile`` and
+``latency`` commands, and measuring inside a Ray actor pinned by a custom resource on a multi-node cluster."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import pytest
+import torch
+import yaml
+
+from proxyless_ray import cli
+from proxyless_ray.arch import layer_key
+from proxyless_ray.latency.profile import check_space, read_profile, space_layers
+from proxyless_ray.latency.profiler import (
+    ProfilerSettings,
+    ProgressBar,
+    check_device,
+    make_cuda_timer,
+    measure_layers,
+    profile_spaces,
+    robust_stats,
+    time_fn,
+)
+from proxyless_ray.space import SearchSpace
+
+TINY = SearchSpace(preset="small", resolution=8, widths=(8,), depths=(2,), strides=(1,), kernel_sizes=(3,),
+                   exp_ratios=(3,), stem="conv_k3_c8_s1", first_block=None, feature_mix_chs=16)
+FAST = ProfilerSettings(warmup=1, repeats=3, min_time_s=0.0)
+TINY_EXPERIMENT = {"name": "tiny", "space": {"preset": "small", "resolution": 8, "widths": [8], "depths": [2],
+                                             "strides": [1], "kernel_sizes": [3], "exp_ratios": [3],
+                                             "stem": "conv_k3_c8_s1", "first_block": None, "feature_mix_chs": 16}}
+
+
+def test_statistics_median_quantile_and_robust_spread():
+    samples = [1.0, 2.0, 3.0, 4.0, 100.0]
+    assert robust_stats(samples) == (3.0, pytest.approx((4.0 - 2.0) / 1.349))  # one outlier moves neither
+    assert robust_stats(samples, "min")[0] == 1.0
+    assert robust_stats(samples, "p25")[0] == 2.0
+    with pytest.raises(ValueError, match="'fastest'"):
+        robust_stats(samples, "fastest")
+    with pytest.raises(ValueError, match="no timing samples"):
+        robust_stats([])
+
+
+def test_unknown_devices_are_rejected_by_name():
+    assert check_device("cuda:1") == "cuda:1"
+    for bad in ("tpu", "gpu", "cuda:x", ""):
+        with pytest.raises(ValueError, match=f"unknown device {bad!r}"):
+            check_device(bad)
+    with pytest.raises(ValueError, match="'tpu'"):
+        ProfilerSettings(device="tpu")
+
+
+def test_time_fn_warms_up_then_repeats():
+    calls = []
+    samples = time_fn(lambda: calls.append(1), lambda fn: (fn(), 0.5)[1], ProfilerSettings(warmup=4, repeats=7,
+                                                                                          min_time_s=0.0))
+    assert len(calls) == 4 + 7 and samples == [0.5] * 7
+
+
+class _FakeCuda:
+    """Stands in for ``torch.cuda``: events that read a fake clock, counting synchronisations."""
+
+    def __init__(self):
+        self.clock, self.synced, self.log = 0.0, 0, []
+
+    def Event(self, enable_timing=False):  # noqa: N802 - mirrors torch.cuda.Event
+        assert enable_timing
+        cuda = self
+
+        class Ev:
+            def record(self):
+                self.t = cuda.clock
+                cuda.log.append("record")
+
+            def synchronize(self):
+                cuda.synced += 1
+                cuda.log.append("sync")
+
+            def elapsed_time(self, end):
+                assert cuda.log[-1] == "sync", "elapsed_time read before synchronising"
+                return end.t - self.t
+
+        return Ev()
+
+
+def test_cuda_timer_brackets_with_events_and_synchronises():
+    cuda = _FakeCuda()
+
+    def kernel():
+        cuda.clock += 2.5  # the "GPU" takes 2.5 ms
+        cuda.log.append("kernel")
+
+    timer = make_cuda_timer(cuda)
+    assert timer(kernel) == 2.5
+    assert cuda.log == ["record", "kernel", "record", "sync"] and cuda.synced == 1
+    samples = time_fn(kernel, timer, ProfilerSettings(warmup=2, repeats=5, min_time_s=0.0))
+    assert samples == [2.5] * 5 and cuda.synced == 6
+
+
+def test_measure_tiny_space_on_cpu_restores_threads():
+    before = torch.get_num_threads()
+    layers = space_layers(TINY)
+    stream = io.StringIO()
+    bar = ProgressBar(len(layers), stream)
+    entries = measure_layers(layers, ProfilerSettings(threads=1, warmup=1, repeats=3, min_time_s=0.0), bar)
+    assert torch.get_num_threads() == before
+    assert set(entries) == {layer_key(*t) for t in layers}
+    assert all(e.ms > 0 and e.count >= 3 for e in entries.values())
+    assert f"{len(layers)}/{len(layers)}" in stream.getvalue()
+
+
+def test_profile_spaces_records_metadata_and_fits_a_predictor():
+    prof = profile_spaces([TINY], FAST, "tiny", progress=False)
+    md = prof.metadata
+    assert md["device"] == "cpu" and md["threads"] == 1 and md["batch_size"] == 1 and md["method"] == "measured"
+    assert md["spaces"][0]["fingerprint"] == TINY.fingerprint()
+    assert check_space(prof, TINY, strict=True)["n_exact"] == len(space_layers(TINY))
+    assert prof.predictor is not None and prof.lat_ms("mb_k5_e6_c8_s1", 8, 16) > 0
+
+
+def test_profile_and_latency_commands(tmp_path, capsys):
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(yaml.safe_dump(TINY_EXPERIMENT))
+    out = tmp_path / "tiny_cpu.yaml"
+    args = ["profile", "--space", str(exp), "-o", str(out), "--warmup", "1", "--repeats", "3", "--min-time", "0",
+            "--no-progress"]
+    assert cli.main(args) == 0
+    prof = read_profile(out)
+    assert check_space(prof, TINY, strict=True)["n_exact"] == len(space_layers(TINY))
+    arch = TINY.arch_from_choices([0, 1], name="tiny_net")
+    arch_path = tmp_path / "arch.json"
+    arch.save(arch_path)
+    capsys.readouterr()
+    assert cli.main(["latency", "--profile", str(out), "--arch", str(arch_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"exact": len(arch.layers()) - 1, "predicted": 0, "zero": 1}
+    assert report["total_ms"] == pytest.approx(sum(r["ms"] for r in report["layers"]), abs=1e-3)
+    assert cli.main(["latency", "--profile", str(out), "--arch", str(arch_path)]) == 0
+    text = capsys.readouterr().out
+    assert "total" in text and "mb_k3_e3_c8_s1@8x8x8" in text
+    # the experiment names the space; strict mode rejects a profile that lacks its shapes
+    wide = TINY.arch_from_choices([0, 0]).to_dict()
+    wide["input"]["resolution"] = 16
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    assert cli.main(["latency", "--profile", str(out), "--arch", str(tmp_path / "wide.json"), "--strict"]) == 2
+    assert "conv_k3_c8_s1@1x16x16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--space", "huge_preset"], "'huge_preset'"),
+    (["--ray-resources", "{hw_xyz: 1}"], "not valid JSON"),
+    (["--ray-resources", '{"hw_xyz": -1}'], "'hw_xyz' has amount -1"),
+    (["--statistic", "mean"], "'mean'"),
+])
+def test_profile_command_rejects_bad_input_without_writing(tmp_path, capsys, extra, message):
+    out = tmp_path / "p.yaml"
+    assert cli.main(["profile", "-o", str(out), "--no-progress", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_output_folder_must_exist(tmp_path, capsys):
+    assert cli.main(["profile", "-o", str(tmp_path / "no" / "p.yaml"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_profiles_inside_an_actor_on_the_node_with_the_custom_resource(monkeypatch):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        hw_node = cluster.add_node(num_cpus=1, resources={"hw_test": 1})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        prof = profile_spaces([TINY], FAST, "tiny_ray", ray_resources={"hw_test": 1}, progress=False)
+        assert prof.metadata["ray_node_id"] == hw_node.node_id != cluster.head_node.node_id
+        assert prof.metadata["ray_resources"] == {"hw_test": 1}
+        assert set(prof.entries) == {layer_key(*t) for t in space_layers(TINY)}
+        deadline = time.time() + 20
+        while ray.available_resources().get("hw_test") != 1 and time.time() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("hw_test") == 1  # the actor is gone, its resource free again
+        with pytest.raises(ValueError, match="'hw_missing'"):
+            profile_spaces([TINY], FAST, "x", ray_resources={"hw_missing": 1}, progress=False)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
