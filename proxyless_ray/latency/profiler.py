@@ -29,6 +29,10 @@ from proxyless_ray.latency.profile import Entry, Profile, space_layers, space_re
 from proxyless_ray.space import SearchSpace
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# Threading settings that change CPU timings (e.g. OMP_WAIT_POLICY=PASSIVE stops spinning threads from burning a
+# container's CPU quota, which otherwise stalls multi-threaded runs for a whole 100 ms quota period).
+_THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+               "OMP_PROC_BIND", "OMP_PLACES")
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,7 @@ def device_info(settings: ProfilerSettings) -> dict[str, Any]:
                   "spread = IQR / 1.349",
         "statistic": settings.statistic,
         "host": platform.node(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "env": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
         "settings": asdict(settings),
     }
 
