@@ -16,15 +16,17 @@ from proxyless_ray import cli
 from proxyless_ray.arch import layer_key
 from proxyless_ray.latency.profile import check_space, read_profile, space_layers
 from proxyless_ray.latency.profiler import (
+    Bench,
     ProfilerSettings,
-    ProgressBar,
+    Stamps,
     check_device,
-    make_cuda_timer,
+    cover_archs,
     measure_layers,
     profile_spaces,
     robust_stats,
-    time_fn,
+    run_bench,
 )
+from proxyless_ray.progress import Progress
 from proxyless_ray.space import SearchSpace
 
 TINY = SearchSpace(preset="small", resolution=8, widths=(8,), depths=(2,), strides=(1,), kernel_sizes=(3,),
@@ -38,8 +40,10 @@ TINY_EXPERIMENT = {"name": "tiny", "space": {"preset": "small", "resolution": 8,
 def test_statistics_median_quantile_and_robust_spread():
     samples = [1.0, 2.0, 3.0, 4.0, 100.0]
     assert robust_stats(samples) == (3.0, pytest.approx((4.0 - 2.0) / 1.349))  # one outlier moves neither
-    assert robust_stats(samples, "min")[0] == 1.0
-    assert robust_stats(samples, "p25")[0] == 2.0
+    assert robust_stats(samples, "min")[0] == 2.0  # mean of the fastest 3 (at least 3, else 5 %)
+    many = [float(v) for v in range(1, 101)]
+    assert robust_stats(many, "min")[0] == 3.0  # the fastest 5: 1..5
+    assert robust_stats(many, "p10")[0] == 11.0  # ranks 8..12 around rank 10
     with pytest.raises(ValueError, match="'fastest'"):
         robust_stats(samples, "fastest")
     with pytest.raises(ValueError, match="no timing samples"):
@@ -55,15 +59,8 @@ def test_unknown_devices_are_rejected_by_name():
         ProfilerSettings(device="tpu")
 
 
-def test_time_fn_warms_up_then_repeats():
-    calls = []
-    samples = time_fn(lambda: calls.append(1), lambda fn: (fn(), 0.5)[1], ProfilerSettings(warmup=4, repeats=7,
-                                                                                          min_time_s=0.0))
-    assert len(calls) == 4 + 7 and samples == [0.5] * 7
-
-
 class _FakeCuda:
-    """Stands in for ``torch.cuda``: events that read a fake clock, counting synchronisations."""
+    """Stands in for ``torch.cuda``: events stamped by a fake GPU clock that advances 1.5 ms per event."""
 
     def __init__(self):
         self.clock, self.synced, self.log = 0.0, 0, []
@@ -74,6 +71,7 @@ class _FakeCuda:
 
         class Ev:
             def record(self):
+                cuda.clock += 1.5
                 self.t = cuda.clock
                 cuda.log.append("record")
 
@@ -88,30 +86,77 @@ class _FakeCuda:
         return Ev()
 
 
-def test_cuda_timer_brackets_with_events_and_synchronises():
+def test_cuda_stamps_record_events_and_synchronise_before_reading():
     cuda = _FakeCuda()
+    stamps = Stamps(cuda)
+    stamps.start()
+    stamps.mark()
+    stamps.mark()
+    assert stamps.durations_ms() == [1.5, 1.5]
+    assert cuda.log == ["record", "record", "record", "sync"] and cuda.synced == 1
+    host = Stamps()
+    host.start()
+    host.mark()
+    assert 0 <= host.durations_ms()[0] < 1000
 
-    def kernel():
-        cuda.clock += 2.5  # the "GPU" takes 2.5 ms
-        cuda.log.append("kernel")
 
-    timer = make_cuda_timer(cuda)
-    assert timer(kernel) == 2.5
-    assert cuda.log == ["record", "kernel", "record", "sync"] and cuda.synced == 1
-    samples = time_fn(kernel, timer, ProfilerSettings(warmup=2, repeats=5, min_time_s=0.0))
-    assert samples == [2.5] * 5 and cuda.synced == 6
+def test_network_entries_add_up_to_the_chosen_network_run():
+    bench = Bench(ProfilerSettings(warmup=0, repeats=1, statistic="min"), [TINY])
+    step = bench.steps[0]
+    bench.built[step] = ([], ["a@1x8x8", "b@1x8x8", "a@1x8x8"], None)
+    # run totals 6, 60, 7, 8, 9: the fastest three runs are 0, 2, 3 (one noisy run where layer b stalled)
+    bench.runs[step] = [[1.0, 2.0, 3.0], [1.0, 56.0, 3.0], [1.5, 2.5, 3.0], [2.0, 3.0, 3.0], [2.0, 4.0, 3.0]]
+    entries = bench.entries()
+    assert entries["b@1x8x8"].ms == pytest.approx(2.5)
+    assert entries["a@1x8x8"].ms == pytest.approx((1.5 + 3.0) / 2)  # two positions, averaged
+    assert entries["a@1x8x8"].ms * 2 + entries["b@1x8x8"].ms == pytest.approx((6 + 7 + 8) / 3)
+    assert entries["a@1x8x8"].count == 10
+
+
+def test_bench_times_every_layer_of_a_cover_network_through_the_event_path():
+    cuda = _FakeCuda()
+    settings = ProfilerSettings(warmup=1, repeats=4, min_time_s=0.0)
+    bench = Bench(settings, [TINY], events=cuda)
+    entries = run_bench(bench)
+    assert set(entries) == {layer_key(*t) for t in space_layers(TINY)}
+    assert all(e.ms == 1.5 for e in entries.values())  # one event per layer, read after the sync
+    assert cuda.synced == len(bench.steps) * (1 + 4)  # once per forward (warm-up included)
+
+
+def test_cover_networks_hold_every_candidate_at_every_position():
+    space = SearchSpace()  # the small preset
+    covers = cover_archs(space)
+    slots = space.slots()
+    assert len(covers) == max(len(s.candidates) for s in slots)
+    for i, slot in enumerate(slots):
+        assert {space.choices_of(a)[i] for a in covers} == set(range(len(slot.candidates)))
 
 
 def test_measure_tiny_space_on_cpu_restores_threads():
     before = torch.get_num_threads()
     layers = space_layers(TINY)
     stream = io.StringIO()
-    bar = ProgressBar(len(layers), stream)
-    entries = measure_layers(layers, ProfilerSettings(threads=1, warmup=1, repeats=3, min_time_s=0.0), bar)
+    bar = Progress(len(layers), "t", stream)
+    entries = measure_layers(layers, ProfilerSettings(threads=1, warmup=1, repeats=3, min_time_s=0.0),
+                             lambda n, key: bar.update(n, layer=key))
     assert torch.get_num_threads() == before
     assert set(entries) == {layer_key(*t) for t in layers}
     assert all(e.ms > 0 and e.count >= 3 for e in entries.values())
     assert f"{len(layers)}/{len(layers)}" in stream.getvalue()
+
+
+def test_rounds_interleave_layers_and_pool_their_samples():
+    order = []
+    stream = io.StringIO()
+    layers = space_layers(TINY)[:3]
+    settings = ProfilerSettings(threads=1, warmup=1, repeats=6, min_time_s=0.0, rounds=3)
+    entries = measure_layers(layers, settings, lambda n, key: order.append(key))
+    keys = [layer_key(*t) for t in layers]
+    assert order == keys * 3  # every round visits every layer
+    assert all(entries[k].count == 6 for k in keys)  # 3 rounds x 2 runs
+    bar = Progress(9, "t", stream)
+    measure_layers(layers, settings, lambda n, key: bar.update(n))
+    assert "9/9" in stream.getvalue()
 
 
 def test_profile_spaces_records_metadata_and_fits_a_predictor():
@@ -121,6 +166,9 @@ def test_profile_spaces_records_metadata_and_fits_a_predictor():
     assert md["spaces"][0]["fingerprint"] == TINY.fingerprint()
     assert check_space(prof, TINY, strict=True)["n_exact"] == len(space_layers(TINY))
     assert prof.predictor is not None and prof.lat_ms("mb_k5_e6_c8_s1", 8, 16) > 0
+    assert md["context"] == "network"
+    fixed = layer_key("conv_k3_c8_s1", 1, 8)
+    assert prof.entries[fixed].count == len(cover_archs(TINY)) * FAST.repeats  # the stem runs in every cover net
 
 
 def test_profile_and_latency_commands(tmp_path, capsys):

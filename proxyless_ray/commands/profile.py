@@ -66,7 +66,7 @@ def run_profile(args: argparse.Namespace) -> int:
     out = _output_path(args.output)
     resources = _json_mapping(args.ray_resources, "--ray-resources")
     settings = ProfilerSettings(args.device, args.threads, args.batch_size, args.warmup, args.repeats, args.min_time,
-                                statistic=args.statistic)
+                                rounds=args.rounds, statistic=args.statistic)
     if args.device.startswith("cuda") and resources is None:
         import torch
 
@@ -167,6 +167,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed runs per layer (default 10)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per layer at least (default 30)")
     p.add_argument("--min-time", type=float, default=0.1, help="seconds of timed runs per layer at least")
+    p.add_argument("--rounds", type=int, default=1, help="passes over all layers, each timing a share of the "
+                                                          "repeats (evens out a drifting, shared machine)")
     p.add_argument("--statistic", default="median", help="median (default), min or pNN, e.g. p10; use min on a "
                                                          "shared machine")
     p.add_argument("--ray-resources", help="measure in a Ray actor requesting these resources, e.g. "

@@ -1,10 +1,19 @@
 """Measure a hardware profile on the device it runs on: every candidate op of a space at every shape it occurs at.
 
-Each layer is built by :func:`proxyless_ray.ops.build_op` (MBConvs inside :class:`~proxyless_ray.ops.ResidualBlock`,
-so the shortcut add is priced as in the network), put in eval mode and run under ``torch.inference_mode`` on a
-random input of the profile's batch size. On CPU the thread count is pinned and wall-clock time is read around each
-call; on CUDA, events bracket each call and the stream is synchronised before reading them. After a warm-up, the
-median of the repeats is the entry's latency and a robust spread (IQR / 1.349) its spread.
+Two contexts:
+
+* ``network`` (default): a few *cover networks* of each space are built (network ``j`` takes candidate
+  ``j mod n`` at every mixed layer, so together they hold every candidate at every position, plus stem and head)
+  and every layer is timed inside the running network. Entries then include what a layer costs among its
+  neighbours (cold weights, the previous layer's output in cache), so they add up to the network's latency.
+* ``isolated``: each layer alone, run again and again on the same input (the classic per-layer table; a little
+  optimistic because its weights and input stay in cache).
+
+Layers come from :mod:`proxyless_ray.ops` (MBConvs inside :class:`~proxyless_ray.ops.ResidualBlock`, so the shortcut
+add is priced as in the network), in eval mode under ``torch.inference_mode``, at the profile's batch size. On CPU
+the thread count is pinned and wall-clock time is read between calls; on CUDA, events are recorded between calls
+and the stream is synchronised before reading them. After a warm-up, the chosen statistic of the repeats (median
+by default) is the entry's latency and a robust spread (IQR / 1.349) its spread.
 
 With ``ray_resources`` the measuring runs inside a Ray actor that requests exactly those resources (for example
 ``{"hw_xyz": 1}``), so a cluster profiles its own node types; the actor is killed afterwards.
@@ -17,15 +26,15 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
 from proxyless_ray.arch import layer_key
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import Entry, Profile, space_layers, space_record
+from proxyless_ray.progress import Progress
 from proxyless_ray.space import SearchSpace
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -46,12 +55,16 @@ class ProfilerSettings:
     repeats: int = 30  # timed runs at least
     min_time_s: float = 0.1  # keep timing fast layers until this much time is spent (more samples, less noise)
     max_repeats: int = 500
+    rounds: int = 1  # passes over all layers, each timing a share of the repeats (evens out a drifting machine)
+    context: str = "network"  # network: time layers inside cover networks of the space | isolated: each alone
     statistic: str = "median"  # median | min | pNN (a low quantile resists other processes on a shared machine)
 
     def __post_init__(self) -> None:
         check_device(self.device)
         quantile_of(self.statistic)
-        for name in ("threads", "batch_size", "repeats", "max_repeats"):
+        if self.context not in ("network", "isolated"):
+            raise ValueError(f"unknown profiling context {self.context!r}; expected 'network' or 'isolated'")
+        for name in ("threads", "batch_size", "repeats", "max_repeats", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"profiler {name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.min_time_s < 0:
@@ -77,60 +90,63 @@ def quantile_of(statistic: str) -> float:
     return int(m.group(1)) / 100
 
 
+def quantile_window(n: int, statistic: str) -> slice:
+    """Ranks (in sorted order) whose mean estimates ``statistic``: 5 % of ``n`` samples, at least 3, centred on the
+    quantile's rank. ``min`` is thus the mean of the fastest few runs: steadier than the single fastest one."""
+    width = min(n, max(3, round(0.05 * n)))
+    lo = min(max(round(quantile_of(statistic) * (n - 1)) - width // 2, 0), n - width)
+    return slice(lo, lo + width)
+
+
 def robust_stats(samples: Sequence[float], statistic: str = "median") -> tuple[float, float]:
-    """The chosen statistic (default median) and a robust spread (IQR / 1.349, the std for normal noise)."""
+    """The chosen statistic (default median; see :func:`quantile_window`) and a robust spread (IQR / 1.349, the
+    standard deviation for normal noise)."""
     if not samples:
         raise ValueError("no timing samples")
     xs = sorted(samples)
-    pos = quantile_of(statistic) * (len(xs) - 1)
-    lo = int(pos)
-    value = xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+    value = statistics.fmean(xs[quantile_window(len(xs), statistic)])
     if len(xs) < 4:
         return value, (xs[-1] - xs[0]) / 2
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return value, (q[2] - q[0]) / 1.349
 
 
-def cpu_timer(fn: Callable[[], Any]) -> float:
-    """One call of ``fn``, wall-clock ms."""
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+class Stamps:
+    """Time marks between consecutive calls: the host clock on CPU; CUDA events on a GPU.
 
+    Kernel launches are asynchronous, so a host clock would time the launches only: each mark records an event
+    on the stream, and the last event is synchronised before any ``elapsed_time`` is read.
 
-def make_cuda_timer(cuda: Any) -> Callable[[Callable[[], Any]], float]:
-    """A timer bracketing each call with CUDA events; ``cuda`` is ``torch.cuda`` (injectable for tests).
-
-    Kernel launches are asynchronous, so host-side clocks would time the launch only: the end event is
-    recorded on the stream and synchronised before ``elapsed_time`` is read.
+    Args:
+        events: A module with ``Event(enable_timing=True)`` (``torch.cuda``), or ``None`` for the host clock.
     """
 
-    def timer(fn: Callable[[], Any]) -> float:
-        start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end))
+    def __init__(self, events: Any = None):
+        self.events = events
+        self.marks: list[Any] = []
 
-    return timer
+    def start(self) -> None:
+        self.marks = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.events is None:
+            self.marks.append(time.perf_counter())
+        else:
+            ev = self.events.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+
+    def durations_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.events is None:
+            return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        self.marks[-1].synchronize()
+        return [float(a.elapsed_time(b)) for a, b in zip(self.marks, self.marks[1:])]
 
 
-def time_fn(fn: Callable[[], Any], timer: Callable[[Callable[[], Any]], float], settings: ProfilerSettings,
-            sync: Callable[[], None] = lambda: None) -> list[float]:
-    """Warm up, then time ``fn`` at least ``repeats`` times and until ``min_time_s`` has passed (ms per call)."""
-    for _ in range(settings.warmup):
-        fn()
-    sync()
-    samples: list[float] = []
-    t_end = time.perf_counter() + settings.min_time_s
-    while len(samples) < settings.repeats or (time.perf_counter() < t_end and len(samples) < settings.max_repeats):
-        samples.append(timer(fn))
-    return samples
-
-
-def measure_layer(block: str, in_chs: int, resolution: int, settings: ProfilerSettings) -> Entry:
-    """Latency of one layer at ``settings.batch_size`` on ``settings.device``."""
+def build_layer(block: str, in_chs: int, resolution: int, settings: ProfilerSettings) -> Callable[[], Any]:
+    """A no-argument callable running one layer (eval mode) on a fixed random input on ``settings.device``."""
     import torch
 
     from proxyless_ray.arch import parse_block
@@ -145,14 +161,118 @@ def measure_layer(block: str, in_chs: int, resolution: int, settings: ProfilerSe
         module = build_op(block, in_chs)
     module = module.to(device).eval()
     x = torch.randn(settings.batch_size, in_chs, resolution, resolution, device=device)
-    if device.type == "cuda":
-        timer, sync = make_cuda_timer(torch.cuda), (lambda: torch.cuda.synchronize(device))
-    else:
-        timer, sync = cpu_timer, (lambda: None)
-    with torch.inference_mode():
-        samples = time_fn(lambda: module(x), timer, settings, sync)
-    value, spread = robust_stats(samples, settings.statistic)
-    return Entry(value, spread, len(samples))
+    return lambda: module(x)
+
+
+def cover_archs(space: SearchSpace) -> list[Any]:
+    """Networks that together place every candidate of every mixed layer: network ``j`` takes candidate
+    ``j mod n`` at each layer (``n`` its candidate count), so ``max n`` networks cover the space."""
+    slots = space.slots()
+    n = max(len(s.candidates) for s in slots)
+    return [space.arch_from_choices([j % len(s.candidates) for s in slots], name=f"cover_{j}") for j in range(n)]
+
+
+class Bench:
+    """What a profile measures, built lazily and timed in rounds of steps.
+
+    A step is ``("net", space_index, j)`` (cover network ``j`` of a space, every layer timed in context) or
+    ``("layer", block, in_chs, resolution)`` (one layer alone). Every round runs every step for a share of the
+    repeats, so slow drifts of a shared machine hit all entries alike.
+
+    Args:
+        settings: Device, threads, repeats, statistic, context.
+        spaces: Search spaces (plain dicts or :class:`SearchSpace`).
+        extra_layers: ``(block, in_chs, resolution)`` triples to measure as well (always isolated).
+        events: Event source for :class:`Stamps` (default: ``torch.cuda`` on a CUDA device, else the host clock).
+    """
+
+    def __init__(self, settings: ProfilerSettings, spaces: Sequence[Any] = (),
+                 extra_layers: Sequence[tuple[str, int, int]] = (), events: Any = None):
+        import torch
+
+        self.settings = settings
+        self.spaces = [s if isinstance(s, SearchSpace) else SearchSpace(**s) for s in spaces]
+        share = -(-settings.repeats // settings.rounds)  # ceil
+        self.round_settings = replace(settings, repeats=share, min_time_s=settings.min_time_s / settings.rounds,
+                                      max_repeats=max(share, settings.max_repeats // settings.rounds))
+        if settings.context == "network":
+            self.steps: list[tuple] = [("net", i, j) for i, sp in enumerate(self.spaces)
+                                       for j in range(len(cover_archs(sp)))]
+            covered = {layer_key(*t) for t in space_layers(self.spaces)}
+            isolated = [t for t in extra_layers if layer_key(*t) not in covered]
+        else:
+            isolated = list(dict.fromkeys([*space_layers(self.spaces), *extra_layers]))
+            self.steps = []
+        self.steps += [("layer", *t) for t in isolated]
+        self.device = torch.device(settings.device)
+        self.events = events if events is not None else (torch.cuda if self.device.type == "cuda" else None)
+        self.built: dict[tuple, tuple[list[Callable[[Any], Any]], list[str], Any]] = {}
+        self.runs: dict[tuple, list[list[float]]] = {}  # step -> per-run layer times (ms), in the step's key order
+
+    def _build(self, step: tuple) -> tuple[list[Callable[[Any], Any]], list[str], Any]:
+        import torch
+
+        from proxyless_ray.network import ProxylessNet
+
+        bsz = self.settings.batch_size
+        if step[0] == "layer":
+            _, block, in_chs, res = step
+            fn = build_layer(block, in_chs, res, self.settings)
+            return [lambda _x: fn()], [layer_key(block, in_chs, res)], None
+        arch = cover_archs(self.spaces[step[1]])[step[2]]
+        net = ProxylessNet(arch).to(self.device).eval()
+        mods = [net.stem, *net.blocks] + ([net.feature_mix] if arch.feature_mix else []) + [net.classifier]
+        keys = [layer.key for layer in arch.layers() if layer.block != "zero"]
+        if len(mods) != len(keys):
+            raise RuntimeError(f"cover network has {len(mods)} modules but {len(keys)} priced layers")
+        return mods, keys, torch.randn(bsz, arch.in_chs, arch.resolution, arch.resolution, device=self.device)
+
+    def run(self, step: tuple) -> str:
+        """One round's share of timed runs of a step (the first round warms up fully); returns its last key."""
+        import torch
+
+        first = step not in self.built
+        if first:
+            self.built[step] = self._build(step)
+        mods, keys, x = self.built[step]
+        stamps = Stamps(self.events)
+
+        def forward() -> list[float]:
+            stamps.start()
+            h = x
+            for m in mods:
+                h = m(h)
+                stamps.mark()
+            return stamps.durations_ms()
+
+        st = self.round_settings
+        with torch.inference_mode():
+            for _ in range(self.settings.warmup if first else min(self.settings.warmup, 2)):
+                forward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            runs = self.runs.setdefault(step, [])
+            n, t_end = 0, time.perf_counter() + st.min_time_s
+            while n < st.repeats or (time.perf_counter() < t_end and n < st.max_repeats):
+                runs.append(forward())
+                n += 1
+        return keys[-1]
+
+    def entries(self) -> dict[str, Entry]:
+        """One entry per layer key. A network step's value for a layer is its mean time over the runs whose
+        *network total* sits at the chosen statistic (:func:`quantile_window`), so that a cover network's entries
+        add up to its latency; a key seen at several positions or networks averages them."""
+        values: dict[str, list[float]] = {}
+        samples: dict[str, list[float]] = {}
+        for step, runs in self.runs.items():
+            keys = self.built[step][1]
+            order = sorted(range(len(runs)), key=lambda i: sum(runs[i]))
+            chosen = order[quantile_window(len(runs), self.settings.statistic)]
+            for j, key in enumerate(keys):
+                values.setdefault(key, []).append(statistics.fmean(runs[i][j] for i in chosen))
+                samples.setdefault(key, []).extend(r[j] for r in runs)
+        return {key: Entry(statistics.fmean(values[key]), robust_stats(samples[key])[1], len(samples[key]))
+                for key in values}
 
 
 def device_info(settings: ProfilerSettings) -> dict[str, Any]:
@@ -172,7 +292,8 @@ def device_info(settings: ProfilerSettings) -> dict[str, Any]:
         "cuda_version": version, "batch_size": settings.batch_size, "threads": settings.threads, "dtype": "float32",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "method": "measured",
         "source": f"{how}; {settings.warmup} warm-up runs, >= {settings.repeats} timed runs and >= "
-                  f"{settings.min_time_s} s per layer; ms = {settings.statistic} of the timed runs, "
+                  f"{settings.min_time_s} s per layer in {settings.rounds} round(s) over all layers; "
+                  f"ms = {settings.statistic} of the timed runs, "
                   "spread = IQR / 1.349",
         "statistic": settings.statistic,
         "host": platform.node(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -192,51 +313,27 @@ def _cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
 
 
-def measure_layers(layers: Sequence[tuple[str, int, int]], settings: ProfilerSettings,
-                   progress: Callable[[int, str], None] | None = None) -> dict[str, Entry]:
-    """Measure ``(block, in_chs, resolution)`` triples in this process, with threads pinned (restored after)."""
+def run_bench(bench: Bench, progress: Callable[[int, str], None] | None = None) -> dict[str, Entry]:
+    """Run every step of ``bench`` in ``rounds`` passes with the thread count pinned (restored after)."""
     import torch
 
     old = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(bench.settings.threads)
     try:
-        out = {}
-        for block, in_chs, res in layers:
-            key = layer_key(block, in_chs, res)
-            out[key] = measure_layer(block, in_chs, res, settings)
-            if progress:
-                progress(1, key)
-        return out
+        for _ in range(bench.settings.rounds):
+            for step in bench.steps:
+                key = bench.run(step)
+                if progress:
+                    progress(1, key)
+        return bench.entries()
     finally:
         torch.set_num_threads(old)
 
 
-class ProgressBar:
-    """A one-line stderr progress bar (redrawn on a terminal; a line per 10 % in logs)."""
-
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True, width: int = 30):
-        self.total, self.n, self.width, self.enabled = max(total, 1), 0, width, enabled
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.t0 = time.perf_counter()
-        self._next_decile = 1
-
-    def __call__(self, n: int, label: str = "") -> None:
-        self.n += n
-        if not self.enabled:
-            return
-        frac = self.n / self.total
-        filled = int(frac * self.width)
-        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.n}/{self.total} "
-                f"{time.perf_counter() - self.t0:.0f}s {label}")
-        if self.tty:
-            self.stream.write("\r" + line[:118].ljust(118))
-            if self.n >= self.total:
-                self.stream.write("\n")
-        elif frac * 10 >= self._next_decile or self.n >= self.total:
-            self._next_decile = int(frac * 10) + 1
-            self.stream.write(line + "\n")
-        self.stream.flush()
+def measure_layers(layers: Sequence[tuple[str, int, int]], settings: ProfilerSettings,
+                   progress: Callable[[int, str], None] | None = None) -> dict[str, Entry]:
+    """Measure ``(block, in_chs, resolution)`` triples, each alone, in this process."""
+    return run_bench(Bench(replace(settings, context="isolated"), extra_layers=layers), progress)
 
 
 def profile_spaces(spaces: Iterable[SearchSpace], settings: ProfilerSettings, name: str,
@@ -258,13 +355,16 @@ def profile_spaces(spaces: Iterable[SearchSpace], settings: ProfilerSettings, na
         The measured :class:`Profile` (not yet saved).
     """
     spaces = list(spaces)
-    layers = list(dict.fromkeys([*space_layers(spaces), *extra_layers]))
-    bar = ProgressBar(len(layers), stream, enabled=progress)
+    bench = Bench(settings, spaces, extra_layers)
+    bar = Progress(len(bench.steps) * settings.rounds, f"profiling {name}", stream, enabled=progress)
     if ray_resources is not None:
-        entries, info = measure_on_ray(layers, settings, ray_resources, ray_address, ray_num_cpus, bar)
+        entries, info = measure_on_ray(spaces, extra_layers, settings, ray_resources, ray_address, ray_num_cpus,
+                                       lambda n, key: bar.update(n, layer=key))
     else:
         info = device_info(settings)
-        entries = measure_layers(layers, settings, bar)
+        entries = run_bench(bench, lambda n, key: bar.update(n, layer=key))
+    bar.close()
+    info["context"] = settings.context
     info["spaces"] = [space_record(s) for s in spaces]
     predictor = fit_linear({k: e.ms for k, e in entries.items()})
     return Profile(name, info, entries, predictor)
@@ -274,10 +374,14 @@ def profile_spaces(spaces: Iterable[SearchSpace], settings: ProfilerSettings, na
 
 
 class _ProfilerActor:
-    """Runs on the node Ray places it on; measures layers there and says where it ran."""
+    """Runs on the node Ray places it on; measures there and says where it ran."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], spaces: list[dict[str, Any]], extra_layers: list[tuple]):
+        import torch
+
         self.settings = ProfilerSettings(**settings)
+        torch.set_num_threads(self.settings.threads)
+        self.bench = Bench(self.settings, spaces, [tuple(t) for t in extra_layers])
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -286,15 +390,21 @@ class _ProfilerActor:
         info["ray_node_id"] = ray.get_runtime_context().get_node_id()
         return info
 
-    def measure(self, layers: list[tuple[str, int, int]]) -> dict[str, tuple[float, float, int]]:
-        return {k: (e.ms, e.spread, e.count) for k, e in measure_layers(layers, self.settings).items()}
+    def steps(self) -> list[tuple]:
+        return self.bench.steps
+
+    def run(self, steps: list[tuple]) -> str:
+        return [self.bench.run(tuple(step)) for step in steps][-1]
+
+    def entries(self) -> dict[str, tuple[float, float, int]]:
+        return {k: (e.ms, e.spread, e.count) for k, e in self.bench.entries().items()}
 
 
-def measure_on_ray(layers: Sequence[tuple[str, int, int]], settings: ProfilerSettings, resources: dict[str, float],
-                   address: str | None = None, num_cpus: float | None = None,
-                   progress: Callable[[int, str], None] | None = None, chunk: int = 8,
+def measure_on_ray(spaces: Sequence[SearchSpace], extra_layers: Sequence[tuple[str, int, int]],
+                   settings: ProfilerSettings, resources: dict[str, float], address: str | None = None,
+                   num_cpus: float | None = None, progress: Callable[[int, str], None] | None = None,
                    ) -> tuple[dict[str, Entry], dict[str, Any]]:
-    """Measure ``layers`` in a Ray actor that requests exactly ``resources`` (plus ``num_cpus`` CPUs).
+    """Measure in a Ray actor that requests exactly ``resources`` (plus ``num_cpus`` CPUs).
 
     Connects to ``address`` (or ``RAY_ADDRESS``, or starts a local instance) unless Ray is already initialised,
     and kills the actor afterwards, so its custom resources are free for training.
@@ -318,16 +428,17 @@ def measure_on_ray(layers: Sequence[tuple[str, int, int]], settings: ProfilerSet
                 raise ValueError(f"no node of the Ray cluster offers resource {res!r} x {amount} (cluster resources: "
                                  f"{ {k: v for k, v in sorted(have.items()) if not k.startswith('node:')} })")
         cpus = float(settings.threads if num_cpus is None else num_cpus)
-        actor = ray.remote(_ProfilerActor).options(num_cpus=cpus, resources=dict(resources)).remote(asdict(settings))
+        actor = ray.remote(_ProfilerActor).options(num_cpus=cpus, resources=dict(resources)).remote(
+            asdict(settings), [s.to_dict() for s in spaces], [list(t) for t in extra_layers])
         info = ray.get(actor.info.remote())
         info["ray_resources"] = dict(resources)
-        entries: dict[str, Entry] = {}
-        for i in range(0, len(layers), chunk):
-            part = [tuple(t) for t in layers[i:i + chunk]]
-            got = ray.get(actor.measure.remote(part))
-            entries.update({k: Entry(*v) for k, v in got.items()})
-            if progress:
-                progress(len(part), layer_key(*part[-1]))
+        steps = ray.get(actor.steps.remote())
+        for _ in range(settings.rounds):
+            for step in steps:  # one call per step: progress on the driver, little overhead next to the timing
+                key = ray.get(actor.run.remote([step]))
+                if progress:
+                    progress(1, key)
+        entries = {k: Entry(*v) for k, v in ray.get(actor.entries.remote()).items()}
         return entries, info
     finally:
         if actor is not None:

@@ -1,0 +1,202 @@
+"""Benchmark: do the hardware profiles predict real latency? Prints one JSON object.
+
+1. CPU: sample random architectures from the ``small`` space (28 px) and the paper's ImageNet space (224 px,
+   batch 1), measure each whole network with torch here (1 thread by default, the same timer and statistic as
+   the profile), and compare with the profile's prediction: Spearman rank correlation (target >= 0.9) and mean
+   absolute percentage error (target <= 15 %), per space.
+2. Mobile: price the published ProxylessNAS-Mobile network (``../shared/reference/proxylessnas``, loaded through
+   the same config converter) on the ``pixel1`` profile; target: within 10 % of the published 78 ms on a Pixel 1.
+3. Cross-hardware table: the three published ProxylessNAS networks (gpu, cpu, mobile) priced on every shipped
+   profile.
+
+Usage: ``python benchmarks/bench_latency_model.py [--profile cpu_1thread] [--quick]``. On a shared machine,
+other processes distort wall-clock times; the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from proxyless_ray.arch import Arch
+from proxyless_ray.latency.model import arch_latency
+from proxyless_ray.latency.profile import list_profiles, load_profile
+from proxyless_ray.latency.profiler import ProfilerSettings, robust_stats
+from proxyless_ray.network import ProxylessNet
+from proxyless_ray.space import space_from_preset
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+PUBLISHED = {"mobile": ("proxyless_mobile.config", 78.0, "Pixel 1, TFLite, batch 1 (ProxylessNAS paper / README)"),
+             "gpu": ("proxyless_gpu.config", 5.1, "V100, batch 8 (ProxylessNAS paper / README)"),
+             "cpu": ("proxyless_cpu.config", None, "2x Xeon E5-2640 v4, batch 1 (not verified)")}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def time_fn(fn, settings: ProfilerSettings) -> list[float]:
+    """Warm up, then time ``fn`` (wall clock, ms) at least ``repeats`` times and for at least ``min_time_s``."""
+    for _ in range(settings.warmup):
+        fn()
+    samples: list[float] = []
+    t_end = time.perf_counter() + settings.min_time_s
+    while len(samples) < settings.repeats or (time.perf_counter() < t_end and len(samples) < settings.max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def measure_networks(archs: list[Arch], settings: ProfilerSettings) -> list[dict[str, float]]:
+    """End-to-end forward latency (ms) of each network at batch 1, timed in ``settings.rounds`` interleaved passes
+    so that a drifting shared machine affects all networks alike: the chosen statistic, median and min."""
+    share = replace(settings, repeats=-(-settings.repeats // settings.rounds),
+                    min_time_s=settings.min_time_s / settings.rounds)
+    nets = [ProxylessNet(a).eval() for a in archs]
+    inputs = [torch.randn(settings.batch_size, a.in_chs, a.resolution, a.resolution) for a in archs]
+    samples: list[list[float]] = [[] for _ in archs]
+    with torch.inference_mode():
+        for r in range(settings.rounds):
+            for i, (net, x) in enumerate(zip(nets, inputs)):
+                warm = replace(share, warmup=settings.warmup if r == 0 else 1)
+                samples[i] += time_fn(lambda net=net, x=x: net(x), warm)
+            print(f"  round {r + 1}/{settings.rounds} over {len(archs)} networks", file=sys.stderr)
+    return [{"ms": robust_stats(s, settings.statistic)[0], "median_ms": robust_stats(s)[0], "min_ms": min(s),
+             "runs": len(s)} for s in samples]
+
+
+def cpu_check(profile_name: str, preset: str, n: int, seed: int, settings: ProfilerSettings) -> dict:
+    profile = load_profile(profile_name)
+    space = space_from_preset(preset)
+    rng = random.Random(seed)
+    archs = [space.sample(rng, name=f"{preset}_{i}") for i in range(n)]
+    pred, sources = [], {"exact": 0, "predicted": 0, "zero": 0}
+    for arch in archs:
+        p = 0.0
+        for layer in arch.layers():
+            ms, src = profile.lookup(layer.block, layer.in_chs, layer.resolution)
+            p += ms
+            sources[src] += 1
+        pred.append(p)
+    measured = measure_networks(archs, settings)
+    pred_a = np.array(pred)
+    meas_a = np.array([m["ms"] for m in measured])
+    med_a = np.array([m["median_ms"] for m in measured])
+    mape = float(np.mean(np.abs(pred_a - meas_a) / meas_a) * 100)
+    rho = spearman(pred_a, meas_a)
+    return {
+        "space": preset, "resolution": space.resolution, "n": n, "statistic": settings.statistic,
+        "spearman": round(rho, 4), "mape_pct": round(mape, 2),
+        "mean_pred_over_measured": round(float(np.mean(pred_a / meas_a)), 4),
+        "spearman_vs_median": round(spearman(pred_a, med_a), 4),
+        "mape_vs_median_pct": round(float(np.mean(np.abs(pred_a - med_a) / med_a) * 100), 2),
+        "measured_ms_range": [round(float(meas_a.min()), 3), round(float(meas_a.max()), 3)],
+        "predicted_ms_range": [round(float(pred_a.min()), 3), round(float(pred_a.max()), 3)],
+        "runs_per_network": int(np.median([m["runs"] for m in measured])),
+        "layer_sources": sources,
+        "pass": bool(rho >= 0.9 and mape <= 15.0),
+        "networks": [{"predicted_ms": round(p, 3), "measured_ms": round(m["ms"], 3),
+                      "median_ms": round(m["median_ms"], 3)} for p, m in zip(pred, measured)],
+    }
+
+
+def mobile_check(profile_name: str) -> dict:
+    path = REFERENCE / "proxylessnas" / PUBLISHED["mobile"][0]
+    if not path.is_file():
+        return {"skipped": f"{path} is absent"}
+    profile = load_profile(profile_name)
+    arch = Arch.load(path)
+    total, _ = arch_latency(profile, arch)
+    out = {"profile": profile_name, "network": "ProxylessNAS-Mobile", "predicted_ms": round(total, 2),
+           "published_ms": 78.0, "error_pct": round((total / 78.0 - 1) * 100, 2),
+           "pass": bool(abs(total / 78.0 - 1) <= 0.10)}
+    scale = getattr(profile.predictor, "scale", 1.0)
+    if scale != 1.0:
+        out["uncalibrated_ms"] = round(total / scale, 2)
+        out["calibration"] = {"scale": scale, **dict(profile.predictor.calibration)}
+    mobile_14 = REFERENCE / "proxylessnas" / "proxyless_mobile_14.config"
+    if mobile_14.is_file():
+        out["mobile_14"] = {"predicted_ms": round(arch_latency(profile, Arch.load(mobile_14))[0], 2),
+                            "published_ms": 147.0}
+    return out
+
+
+def cross_table() -> dict:
+    folder = REFERENCE / "proxylessnas"
+    if not folder.is_dir():
+        return {"skipped": f"{folder} is absent"}
+    profiles = {name: load_profile(name) for name in sorted(list_profiles())}
+    table = {}
+    for net, (fname, published, where) in PUBLISHED.items():
+        arch = Arch.load(folder / fname)
+        row = {name: round(arch_latency(p, arch)[0], 3) for name, p in profiles.items()}
+        row["published_ms"] = published
+        row["published_on"] = where
+        table[f"proxyless_{net}"] = row
+    units = {name: f"ms at batch {p.metadata['batch_size']}, {p.metadata['device']}" for name, p in profiles.items()}
+    return {"rows": table, "columns": units}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu_1thread")
+    parser.add_argument("--mobile-profile", default="pixel1")
+    parser.add_argument("--n-small", type=int, default=30)
+    parser.add_argument("--n-imagenet", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--statistic", help="timing statistic (default: the profile's own)")
+    parser.add_argument("--quick", action="store_true", help="few archs and runs (smoke test)")
+    args = parser.parse_args()
+    profile = load_profile(args.profile)
+    statistic = args.statistic or profile.metadata.get("statistic", "median")
+    threads = int(profile.metadata["threads"])
+    torch.set_num_threads(threads)
+    small = ProfilerSettings(threads=threads, warmup=5, repeats=40, min_time_s=1.0, rounds=5, statistic=statistic)
+    big = ProfilerSettings(threads=threads, warmup=2, repeats=20, min_time_s=2.0, rounds=5, statistic=statistic)
+    n_small, n_big = args.n_small, args.n_imagenet
+    if args.quick:
+        n_small, n_big = 5, 2
+        small = ProfilerSettings(threads=threads, warmup=1, repeats=3, min_time_s=0.0, statistic=statistic)
+        big = small
+    load_before = os.getloadavg()
+    t0 = time.time()
+    result = {
+        "benchmark": "latency_model",
+        "machine": {"cpu": profile.metadata.get("device_name"), "torch": str(torch.__version__), "threads": threads,
+                    "loadavg_before": [round(v, 2) for v in load_before]},
+        "profile": args.profile, "profile_measured": profile.metadata.get("date"),
+        "cpu": [cpu_check(args.profile, "small", n_small, args.seed, small),
+                cpu_check(args.profile, "proxyless_imagenet", n_big, args.seed, big)],
+        "mobile": mobile_check(args.mobile_profile),
+        "published_networks": cross_table(),
+    }
+    result["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    result["seconds"] = round(time.time() - t0, 1)
+    result["targets_met"] = {"cpu_" + c["space"]: c["pass"] for c in result["cpu"]}
+    result["targets_met"]["mobile"] = result["mobile"].get("pass")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
