@@ -31,13 +31,13 @@ class SearchSpace:
     num_classes: int = 10
     stem: str = "conv_k3_c16_s2"  # 28 -> 14 px, as the paper's stem halves 224 -> 112
     first_block: str | None = "mb_k3_e1_c16_s1"  # fixed MBConv1 after the stem (paper); None to omit
-    widths: tuple[int, ...] = (24, 32, 64, 80)
+    widths: tuple[int, ...] = (16, 24, 40, 48)
     depths: tuple[int, ...] = (2, 3, 3, 2)
     strides: tuple[int, ...] = (1, 2, 2, 1)  # stride of each stage's first block: 14 -> 14 -> 7 -> 4 -> 4 px
     kernel_sizes: tuple[int, ...] = (3, 5, 7)
     exp_ratios: tuple[int, ...] = (3, 6)
     zero_op: bool = True  # offer zero wherever it is legal (stride 1, same width)
-    feature_mix_chs: int = 256  # 1x1 conv before pooling; 0 to omit
+    feature_mix_chs: int = 160  # 1x1 conv before pooling; 0 to omit
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,76 @@
+"""Experiment configs: every shipped file loads; unknown keys, bad values and overrides."""
+
+import glob
+import os
+
+import pytest
+
+from proxyless_ray.config import Experiment, flatten, load_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.yaml")))
+
+
+def test_experiments_exist():
+    names = {os.path.basename(p) for p in EXPERIMENTS}
+    assert "fashion_mnist.yaml" in names
+    assert {"imagenet_gpu.yaml", "imagenet_cpu.yaml", "imagenet_mobile.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_every_experiment_loads_and_round_trips(path):
+    exp = load_experiment(path)
+    assert Experiment.from_dict(exp.to_dict()) == exp
+    with open(path) as fh:
+        assert fh.readline().startswith("# "), "experiments open with a one-line comment saying what they are for"
+
+
+def write(tmp_path, text):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "train:\n  epohcs: 3\n")
+    with pytest.raises(ValueError, match=r"exp\.yaml: unknown key\(s\) \['train\.epohcs'\]"):
+        load_experiment(p)
+    p = write(tmp_path, "trian:\n  epochs: 3\n")
+    with pytest.raises(ValueError, match=r"unknown top-level key\(s\) \['trian'\]"):
+        load_experiment(p)
+
+
+def test_overrides_and_lambda_alias(tmp_path):
+    p = write(tmp_path, "latency:\n  lambda: 0.3\n")
+    exp = load_experiment(p, ["train.epochs=3", "space.kernel_sizes=[3, 5]", "latency.lambda=0.5"])
+    assert exp.train.epochs == 3 and exp.space.kernel_sizes == (3, 5) and exp.latency.lam == 0.5
+    assert exp.name == "exp"
+    assert flatten(exp.to_dict())["train.epochs"] == 3
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("latency.lambda=-0.1", "latency.lambda must be >= 0, got -0.1"),
+    ("latency.target_ms=-5", "latency.target_ms must be > 0 for mul_log"),
+    ("train.gate_mode=three", "train.gate_mode 'three' is unknown"),
+    ("train.epochs=abc", "train.epochs must be a number, got 'abc'"),
+    ("space.kernel_sizes=[3, 4]", "kernel size 4"),
+    ("space.strides=[1, 3, 2, 1]", "stride 3"),
+    ("sweep.scheduler=hyperband", "sweep.scheduler 'hyperband' does not exist"),
+    ("space.preset=tiny", "space.preset 'tiny' is unknown"),
+    ("train.lr", "must look like section.key=value"),
+])
+def test_bad_values_are_named(tmp_path, override, fragment):
+    p = write(tmp_path, "name: x\nlatency:\n  loss: mul_log\n")
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        load_experiment(p, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_experiment(tmp_path / "nope.yaml")
+    p = write(tmp_path, "train: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_experiment(p)
+    p = write(tmp_path, "!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ValueError):  # safe_load refuses arbitrary objects
+        load_experiment(p)

@@ -1,0 +1,138 @@
+"""Binary gates: BinaryConnect gradients, rescaling, REINFORCE, single-path weight steps, zero semantics."""
+
+import torch
+
+from proxyless_ray.mixed_op import Forward, GateMode, MixedOp, binary_connect_grad, reinforce_grad
+from proxyless_ray.space import SearchSpace
+from proxyless_ray.supernet import SuperNet
+
+CANDS = ("mb_k3_e3_c8_s1", "mb_k5_e3_c8_s1", "mb_k3_e6_c8_s1", "zero")
+
+
+def make_op(seed=0):
+    torch.manual_seed(seed)
+    op = MixedOp(CANDS, in_chs=8).eval()  # eval: BN is deterministic, so re-running a path gives the same output
+    with torch.no_grad():
+        op.alpha.copy_(torch.randn(len(CANDS)))
+    return op
+
+
+def outputs(op, x):
+    with torch.no_grad():
+        return [torch.zeros_like(x) if c == "zero" else op.ops[i](x) for i, c in enumerate(CANDS)]
+
+
+def test_two_path_gradient_matches_binaryconnect_formula():
+    op = make_op()
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    op.pair = (1, 2)
+    op.active = 1
+    op.forward_mode = Forward.TWO
+    (op(x) * w).sum().backward()
+    op.set_alpha_grad_from_gates(GateMode.TWO)
+    o = outputs(op, x)
+    g = torch.stack([(o[j] * w).sum() for j in range(len(CANDS))])  # dL/dg_j = <o_j, dL/dout>
+    a = op.alpha.detach()
+    p = torch.softmax(a[[1, 2]], 0)
+    expected = torch.zeros(len(CANDS))
+    for ii, i in enumerate((1, 2)):
+        for jj, j in enumerate((1, 2)):
+            expected[i] += g[j] * p[jj] * (float(ii == jj) - p[ii])
+    torch.testing.assert_close(op.alpha.grad, expected, rtol=1e-4, atol=1e-6)
+    assert op.alpha.grad[0] == 0 and op.alpha.grad[3] == 0  # unsampled paths get nothing
+
+
+def test_full_v2_gate_gradients_without_stored_activations():
+    op = make_op(1)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    w = torch.randn(2, 8, 6, 6)
+    op.active = 2
+    op.forward_mode = Forward.FULL_V2
+    (op(x) * w).sum().backward()
+    o = outputs(op, x.detach())
+    expected_g = torch.stack([(o[j] * w).sum() for j in range(len(CANDS))])
+    torch.testing.assert_close(op.gates.grad, expected_g, rtol=1e-4, atol=1e-5)
+    # the input gradient is that of the active path alone
+    x2 = x.detach().clone().requires_grad_(True)
+    (op.ops[2](x2) * w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    op.set_alpha_grad_from_gates(GateMode.FULL_V2)
+    torch.testing.assert_close(op.alpha.grad, binary_connect_grad(expected_g, torch.softmax(op.alpha.detach(), 0)),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_rescale_keeps_unsampled_probabilities():
+    op = make_op(2)
+    gen = torch.Generator().manual_seed(3)
+    a, b = op.sample_two(gen)
+    before = torch.softmax(op.alpha.detach(), 0).clone()
+    with torch.no_grad():  # any update of the pair, e.g. an Adam step
+        op.alpha[a] += 0.7
+        op.alpha[b] -= 0.2
+    op.rescale_pair()
+    after = torch.softmax(op.alpha.detach(), 0)
+    others = [i for i in range(len(CANDS)) if i not in (a, b)]
+    torch.testing.assert_close(after[others], before[others])
+    assert after[a] > before[a]  # the update itself survives
+    torch.testing.assert_close(after[[a, b]].sum(), before[[a, b]].sum())
+
+
+def test_reinforce_gradient_is_unbiased():
+    torch.manual_seed(0)
+    alpha = torch.randn(4)
+    rewards = torch.tensor([0.2, 0.9, 0.5, 0.1])
+    p = torch.softmax(alpha, 0)
+    true_grad = -binary_connect_grad(rewards, p)  # d(-E[R])/dalpha = -sum_j R_j p_j (delta_ij - p_i)
+    gen = torch.Generator().manual_seed(1)
+    n, baseline = 40_000, 0.4
+    samples = torch.multinomial(p, n, replacement=True, generator=gen)
+    est = torch.stack([reinforce_grad(alpha, int(s), float(rewards[s]) - baseline) for s in samples[:4000]])
+    counts = torch.bincount(samples, minlength=4).float()
+    # full-sample mean via counts (same estimator, all 40k draws)
+    full = sum(counts[i] * reinforce_grad(alpha, i, float(rewards[i]) - baseline) for i in range(4)) / n
+    torch.testing.assert_close(full, true_grad, atol=0.01, rtol=0)
+    se = est.std(0) / len(est) ** 0.5
+    assert torch.all((est.mean(0) - true_grad).abs() < 4 * se + 1e-3)
+
+
+def test_weight_step_touches_only_active_path():
+    torch.manual_seed(0)
+    net = SuperNet(SearchSpace(widths=(8, 16), depths=(2, 2), strides=(1, 2), feature_mix_chs=32))
+    opt = torch.optim.SGD(net.weight_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    choices = net.sample_single(torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in net.named_weight_parameters()}
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    for name, p in net.named_weight_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        if ".mixed.ops." in name:
+            layer, op = int(name.split(".")[1]), int(name.split(".")[4])
+            assert changed == (op == choices[layer]), name
+        elif name.endswith("weight") and "blocks" not in name:
+            assert changed, name
+    assert all(a.grad is None for a in net.arch_parameters())
+
+
+def test_zero_active_skips_layer_and_gives_no_gradient():
+    net = SuperNet(SearchSpace(widths=(8, 8), depths=(2, 1), strides=(1, 1), feature_mix_chs=0))
+    block = [b for b in net.blocks if b.mixed.zero_index >= 0][0]
+    block.mixed.active = block.mixed.zero_index
+    x = torch.randn(2, 8, 14, 14, requires_grad=True)
+    assert torch.equal(block(x), x)
+    block.mixed.forward_mode = Forward.TWO
+    block.mixed.pair = (block.mixed.zero_index, 0)
+    with torch.no_grad():
+        block.mixed.alpha.grad = torch.ones_like(block.mixed.alpha)  # e.g. from the latency term
+    (block(x) * 2).sum().backward()
+    assert block.mixed.gates is None  # the mixed op never ran
+    block.mixed.set_alpha_grad_from_gates(GateMode.TWO)
+    assert block.mixed.alpha.grad is None  # the paper's code: no architecture update for this layer this step
+
+
+def test_zero_op_rejected_on_width_change():
+    import pytest
+
+    with pytest.raises(ValueError, match="zero op requested"):
+        MixedOp(("mb_k3_e3_c16_s1", "zero"), in_chs=8)

@@ -1,0 +1,73 @@
+"""Supernet: derive -> rebuild equivalence, weight inheritance, export round trip."""
+
+import torch
+
+from proxyless_ray.network import ProxylessNet, export_network, load_network
+from proxyless_ray.space import SearchSpace
+from proxyless_ray.supernet import SuperNet
+
+SPACE = SearchSpace(widths=(8, 16), depths=(2, 2), strides=(1, 2), feature_mix_chs=32)
+
+
+def trained_supernet(seed=0, steps=3):
+    torch.manual_seed(seed)
+    net = SuperNet(SPACE)
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a.normal_(0, 2)
+    opt = torch.optim.SGD(net.weight_parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):  # a few steps so BN statistics and weights are not at their init values
+        net.sample_single(g)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,))).backward()
+        opt.step()
+    return net
+
+
+def test_rebuilt_network_matches_supernet_with_argmax_gates():
+    for seed in range(3):
+        net = trained_supernet(seed)
+        arch = net.derive().without_zeros()
+        child = ProxylessNet(arch)
+        child.load_state_dict(net.derived_state_dict())  # strict: every key of the child is inherited
+        net.set_argmax()
+        net.eval()
+        child.eval()
+        x = torch.randn(4, 1, 28, 28)
+        torch.testing.assert_close(child(x), net(x))
+
+
+def test_derived_arch_drops_zero_layers():
+    net = trained_supernet()
+    zero_layers = [m for m in net.mixed_ops() if m.zero_index >= 0]
+    with torch.no_grad():
+        zero_layers[0].alpha.fill_(-5)
+        zero_layers[0].alpha[zero_layers[0].zero_index] = 5
+    searched = net.derive()
+    assert "zero" in searched.blocks()
+    assert "zero" not in searched.without_zeros().blocks()
+    assert len(ProxylessNet(searched.without_zeros()).blocks) == len(searched.blocks()) - searched.blocks().count("zero")
+
+
+def test_export_round_trip(tmp_path):
+    net = trained_supernet()
+    child = ProxylessNet(net.derive().without_zeros())
+    child.load_state_dict(net.derived_state_dict())
+    child.eval()
+    paths = export_network(child, tmp_path / "network")
+    x = torch.randn(1, 1, 28, 28)
+    back = load_network(tmp_path / "network")
+    torch.testing.assert_close(back(x), child(x))
+    program = torch.export.load(paths["program"])
+    torch.testing.assert_close(program.module()(x), child(x))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_entropy_falls_as_alpha_sharpens():
+    net = SuperNet(SPACE)
+    h0 = net.entropy()
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a[0] = 10
+    assert net.entropy() < 0.1 < h0
