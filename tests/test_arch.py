@@ -56,8 +56,9 @@ def test_layer_key_round_trip():
 
 
 def small_arch(**kw):
-    defaults = dict(stem="conv_k3_c16_s2", stages=(("mb_k3_e1_c16_s1",), ("mb_k5_e3_c24_s2", "zero", "mb_k3_e6_c24_s1")),
-                    feature_mix="conv_k1_c64_s1", num_classes=10, resolution=28, in_chs=1)
+    stages = (("mb_k3_e1_c16_s1",), ("mb_k5_e3_c24_s2", "zero", "mb_k3_e6_c24_s1"))
+    defaults = dict(stem="conv_k3_c16_s2", stages=stages, feature_mix="conv_k1_c64_s1", num_classes=10, resolution=28,
+                    in_chs=1)
     defaults.update(kw)
     return Arch(**defaults)
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from proxyless_ray.arch import layer_key
-from proxyless_ray.latency.model import arch_latency, load_latency_model
+from proxyless_ray.latency.model import arch_latency, load_latency_model, load_latency_model_for
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import (
     REQUIRED_METADATA,
@@ -140,6 +140,29 @@ def test_check_space_reports_coverage_and_rejects_a_mismatch():
         check_space(prof, other, strict=True)
     with pytest.raises(ValueError, match="no predictor"):
         check_space(Profile("bare", _metadata(), dict(prof.entries)), other)
+
+
+def test_loading_for_a_space_checks_coverage(tmp_path, monkeypatch):
+    (tmp_path / "hardware_profiles").mkdir()
+    _tiny_profile().save(tmp_path / "hardware_profiles" / "tiny_board.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_latency_model_for("tiny_board", TINY, strict=True).name == "tiny"
+    assert load_latency_model_for("tiny_board", space_from_preset("small")).strict is False  # predictor prices it
+    with pytest.raises(ValueError, match=r"'tiny'.*does not match search space"):
+        load_latency_model_for("tiny_board", space_from_preset("small"), strict=True)
+    assert load_latency_model_for("flops", TINY).name == "flops"
+
+
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_names_a_profile_that_prices_its_space(path):
+    from proxyless_ray.config import load_experiment
+
+    exp = load_experiment(path)
+    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
+    assert arch_latency(model, exp.space.sample(random.Random(0)))[0] > 0
 
 
 # -- every shipped profile ---------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def test_expected_latency_equals_hand_sum():
     hand = sum(model.lat_ms(layer.block, 0, 0) for layer in space.fixed_layers())
     for slot, a in zip(space.slots(), net.arch_parameters()):
         p = torch.softmax(a.detach(), 0)
-        hand += sum(float(p[i]) * (0.0 if c == "zero" else model.lat_ms(c, 0, 0)) for i, c in enumerate(slot.candidates))
+        lats = [0.0 if c == "zero" else model.lat_ms(c, 0, 0) for c in slot.candidates]
+        hand += sum(float(p[i]) * lat for i, lat in enumerate(lats))
     expected = lat.expected(net.arch_parameters())
     assert math.isclose(float(expected), hand, rel_tol=1e-6)
     expected.backward()  # differentiable in alpha
@@ -49,7 +50,8 @@ def test_expected_latency_equals_hand_sum():
 def test_add_and_mul_log_forms():
     ce, lat = torch.tensor(2.0), torch.tensor(30.0)
     assert float(add_loss(ce, lat, 0.1, 20.0)) == pytest.approx(2.0 + 0.1 * 0.5)
-    assert float(mul_log_loss(ce, lat, 0.2, 0.3, 20.0)) == pytest.approx(0.2 * 2.0 * (math.log(30) / math.log(20)) ** 0.3)
+    expected = 0.2 * 2.0 * (math.log(30) / math.log(20)) ** 0.3
+    assert float(mul_log_loss(ce, lat, 0.2, 0.3, 20.0)) == pytest.approx(expected)
     assert float(latency_objective("none", ce, lat)) == 2.0
 
 
@@ -65,4 +67,5 @@ def test_bad_coefficients(call, fragment):
 
 def test_flops_model_is_monotone_in_kernel_and_expansion():
     m = FlopsLatencyModel()
-    assert m.lat_ms("mb_k3_e3_c24_s1", 24, 14) < m.lat_ms("mb_k7_e3_c24_s1", 24, 14) < m.lat_ms("mb_k7_e6_c24_s1", 24, 14)
+    k3e3, k7e3, k7e6 = (m.lat_ms(b, 24, 14) for b in ("mb_k3_e3_c24_s1", "mb_k7_e3_c24_s1", "mb_k7_e6_c24_s1"))
+    assert k3e3 < k7e3 < k7e6

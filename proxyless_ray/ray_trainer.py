@@ -1,0 +1,198 @@
+"""Ray Train driver: the supernet search as a ``TorchTrainer`` of N workers (Ray actors), Train V2 API.
+
+``train_fn_per_worker`` runs :class:`~proxyless_ray.train_loop.SearchLoop` on every worker (gloo on CPU, NCCL on
+GPU; the process group comes from Ray); ``train_driver_fn`` builds the trainer with a stable run name, so running
+it again with the same ``(storage_path, name)`` continues from the latest checkpoint (Train V2's restore
+pattern), and worker failures retry from the last checkpoint under ``FailureConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from typing import Any
+
+from ray.train import UserCallback
+
+from proxyless_ray.config import Experiment
+
+RUN_PREFIX = "search"
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or cannot ever place the requested workers."""
+
+
+# -- worker side -------------------------------------------------------------------------------------------------
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker (config is plain dicts: the Ray boundary)."""
+    import ray.train
+    import ray.train.torch
+
+    from proxyless_ray.comm import Comm
+    from proxyless_ray.train_loop import SearchLoop
+    from proxyless_ray.trainer import shipped_models
+
+    exp = Experiment.from_dict(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if exp.train.threads == 0:
+        import torch
+
+        torch.set_num_threads(max(int(exp.dist.cpus_per_worker), 1))
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    device = ray.train.torch.get_device()
+    loop = SearchLoop(exp, Comm(rank, world), report, other_models=shipped_models(), device=device,
+                      progress=config.get("progress", False))
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            loop.restore(folder)
+        if rank == 0:
+            print(f"[proxyless-ray] resumed from checkpoint at epoch {loop.state.epoch}", file=sys.stderr, flush=True)
+    elif config.get("init_checkpoint"):
+        with ray.train.Checkpoint(config["init_checkpoint"]).as_directory() as folder:
+            loop.restore(folder)
+    loop.run(until_epoch=config.get("until_epoch"))
+
+
+# -- driver side -------------------------------------------------------------------------------------------------
+
+
+def connect(exp: Experiment, num_cpus: int | None = None) -> None:
+    """Attach to the experiment's cluster, or start an embedded one; fail fast on an unreachable address."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = exp.dist.address
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, configure_logging=False)
+        return
+    if address != "auto":
+        host, port = _host_port(address)
+        try:
+            with socket.create_connection((host, port), timeout=exp.dist.connect_timeout_s):
+                pass
+        except OSError as err:
+            raise ClusterError(f"Ray cluster at {address!r} is unreachable ({err}); start it with 'ray start "
+                               f"--head' or fix --address") from None
+    try:
+        ray.init(address=address, configure_logging=False)
+    except ConnectionError as err:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    rest = address.split("://", 1)[-1]
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not 'auto', 'host:port' or 'ray://host:port'")
+    return host, int(port)
+
+
+def check_placeable(exp: Experiment, workers: int | None = None) -> None:
+    """Refuse a run the cluster can never place (instead of an endless pending state)."""
+    import ray
+
+    workers = exp.dist.workers if workers is None else workers
+    total = ray.cluster_resources()
+    need = {"CPU": exp.dist.cpus_per_worker, "GPU": exp.dist.gpus_per_worker, **exp.dist.resources_per_worker}
+    for key, per_worker in need.items():
+        if per_worker and total.get(key, 0.0) + 1e-9 < per_worker * workers:
+            raise ClusterError(f"{workers} workers x {per_worker} {key} need {per_worker * workers:g} {key}, but the "
+                               f"cluster has {total.get(key, 0.0):g}; lower --workers or the per-worker resources")
+
+
+def storage_path(exp: Experiment) -> str:
+    """Where Ray Train keeps checkpoints: ``dist.storage_path`` (local or URI), else ``<output>/ray``."""
+    return exp.dist.storage_path or os.path.abspath(os.path.join(exp.output_dir, "ray"))
+
+
+def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | None = None,
+                  callbacks: list | None = None):
+    """The ``TorchTrainer`` of a search (``train_driver_fn``'s body; Tune trials call it too)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = exp.dist
+    use_gpu = d.gpus_per_worker > 0
+    resources = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
+    if use_gpu:
+        resources["GPU"] = d.gpus_per_worker
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"experiment": exp.to_dict(), **(extra_config or {})},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path(exp),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.checkpoints_to_keep,
+                                                         checkpoint_score_attribute="epoch",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def run_name(exp: Experiment) -> str:
+    return f"{RUN_PREFIX}-{exp.name}"
+
+
+def run_ray_search(exp: Experiment, resume: bool = False) -> dict[str, Any]:
+    """Run a search on Ray Train and write the same outputs as an in-process search."""
+    import ray
+
+    from proxyless_ray.latency.model import load_latency_model
+    from proxyless_ray.results import check_writable, write_search_outputs
+    from proxyless_ray.trainer import shipped_models
+
+    out = exp.output_dir
+    check_writable(out)
+    model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+    from proxyless_ray.data import build_splits
+
+    build_splits(exp.data, exp.space)  # bad data fails here, before any worker starts
+    name = run_name(exp)
+    run_dir = os.path.join(storage_path(exp), name)
+    if resume and "://" not in run_dir and not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"--resume: no previous run at {run_dir!r}")
+    if not resume and "://" not in run_dir and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)  # same (storage_path, name) would resume: a fresh run starts clean
+    connect(exp, num_cpus=max(os.cpu_count() or 1, int(exp.dist.workers * exp.dist.cpus_per_worker)))
+    try:
+        check_placeable(exp)
+        trainer = build_trainer(exp, name, {"progress": True}, callbacks=[EpochLogCallback()])
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            res = write_search_outputs(exp, folder, out, model, shipped_models())
+    finally:
+        ray.shutdown()
+    print(json.dumps({k: res[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
+    return res
+
+
+class EpochLogCallback(UserCallback):
+    """Prints one line per committed report (rank 0's metrics) from the Train controller."""
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        from proxyless_ray.trainer import format_epoch
+
+        if metrics:
+            print(format_epoch(metrics[0]), file=sys.stderr, flush=True)
