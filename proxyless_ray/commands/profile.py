@@ -66,7 +66,7 @@ def run_profile(args: argparse.Namespace) -> int:
     out = _output_path(args.output)
     resources = _json_mapping(args.ray_resources, "--ray-resources")
     settings = ProfilerSettings(args.device, args.threads, args.batch_size, args.warmup, args.repeats, args.min_time,
-                                rounds=args.rounds, statistic=args.statistic)
+                                rounds=args.rounds, context=args.context, statistic=args.statistic)
     if args.device.startswith("cuda") and resources is None:
         import torch
 
@@ -169,8 +169,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=float, default=0.1, help="seconds of timed runs per layer at least")
     p.add_argument("--rounds", type=int, default=1, help="passes over all layers, each timing a share of the "
                                                           "repeats (evens out a drifting, shared machine)")
-    p.add_argument("--statistic", default="median", help="median (default), min or pNN, e.g. p10; use min on a "
-                                                         "shared machine")
+    p.add_argument("--context", default="network", choices=("network", "isolated"),
+                   help="time layers inside cover networks of the space (default) or each layer alone")
+    p.add_argument("--statistic", default="median", help="median (default), min or pNN, e.g. p10 (each the mean "
+                                                         "of the 5 %% of runs around it); use min on a shared machine")
     p.add_argument("--ray-resources", help="measure in a Ray actor requesting these resources, e.g. "
                                            "'{\"hw_xyz\": 1}'")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")

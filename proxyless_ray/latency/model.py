@@ -11,6 +11,7 @@ from typing import Protocol
 
 from proxyless_ray.arch import Arch, Layer, parse_block
 from proxyless_ray.latency.flops import layer_cost
+from proxyless_ray.space import SearchSpace
 
 
 class LatencyModel(Protocol):
@@ -58,3 +59,18 @@ def load_latency_model(spec: str, strict: bool = False) -> LatencyModel:
     from proxyless_ray.latency.profile import load_profile
 
     return load_profile(spec, strict=strict)
+
+
+def load_latency_model_for(spec: str, space: SearchSpace, strict: bool = False) -> LatencyModel:
+    """:func:`load_latency_model`, then check that a hardware profile can price every layer of ``space``.
+
+    Raises:
+        ValueError: naming the profile, the space's fingerprint and missing shapes when the profile was measured
+            for another space and strict mode (or a missing predictor) forbids predicting them.
+    """
+    model = load_latency_model(spec, strict=strict)
+    from proxyless_ray.latency.profile import Profile, check_space
+
+    if isinstance(model, Profile):
+        check_space(model, space)
+    return model
