@@ -76,11 +76,15 @@ def measure_networks(archs: list[Arch], settings: ProfilerSettings) -> list[dict
     nets = [ProxylessNet(a).eval() for a in archs]
     inputs = [torch.randn(settings.batch_size, a.in_chs, a.resolution, a.resolution) for a in archs]
     samples: list[list[float]] = [[] for _ in archs]
+    order = list(range(len(archs)))
+    shuffle = random.Random(1234)
     with torch.inference_mode():
         for r in range(settings.rounds):
-            for i, (net, x) in enumerate(zip(nets, inputs)):
+            for i in order:  # a new order every round: periodic load from other jobs hits no network twice alike
+                net, x = nets[i], inputs[i]
                 warm = replace(share, warmup=settings.warmup if r == 0 else 1)
                 samples[i] += time_fn(lambda net=net, x=x: net(x), warm)
+            shuffle.shuffle(order)
             print(f"  round {r + 1}/{settings.rounds} over {len(archs)} networks", file=sys.stderr)
     return [{"ms": robust_stats(s, settings.statistic)[0], "median_ms": robust_stats(s)[0], "min_ms": min(s),
              "runs": len(s)} for s in samples]

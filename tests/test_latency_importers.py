@@ -137,3 +137,17 @@ def test_published_ofa_table_imports_with_se_and_hswish_reported():
     assert all("-se:1" in k or "-hs:1" in k or k.startswith(("AvgPool2D", "Conv_2")) for k in res.skipped)
     assert all(k.startswith(("mb_", "conv_", "fc_")) for k in prof.entries)
     assert prof.predictor.stats["pooled"].n == len(res.entries)
+
+
+@pytest.mark.skipif(not (REFERENCE / "proxylessnas" / "proxyless_mobile.config").is_file(),
+                    reason="../shared/reference/proxylessnas/proxyless_mobile.config is absent")
+def test_latency_command_prices_a_published_network_config(capsys):
+    import json
+
+    config = REFERENCE / "proxylessnas" / "proxyless_mobile.config"
+    assert cli.main(["latency", "--profile", "pixel1", "--arch", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert abs(report["total_ms"] / 78.0 - 1) <= 0.10  # published: 78 ms on a Pixel 1
+    assert report["counts"]["predicted"] > 0 and report["counts"]["zero"] == 2
+    assert cli.main(["latency", "--profile", "pixel1", "--arch", str(config), "--strict"]) == 2
+    assert "strict" in capsys.readouterr().err

@@ -152,7 +152,8 @@ def test_rounds_interleave_layers_and_pool_their_samples():
     settings = ProfilerSettings(threads=1, warmup=1, repeats=6, min_time_s=0.0, rounds=3)
     entries = measure_layers(layers, settings, lambda n, key: order.append(key))
     keys = [layer_key(*t) for t in layers]
-    assert order == keys * 3  # every round visits every layer
+    assert [sorted(order[i:i + 3]) for i in (0, 3, 6)] == [sorted(keys)] * 3  # every round visits every layer
+    assert order[:3] == keys  # the first round in order, later rounds shuffled
     assert all(entries[k].count == 6 for k in keys)  # 3 rounds x 2 runs
     bar = Progress(9, "t", stream)
     measure_layers(layers, settings, lambda n, key: bar.update(n))
@@ -197,6 +198,13 @@ def test_profile_and_latency_commands(tmp_path, capsys):
     (tmp_path / "wide.json").write_text(json.dumps(wide))
     assert cli.main(["latency", "--profile", str(out), "--arch", str(tmp_path / "wide.json"), "--strict"]) == 2
     assert "conv_k3_c8_s1@1x16x16" in capsys.readouterr().err
+    # an experiment whose space the profile was not measured for, in strict mode
+    other = dict(TINY_EXPERIMENT, latency={"profile": str(out), "strict": True})
+    other["space"] = dict(TINY_EXPERIMENT["space"], resolution=16)
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    assert cli.main(["latency", "--space", str(tmp_path / "other.yaml"), "--arch", str(arch_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match search space" in err and TINY.fingerprint() in err
 
 
 @pytest.mark.parametrize("extra, message", [

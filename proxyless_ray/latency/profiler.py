@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -320,11 +321,13 @@ def run_bench(bench: Bench, progress: Callable[[int, str], None] | None = None) 
     old = torch.get_num_threads()
     torch.set_num_threads(bench.settings.threads)
     try:
+        order, shuffle = list(bench.steps), random.Random(0)
         for _ in range(bench.settings.rounds):
-            for step in bench.steps:
+            for step in order:
                 key = bench.run(step)
                 if progress:
                     progress(1, key)
+            shuffle.shuffle(order)  # periodic load from other jobs should not hit the same steps every round
         return bench.entries()
     finally:
         torch.set_num_threads(old)
@@ -432,8 +435,9 @@ def measure_on_ray(spaces: Sequence[SearchSpace], extra_layers: Sequence[tuple[s
             asdict(settings), [s.to_dict() for s in spaces], [list(t) for t in extra_layers])
         info = ray.get(actor.info.remote())
         info["ray_resources"] = dict(resources)
-        steps = ray.get(actor.steps.remote())
+        steps, shuffle = ray.get(actor.steps.remote()), random.Random(0)
         for _ in range(settings.rounds):
+            shuffle.shuffle(steps)
             for step in steps:  # one call per step: progress on the driver, little overhead next to the timing
                 key = ray.get(actor.run.remote([step]))
                 if progress:
