@@ -2,16 +2,17 @@
 
 A profile's exact entries come first; these models price everything else (another resolution, width or data set).
 
-* :class:`LinearPredictor` -- per op type (``mb``, ``conv``, ``fc``), latency is a non-negative combination of
-  analytic features from :func:`proxyless_ray.latency.flops.layer_cost`: pointwise/dense MACs, depthwise MACs,
-  bytes moved and kernel launches. It is fitted by non-negative least squares on *relative* residuals (every
-  entry counts alike, whether 0.05 ms or 20 ms), and stores its fit error (in-sample and leave-one-out MAPE).
+* :class:`LinearPredictor` -- per op type (``mb``, ``mb_e1``, ``conv``, ``conv1x1``, ``fc``), latency is a
+  non-negative combination of analytic features from :func:`proxyless_ray.latency.flops.layer_cost`:
+  pointwise/dense MACs, depthwise MACs, activation and weight bytes moved, and kernel launches. It is fitted by
+  non-negative least squares on *relative* residuals (every entry counts alike, whether 0.05 ms or 20 ms), and
+  stores its fit error (in-sample and leave-one-out MAPE).
   Non-negative coefficients keep every prediction positive and monotone in layer size.
 * :class:`RooflinePredictor` -- an analytic model from datasheet figures for hardware we cannot measure: each
   kernel (conv, BN, activation, residual add) takes max(FLOPs / compute, bytes / bandwidth) plus a launch overhead.
 
-ProxylessNAS (https://arxiv.org/abs/1812.00332) prices candidates from a measured per-layer table; its Sec. 3.3
-latency predictor plays the part of :class:`LinearPredictor` here.
+ProxylessNAS (https://arxiv.org/abs/1812.00332) prices candidates from a measured per-layer lookup table; the
+predictors here extend such tables to shapes they were not measured at.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from proxyless_ray.arch import Arch, out_resolution, parse_block
 from proxyless_ray.latency.flops import layer_cost
 
 FEATURES = ("pw_mmacs", "dw_mmacs", "act_mbytes", "weight_mbytes", "kernels")
-OP_TYPES = ("mb", "mb_e1", "conv", "fc")
+OP_TYPES = ("mb", "mb_e1", "conv", "conv1x1", "fc")
 POOLED = "pooled"
 
 
 def op_type(block: str) -> str:
-    """The op type a block is priced as: ``mb``, ``mb_e1`` (MBConv without expansion conv), ``conv`` or ``fc``."""
+    """The op type a block is priced as: ``mb``, ``mb_e1`` (MBConv without expansion conv), ``conv`` (a dense
+    KxK conv such as the stem), ``conv1x1`` (the pointwise feature mix) or ``fc`` (pooling + classifier)."""
     if block.startswith("fc_c"):
         return "fc"
     spec = parse_block(block)
@@ -40,6 +42,8 @@ def op_type(block: str) -> str:
         raise ValueError("the zero op has no latency to predict")
     if spec.kind == "mb" and spec.exp_ratio == 1:
         return "mb_e1"
+    if spec.kind == "conv" and spec.kernel_size == 1:
+        return "conv1x1"
     return spec.kind
 
 
@@ -185,14 +189,16 @@ class LinearPredictor:
                 raise ValueError(f"{source}: unknown predictor op type {t!r}; expected some of {[*OP_TYPES, POOLED]}")
             try:
                 coefs[t] = tuple(float(v) for v in td["coefs"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{source}: predictor.op_types.{t}.coefs must be a list of numbers, "
+                basis[t] = str(td.get("basis", "fit"))
+                if td.get("fit"):
+                    f = td["fit"]
+                    stats[t] = FitStats(int(f["n"]), float(f["mape_pct"]), float(f["rmse_ms"]),
+                                        float(f["max_ape_pct"]),
+                                        None if f.get("loo_mape_pct") is None else float(f["loo_mape_pct"]))
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise ValueError(f"{source}: predictor.op_types.{t} must hold 'coefs' (numbers) and optionally "
+                                 f"'basis' and 'fit' {{n, mape_pct, rmse_ms, max_ape_pct, loo_mape_pct}}; "
                                  f"got {td!r}") from None
-            basis[t] = str(td.get("basis", "fit"))
-            if td.get("fit"):
-                f = td["fit"]
-                stats[t] = FitStats(int(f["n"]), float(f["mape_pct"]), float(f["rmse_ms"]), float(f["max_ape_pct"]),
-                                    None if f.get("loo_mape_pct") is None else float(f["loo_mape_pct"]))
         try:
             return cls(coefs, stats, basis, int(d.get("dtype_bytes", 4)), d.get("scale", 1.0),
                        dict(d.get("calibration") or {}))
