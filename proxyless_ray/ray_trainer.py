@@ -31,6 +31,7 @@ class ClusterError(RuntimeError):
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (config is plain dicts: the Ray boundary)."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -46,9 +47,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         torch.set_num_threads(max(int(exp.dist.cpus_per_worker), 1))
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(folder) if folder else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        ray.train.report({**metrics, "node_id": node_id, "pid": os.getpid()}, checkpoint=ckpt)
 
     device = ray.train.torch.get_device()
     loop = SearchLoop(exp, Comm(rank, world), report, other_models=shipped_models(), device=device,
@@ -109,7 +112,7 @@ def check_placeable(exp: Experiment, workers: int | None = None) -> None:
     need = {"CPU": exp.dist.cpus_per_worker, "GPU": exp.dist.gpus_per_worker, **exp.dist.resources_per_worker}
     for key, per_worker in need.items():
         if per_worker and total.get(key, 0.0) + 1e-9 < per_worker * workers:
-            raise ClusterError(f"{workers} workers x {per_worker} {key} need {per_worker * workers:g} {key}, but the "
+            raise ClusterError(f"{workers} workers x {per_worker:g} {key} need {per_worker * workers:g} {key}, but the "
                                f"cluster has {total.get(key, 0.0):g}; lower --workers or the per-worker resources")
 
 
@@ -151,8 +154,14 @@ def run_name(exp: Experiment) -> str:
     return f"{RUN_PREFIX}-{exp.name}"
 
 
-def run_ray_search(exp: Experiment, resume: bool = False) -> dict[str, Any]:
-    """Run a search on Ray Train and write the same outputs as an in-process search."""
+def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+    """Run a search on Ray Train and write the same outputs as an in-process search.
+
+    Args:
+        exp: The experiment (``dist`` says how many workers and where).
+        resume: Continue the run with the same ``(storage_path, name)`` from its latest checkpoint.
+        callbacks: Extra Ray Train ``UserCallback``s (they run in the Train controller process).
+    """
     import ray
 
     from proxyless_ray.latency.model import load_latency_model
@@ -174,7 +183,7 @@ def run_ray_search(exp: Experiment, resume: bool = False) -> dict[str, Any]:
     connect(exp, num_cpus=max(os.cpu_count() or 1, int(exp.dist.workers * exp.dist.cpus_per_worker)))
     try:
         check_placeable(exp)
-        trainer = build_trainer(exp, name, {"progress": True}, callbacks=[EpochLogCallback()])
+        trainer = build_trainer(exp, name, {"progress": True}, callbacks=[EpochLogCallback(), *(callbacks or [])])
         result = trainer.fit()
         if result.error is not None:
             raise result.error
@@ -186,6 +195,28 @@ def run_ray_search(exp: Experiment, resume: bool = False) -> dict[str, Any]:
         ray.shutdown()
     print(json.dumps({k: res[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
     return res
+
+
+class ReportLog(UserCallback):
+    """Appends every committed report (all ranks' metrics) to a JSON-lines file on the controller's node.
+
+    Only reports the controller committed are written, so a worker failure never duplicates an epoch here.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"metrics": metrics, "checkpoint": checkpoint is not None}) + "\n")
+
+
+def read_report_log(path: str) -> list[dict[str, Any]]:
+    """The records :class:`ReportLog` wrote (empty when the file does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
 
 
 class EpochLogCallback(UserCallback):

@@ -16,7 +16,7 @@ and, on rank 0, a checkpoint folder.
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -100,7 +100,7 @@ class SearchLoop:
         if self.steps_per_epoch == 0:
             raise ValueError(f"training split of {len(self.splits.train)} images gives no full batch of "
                              f"{b} x {comm.world} workers; lower data.batch_size")
-        self._heldout = self._heldout_batches()
+        self._heldout_plan: tuple[int, list[torch.Tensor]] = (-1, [])
         self.derived: ProxylessNet | None = None
 
     # -- public ------------------------------------------------------------------------------------------------
@@ -192,6 +192,8 @@ class SearchLoop:
             "lr": st.w_opt.param_groups[0]["lr"],
             "arch": arch.arch_string(),
             "choices": choices,
+            "rank": self.comm.rank,
+            "alpha_digest": alpha_digest(net),  # equal on every rank: the binarization is synchronized
         }
         for name, model in self.other_models.items():
             metrics[f"latency_{name}_ms"] = SupernetLatency(model, exp.space).of_choices(choices)
@@ -199,7 +201,7 @@ class SearchLoop:
 
     def _arch_step(self, epoch: int, i: int, k: int) -> float:
         t, st, net = self.exp.train, self.state, self.state.net
-        x, y = next(self._heldout)
+        x, y = self._heldout_batch(st.arch_step)
         x, y = to_device(x, self.device, self.cl), y.to(self.device)
         st.a_opt.zero_grad(set_to_none=True)
         gen = step_generator(t.seed, epoch, i * 16 + k, 1)
@@ -251,17 +253,23 @@ class SearchLoop:
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _heldout_batches(self):
-        """Endless held-out batches (reshuffled each pass), sharded like the training split."""
-        exp = self.exp
-        n = len(self.splits.heldout)
+    def _heldout_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k``-th held-out batch of the run (reshuffled each pass, sharded like the training split).
+
+        Indexed by the arch-step counter, so a resumed run reads exactly the batches the uninterrupted run reads.
+        """
+        exp, n = self.exp, len(self.splits.heldout)
         bs = min(exp.data.batch_size, max(n // self.comm.world, 1))
-        for pass_ in itertools.count():
-            plan = shard_batches(n, bs, self.comm.rank, self.comm.world, pass_, exp.train.seed + 17)
-            if not plan:
-                raise ValueError(f"held-out split of {n} images is too small for {self.comm.world} workers; "
-                                 f"raise data.heldout_size")
-            yield from iterate(self.splits.heldout, plan, train=False)
+        per_pass = n // (bs * self.comm.world)
+        if per_pass == 0:
+            raise ValueError(f"held-out split of {n} images is too small for {self.comm.world} workers; "
+                             f"raise data.heldout_size")
+        pass_, i = divmod(k, per_pass)
+        if self._heldout_plan[0] != pass_:
+            self._heldout_plan = (pass_, shard_batches(n, bs, self.comm.rank, self.comm.world, pass_,
+                                                       exp.train.seed + 17))
+        idx = self._heldout_plan[1][i]
+        return self.splits.heldout.get_batch(idx, False)
 
     @torch.no_grad()
     def _expected_ms(self) -> float:
@@ -297,3 +305,9 @@ class SearchLoop:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
 
+
+
+def alpha_digest(net) -> str:
+    """A short hash of all architecture logits, bit-exact (ranks compare it)."""
+    flat = torch.cat([a.detach().reshape(-1).cpu() for a in net.arch_parameters()])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]

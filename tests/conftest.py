@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny experiment on real Fashion-MNIST images, and Ray environment hygiene."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from proxyless_ray.config import Experiment
+from proxyless_ray.data.fashion_mnist import DEFAULT_DIR
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+TINY_SPACE = {"preset": "small", "widths": [8, 16], "depths": [1, 2], "strides": [1, 2], "kernel_sizes": [3, 5],
+              "exp_ratios": [3], "feature_mix_chs": 32, "stem": "conv_k3_c8_s2", "first_block": "mb_k3_e1_c8_s1"}
+
+requires_fmnist = pytest.mark.skipif(not os.path.isdir(DEFAULT_DIR),
+                                     reason=f"Fashion-MNIST not installed at {DEFAULT_DIR} (apt-get install "
+                                            f"dataset-fashion-mnist)")
+
+
+def tiny_experiment(tmp_path, **sections) -> Experiment:
+    """A search that takes seconds: tiny space, a few hundred real images, a few steps per epoch."""
+    d = {
+        "name": "tiny",
+        "out_dir": str(tmp_path / "runs"),
+        "space": dict(TINY_SPACE),
+        "data": {"train_subset": 256, "heldout_size": 128, "test_subset": 256, "batch_size": 32,
+                 "eval_batch_size": 128},
+        "train": {"epochs": 2, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
+                  "channels_last": False},
+        "latency": {"profile": "flops"},
+        "dist": {"workers": 0, "storage_path": str(tmp_path / "ray_storage")},
+        "tracking": {"enabled": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            d.setdefault(section, {}).update(values)
+        else:
+            d[section] = values
+    return Experiment.from_dict(d)

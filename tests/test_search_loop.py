@@ -1,0 +1,77 @@
+"""The per-worker search loop in-process: an end-to-end tiny search on real Fashion-MNIST, resume, outputs."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from proxyless_ray.arch import Arch
+from proxyless_ray.comm import Comm
+from proxyless_ray.search_state import load_checkpoint, new_state
+from proxyless_ray.train_loop import SearchLoop
+from proxyless_ray.trainer import latest_checkpoint, run_local
+
+from conftest import requires_fmnist, tiny_experiment
+
+pytestmark = requires_fmnist
+
+
+@pytest.mark.parametrize("mode", ["two", "full_v2", "reinforce"])
+def test_tiny_search_end_to_end(tmp_path, mode):
+    exp = tiny_experiment(tmp_path, train={"gate_mode": mode})
+    result = run_local(exp, echo=False)
+    out = exp.output_dir
+    for name in ("arch.json", "searched_arch.json", "result.json", "metrics.jsonl", "alphas.json",
+                 "network/model.pt2", "network/state_dict.pt", "network/arch.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    arch = Arch.load(os.path.join(out, "arch.json"))
+    assert "zero" not in arch.blocks() and arch.meta["profile"] == "flops"
+    assert 0.0 <= result["test_acc"] <= 1.0 and result["latency_ms"] > 0
+    assert abs(sum(r["ms"] for r in result["per_layer_ms"]) - result["latency_ms"]) < 1e-9
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["epoch"] for m in lines] == [1, 2] and lines[0]["phase"] == "warmup" and lines[1]["phase"] == "search"
+    for key in ("train_loss", "train_acc", "heldout_acc", "expected_latency_ms", "entropy", "arch", "images_per_s"):
+        assert key in lines[-1]
+    program = torch.export.load(os.path.join(out, "network", "model.pt2"))
+    assert program.module()(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_arch_steps_move_alpha_only_after_warmup(tmp_path):
+    exp = tiny_experiment(tmp_path, train={"epochs": 2, "warmup_epochs": 1, "arch_lr": 0.05})
+    seen = []
+    loop = SearchLoop(exp, Comm(), lambda m, f: seen.append(m), progress=False)
+    a0 = [a.detach().clone() for a in loop.state.net.arch_parameters()]
+    loop.run(until_epoch=1)
+    assert all(torch.equal(a, b) for a, b in zip(a0, loop.state.net.arch_parameters()))  # frozen in warm-up
+    loop.run()
+    assert loop.state.arch_step == 2  # 4 steps per epoch, one arch step every 2
+    assert not all(torch.equal(a, b) for a, b in zip(a0, loop.state.net.arch_parameters()))
+
+
+def test_resume_continues_a_stopped_run(tmp_path):
+    exp = tiny_experiment(tmp_path, train={"epochs": 3})
+    from proxyless_ray.trainer import LocalReporter
+
+    reporter = LocalReporter(exp.output_dir, echo=False)
+    SearchLoop(exp, Comm(), reporter, progress=False).run(until_epoch=2)  # "stopped" after epoch 2
+    ckpt = latest_checkpoint(exp.output_dir)
+    assert ckpt.endswith("epoch-0002")
+    result = run_local(exp, resume=True, echo=False)
+    history = [json.loads(x)["epoch"] for x in open(os.path.join(exp.output_dir, "metrics.jsonl"))]
+    assert history == [1, 2, 3] and result["epochs"] == 3
+    # the same run from scratch reaches the same state: resume restores RNG, optimizers and counters
+    fresh = tiny_experiment(tmp_path / "fresh", train={"epochs": 3})
+    run_local(fresh, echo=False)
+    a = torch.load(os.path.join(latest_checkpoint(exp.output_dir), "state.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(latest_checkpoint(fresh.output_dir), "state.pt"), weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_checkpoint_from_other_space_refused(tmp_path):
+    exp = tiny_experiment(tmp_path)
+    run_local(exp, echo=False)
+    other = tiny_experiment(tmp_path, space={"kernel_sizes": [3]})
+    with pytest.raises(ValueError, match="written for search space .* refusing to load"):
+        load_checkpoint(new_state(other), latest_checkpoint(exp.output_dir), other)
