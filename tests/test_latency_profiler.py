@@ -57,6 +57,10 @@ def test_unknown_devices_are_rejected_by_name():
             check_device(bad)
     with pytest.raises(ValueError, match="'tpu'"):
         ProfilerSettings(device="tpu")
+    with pytest.raises(ValueError, match="threads 2"):
+        ProfilerSettings(threads=2, clock="thread")
+    with pytest.raises(ValueError, match="'sundial'"):
+        ProfilerSettings(clock="sundial")
 
 
 class _FakeCuda:
@@ -94,10 +98,12 @@ def test_cuda_stamps_record_events_and_synchronise_before_reading():
     stamps.mark()
     assert stamps.durations_ms() == [1.5, 1.5]
     assert cuda.log == ["record", "record", "record", "sync"] and cuda.synced == 1
-    host = Stamps()
-    host.start()
-    host.mark()
-    assert 0 <= host.durations_ms()[0] < 1000
+    for clock in ("wall", "thread"):
+        host = Stamps(clock=clock)
+        host.start()
+        sum(i * i for i in range(20000))  # some CPU work
+        host.mark()
+        assert 0 < host.durations_ms()[0] < 1000
 
 
 def test_network_entries_add_up_to_the_chosen_network_run():

@@ -66,7 +66,8 @@ def run_profile(args: argparse.Namespace) -> int:
     out = _output_path(args.output)
     resources = _json_mapping(args.ray_resources, "--ray-resources")
     settings = ProfilerSettings(args.device, args.threads, args.batch_size, args.warmup, args.repeats, args.min_time,
-                                rounds=args.rounds, context=args.context, statistic=args.statistic)
+                                rounds=args.rounds, context=args.context, clock=args.clock,
+                                statistic=args.statistic)
     if args.device.startswith("cuda") and resources is None:
         import torch
 
@@ -171,6 +172,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                                                           "repeats (evens out a drifting, shared machine)")
     p.add_argument("--context", default="network", choices=("network", "isolated"),
                    help="time layers inside cover networks of the space (default) or each layer alone")
+    p.add_argument("--clock", default="wall", choices=("wall", "thread"),
+                   help="wall clock (default) or the timing thread's CPU time (1 CPU thread only: ignores other "
+                        "processes on a shared machine)")
     p.add_argument("--statistic", default="median", help="median (default), min or pNN, e.g. p10 (each the mean "
                                                          "of the 5 %% of runs around it); use min on a shared machine")
     p.add_argument("--ray-resources", help="measure in a Ray actor requesting these resources, e.g. "
