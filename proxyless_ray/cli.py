@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "proxyless_ray.commands.search",
     "proxyless_ray.commands.prepare_data",
     "proxyless_ray.commands.profile",
+    "proxyless_ray.commands.tracking",
 )
 
 

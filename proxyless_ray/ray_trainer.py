@@ -166,10 +166,13 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
 
     from proxyless_ray.latency.model import load_latency_model
     from proxyless_ray.results import check_writable, write_search_outputs
+    from proxyless_ray.tracking_search import SearchTracking
     from proxyless_ray.trainer import shipped_models
 
     out = exp.output_dir
     check_writable(out)
+    tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
+    tracking.check()
     model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
     from proxyless_ray.data import build_splits
 
@@ -183,14 +186,17 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     connect(exp, num_cpus=max(os.cpu_count() or 1, int(exp.dist.workers * exp.dist.cpus_per_worker)))
     try:
         check_placeable(exp)
-        trainer = build_trainer(exp, name, {"progress": True}, callbacks=[EpochLogCallback(), *(callbacks or [])])
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        if result.checkpoint is None:
-            raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            res = write_search_outputs(exp, folder, out, model, shipped_models())
+        with tracking.active():  # MLflow parent + child runs, logged from the Train controller; FAILED on errors
+            trainer = build_trainer(exp, name, {"progress": True},
+                                    callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
+            result = trainer.fit()
+            if result.error is not None:
+                raise result.error
+            if result.checkpoint is None:
+                raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
+            with result.checkpoint.as_directory() as folder:
+                res = write_search_outputs(exp, folder, out, model, shipped_models())
+            tracking.finish(out, res)
     finally:
         ray.shutdown()
     print(json.dumps({k: res[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)

@@ -76,12 +76,21 @@ def shipped_models(exclude: str | None = None) -> dict[str, LatencyModel]:
 
 def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[str, Any]:
     """Run the whole search in this process and write the outputs; returns ``result.json``'s content."""
+    from proxyless_ray.tracking_search import SearchTracking
+
     out = exp.output_dir
     check_writable(out)
+    tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
+    tracking.check()
     model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
     others = shipped_models()
     reporter = LocalReporter(out, exp.dist.checkpoints_to_keep, echo)
-    loop = SearchLoop(exp, Comm(), reporter, latency_model=model, other_models=others)
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        reporter(metrics, checkpoint_dir)
+        tracking.log_epoch(metrics)
+
+    loop = SearchLoop(exp, Comm(), report, latency_model=model, other_models=others)
     if resume:
         if reporter.latest is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(out, CHECKPOINTS_DIR)!r}")
@@ -90,10 +99,12 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
     elif reporter.latest is not None:
         shutil.rmtree(os.path.join(out, CHECKPOINTS_DIR))  # a fresh run does not mix with an old one
         reporter.latest = None
-    loop.run()
-    if reporter.latest is None:
-        raise RuntimeError("the search finished without a final checkpoint")
-    result = write_search_outputs(exp, reporter.latest, out, model, others)
+    with tracking.active():  # MLflow parent + child runs; marked FAILED if anything below raises
+        loop.run()
+        if reporter.latest is None:
+            raise RuntimeError("the search finished without a final checkpoint")
+        result = write_search_outputs(exp, reporter.latest, out, model, others)
+        tracking.finish(out, result)
     print(json.dumps({k: result[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
     return result
 

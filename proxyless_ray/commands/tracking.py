@@ -1,0 +1,130 @@
+"""``proxyless-ray ui`` (the MLflow UI on the tracking store) and ``proxyless-ray results`` (Pareto tables from it)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from proxyless_ray.config import TrackingConfig
+from proxyless_ray.tracking import check_reachable, local_artifact_root, resolve_uri, sqlite_path
+
+UI_START_TIMEOUT_S = 180.0  # ~15 s on an idle machine; minutes on a loaded one
+
+
+def _store(args: argparse.Namespace) -> str:
+    uri = resolve_uri(TrackingConfig(uri=args.tracking_uri))
+    db = sqlite_path(uri)
+    if db is not None and not os.path.isfile(db):
+        raise FileNotFoundError(f"no MLflow database at {db}: run a search in this folder first, or pass "
+                                f"--tracking-uri (e.g. sqlite:////abs/mlflow.db or http://host:5000)")
+    return uri
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = UI_START_TIMEOUT_S) -> None:
+    """Poll ``<url>/health`` until it answers OK.
+
+    Raises:
+        RuntimeError: the process exited first, or the timeout passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the MLflow UI exited with status {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"the MLflow UI did not answer at {url}/health within {timeout_s:.0f} s")
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """``mlflow ui`` on this store; a sqlite store serves its artifacts from the folder the tracker writes to."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    root = local_artifact_root(uri)
+    if root is not None:
+        cmd += ["--artifacts-destination", root]
+    return cmd
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    uri = _store(args)
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
+        print(f"MLflow UI: {uri} (the tracking server serves its own UI)", flush=True)
+        return 0
+    host = args.host
+    port = args.port or free_port(host)
+    url = f"http://{host}:{port}"
+    quiet = subprocess.DEVNULL if args.background else None
+    proc = subprocess.Popen(ui_command(uri, host, port), stdout=quiet, stderr=quiet,
+                            start_new_session=args.background)  # a background UI outlives this terminal's Ctrl-C
+    try:
+        wait_healthy(url, proc)
+    except (RuntimeError, KeyboardInterrupt):
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
+    print(f"MLflow UI: {url}  (store {uri})", flush=True)
+    if args.background:
+        print(f"pid {proc.pid}; stop it with: kill {proc.pid}", flush=True)
+        return 0
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=30)
+        return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from proxyless_ray.tracking_results import format_table, results_table
+
+    uri = _store(args)
+    check_reachable(uri)
+    table = results_table(uri, args.experiment, hardware=args.hardware, include_unfinished=args.all)
+    print(format_table(table))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    return 0
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                          "sqlite:///mlflow.db in this folder)")
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store",
+                       description="Start the MLflow UI on the tracking store (bound to 127.0.0.1 unless --host says "
+                                   "otherwise) and print its address; Ctrl-C stops it.")
+    _store_args(p)
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--background", action="store_true", help="print the address and PID and return")
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("results", help="print the Pareto table per hardware from MLflow",
+                       description="Read every finished search and sweep trial of an MLflow experiment and print "
+                                   "held-out accuracy vs expected latency per hardware, Pareto-front members marked.")
+    _store_args(p)
+    p.add_argument("--experiment", default=TrackingConfig.experiment, help="MLflow experiment name "
+                                                                            "(default: %(default)s)")
+    p.add_argument("--hardware", help="only this hardware profile")
+    p.add_argument("--all", action="store_true", help="include running and failed runs")
+    p.add_argument("--csv", help="also write the table to this CSV file")
+    p.set_defaults(func=cmd_results)

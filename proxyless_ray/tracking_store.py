@@ -1,0 +1,94 @@
+"""Where MLflow data goes: the absolute tracking URI, the artifact folder of a local store, and a fail-fast check.
+
+Ray changes the working folder of trials and workers, so every URI is made absolute once, on the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from proxyless_ray.config import TrackingConfig
+
+DEFAULT_DB = "mlflow.db"
+
+
+class TrackingUnavailable(ValueError):
+    """The tracking store cannot be reached or written; raised before any training starts."""
+
+
+# -- store -------------------------------------------------------------------------------------------------------
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    """The absolute tracking URI: ``cfg.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    Ray changes the working folder of trials and workers, so relative sqlite paths and plain folder paths are made
+    absolute here, once, on the driver.
+
+    Args:
+        cfg: The experiment's tracking section.
+
+    Returns:
+        The URI, e.g. ``sqlite:////abs/mlflow.db``, ``file:///abs/mlruns`` or ``http://mlflow:5000``.
+    """
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if uri.startswith("file:"):
+        return uri
+    if "://" not in uri and uri != "databricks" and not uri.startswith("databricks"):
+        return Path(os.path.abspath(uri)).as_uri()
+    return uri
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """Where artifacts of a sqlite store go: ``<folder of the db>/mlruns``; None otherwise (servers proxy them)."""
+    db = sqlite_path(uri)
+    return os.path.join(os.path.dirname(db), "mlruns") if db is not None else None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when the tracking store cannot be used, before a long search runs untracked.
+
+    Args:
+        uri: A resolved tracking URI (:func:`resolve_uri`).
+        timeout_s: Seconds to wait for an HTTP server.
+
+    Raises:
+        TrackingUnavailable: naming the URI and suggesting ``--no-tracking``: an HTTP server that does not answer
+            (any HTTP response counts as reachable; credentials are MLflow's own business), or a local store
+            whose folder cannot be written.
+    """
+    hint = ("start the server or fix --tracking-uri / $MLFLOW_TRACKING_URI, or pass --no-tracking to run a search "
+            "untracked")
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+                return
+        except urllib.error.HTTPError:
+            return  # the server answered (a proxy without /health, or auth): reachable
+        except OSError as err:  # URLError, timeouts and refused connections are all OSErrors
+            reason = getattr(err, "reason", err)
+            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({reason}); {hint}") from None
+    folder = None
+    db = sqlite_path(uri)
+    if db is not None:
+        folder = os.path.dirname(db)
+    elif uri.startswith("file://"):
+        folder = uri[len("file://"):]
+    if folder is None:
+        return  # databricks, postgresql://... : MLflow reports its own errors
+    existing = folder
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing or "/") or not os.access(existing or "/", os.W_OK):
+        raise TrackingUnavailable(f"MLflow tracking store {uri} is not writable ({existing!r} is not a writable "
+                                  f"folder); {hint}")

@@ -1,0 +1,219 @@
+"""MLflow tracking against a real sqlite store: run structure, tags, params, metrics, artifacts, registry, resume,
+fail-fast on an unreachable server, deleted-experiment clash, oversized artifacts and the ``results`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from proxyless_ray.cli import main
+from proxyless_ray.config import TrackingConfig, with_overrides
+from proxyless_ray.tracking import Tracker, TrackingUnavailable, resolve_uri, search_tags
+from proxyless_ray.tracking_registry import load_registered, model_versions
+from proxyless_ray.trainer import run_local
+
+from conftest import requires_fmnist, tiny_experiment
+
+EXPERIMENT = "proxyless-ray"
+
+
+def _tracked(tmp_path, **tracking):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    return tiny_experiment(tmp_path, tracking={"enabled": True, "uri": uri, **tracking}), uri
+
+
+def _runs(client: MlflowClient) -> list:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return list(client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]))
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One tracked in-process search (about 30 s here, most of it MLflow's first-call costs)."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    exp, uri = _tracked(tmp)
+    result = run_local(exp, echo=False)
+    return exp, uri, result
+
+
+# -- pure ------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_uri_is_absolute_and_honours_the_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_uri(TrackingConfig(uri="sqlite:///sub/x.db")) == f"sqlite:///{tmp_path}/sub/x.db"
+    assert resolve_uri(TrackingConfig(uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
+    assert resolve_uri(TrackingConfig(uri="mlruns")) == f"file://{tmp_path}/mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_uri(TrackingConfig()) == "http://mlflow:5000"
+    assert resolve_uri(TrackingConfig(uri="sqlite:///a.db")) == f"sqlite:///{tmp_path}/a.db"  # the flag wins
+
+
+def test_disabled_tracker_is_a_no_op_and_touches_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = Tracker(tiny_experiment(tmp_path))
+    assert not t.enabled
+    t.check()
+    assert t.ensure_experiment() == ""
+    parent = t.start_parent("search", "p", tiny_experiment(tmp_path), "k")
+    assert parent == "" and t.start_child(parent, "k", {}, {}) == ""
+    t.log_epoch("", {"epoch": 1, "train_acc": 0.5})
+    assert t.finish_child("", str(tmp_path)) is True
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreachable_server_names_the_uri_and_the_cli_exits_2_before_training(tmp_path, capsys):
+    exp, _ = _tracked(tmp_path, uri="http://127.0.0.1:9")
+    with pytest.raises(TrackingUnavailable, match=r"http://127\.0\.0\.1:9.*--no-tracking"):
+        Tracker(exp).check(timeout_s=2)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp.to_dict()))
+    assert main(["search", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:9" in err and "--no-tracking" in err
+    assert not os.path.exists(exp.output_dir)  # no training started, nothing written
+
+
+def test_unwritable_sqlite_folder_fails_fast(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    exp, _ = _tracked(tmp_path, uri=f"sqlite:///{blocker}/sub/mlflow.db")
+    with pytest.raises(TrackingUnavailable, match="not writable"):
+        Tracker(exp).check()
+
+
+# -- one tracked search ------------------------------------------------------------------------------------------
+
+
+@requires_fmnist
+def test_search_makes_one_parent_and_one_child_with_tags_params_and_metrics(searched):
+    exp, uri, result = searched
+    client = MlflowClient(uri)
+    runs = _runs(client)
+    assert len(runs) == 2
+    parent = next(r for r in runs if r.data.tags["role"] == "parent")
+    child = next(r for r in runs if r.data.tags["role"] == "child")
+    assert parent.info.run_name == "search tiny" and parent.data.tags["kind"] == "search"
+    assert parent.info.status == child.info.status == "FINISHED"
+    tags = child.data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["hardware"] == "flops" and tags["profile"] == "flops" and tags["loss"] == "add"
+    assert tags["lambda"] == "0.1" and tags["dataset"] == "fashion_mnist" and tags["kind"] == "search"
+    assert tags["space_fingerprint"] == exp.space.fingerprint()
+    assert tags["derived_arch"] == result["arch"]
+    params = child.data.params
+    assert params["train.epochs"] == "2" and params["latency.profile"] == "flops"
+    assert params["space.widths"] == "[8, 16]"
+    # one point per epoch for every per-epoch metric, latency on every shipped profile included
+    for key in ("train_acc", "heldout_acc", "heldout_ce", "expected_latency_ms", "entropy", "images_per_s",
+                "latency_pixel1_ms", "latency_cpu_1thread_ms"):
+        history = client.get_metric_history(child.info.run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+    assert child.data.metrics["test_acc"] == pytest.approx(result["test_acc"])
+    assert child.data.metrics["derived_latency_ms"] == pytest.approx(result["latency_ms"])
+
+
+@requires_fmnist
+def test_child_holds_outputs_pictures_and_parent_holds_the_pareto_table(searched, tmp_path):
+    _, uri, _ = searched
+    client = MlflowClient(uri)
+    runs = _runs(client)
+    child = next(r for r in runs if r.data.tags["role"] == "child")
+    parent = next(r for r in runs if r.data.tags["role"] == "parent")
+    files = _artifacts(client, child.info.run_id)
+    for name in ("arch.json", "searched_arch.json", "result.json", "metrics.jsonl", "alphas.json",
+                 "network/state_dict.pt", "plots/arch.png", "plots/alpha_heatmap.png", "plots/alpha_evolution.png",
+                 "plots/latency_breakdown.png"):
+        assert name in files, (name, sorted(files))
+    local = client.download_artifacts(child.info.run_id, "plots/arch.png", str(tmp_path))
+    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert {"pareto/pareto.parquet", "pareto/pareto.csv", "pareto/pareto.png",
+            "pareto/summary.json"} <= _artifacts(client, parent.info.run_id)
+    summary = json.load(open(client.download_artifacts(parent.info.run_id, "pareto/summary.json", str(tmp_path))))
+    assert summary["flops"]["most_accurate"]["trial_id"] == child.info.run_id
+
+
+@requires_fmnist
+def test_registered_version_loads_back_and_runs(searched):
+    _, uri, result = searched
+    versions = model_versions(uri, "flops")
+    assert len(versions) == 1
+    v = versions[0]
+    assert v.tags["latency_ms"] == f"{result['latency_ms']:.6g}" and float(v.tags["acc"]) == pytest.approx(
+        result["test_acc"], rel=1e-4)
+    child = next(r for r in _runs(MlflowClient(uri)) if r.data.tags["role"] == "child")
+    assert v.run_id == v.tags["run_id"] == child.info.run_id
+    net = load_registered(uri, f"models:/proxyless-flops/{v.version}")
+    with torch.no_grad():
+        out = net(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+@requires_fmnist
+def test_resume_reuses_the_runs_and_never_duplicates_an_epoch(searched):
+    exp, uri, _ = searched
+    # resume from epoch 1, as after a crash: epoch 2 runs again, and its metrics must not appear twice
+    shutil.rmtree(os.path.join(exp.output_dir, "checkpoints", "epoch-0002"))
+    run_local(exp, resume=True, echo=False)
+    client = MlflowClient(uri)
+    runs = _runs(client)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    child = next(r for r in runs if r.data.tags["role"] == "child")
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "train_acc")] == [1, 2]
+    assert len(model_versions(uri, "flops")) == 1  # the run's network is registered once
+
+
+@requires_fmnist
+def test_oversized_artifact_fails_the_run_with_a_reason_and_keeps_the_local_folder(searched):
+    exp, _, _ = searched
+    small = with_overrides(exp, tracking={"max_artifact_mb": 0.002})
+    t = Tracker(small)
+    parent = t.start_parent("sweep", "sweep oversized", small, "oversized")
+    child = t.start_child(parent, "trial-0", search_tags(small, "trial", "trial-0"), {})
+    before = sorted(os.listdir(small.output_dir))
+    assert t.finish_child(child, small.output_dir, "flops") is False
+    run = t.client.get_run(child)
+    assert run.info.status == "FAILED"
+    assert "max_artifact_mb=0.002" in run.data.tags["failure_reason"]
+    assert "arch.json" in _artifacts(t.client, child)  # what fits still went up
+    assert sorted(os.listdir(small.output_dir)) == before
+    t.finish_run(parent)
+
+
+@requires_fmnist
+def test_results_command_prints_the_pareto_table(searched, capsys):
+    _, uri, result = searched
+    assert main(["results", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "== flops: 1 run(s), 1 on the Pareto front (*) ==" in out
+    assert result["arch"] in out
+    assert main(["results", "--tracking-uri", uri, "--hardware", "pixel1"]) == 2
+    assert "no finished search runs" in capsys.readouterr().err
+    assert main(["results", "--tracking-uri", uri, "--experiment", "nope"]) == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+@requires_fmnist
+def test_deleted_experiment_name_clash_explains_the_fix(searched):
+    exp, uri, _ = searched
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("doomed"))
+    doomed = with_overrides(exp, tracking={"experiment": "doomed"})
+    with pytest.raises(ValueError, match=r"was deleted.*mlflow experiments restore --experiment-id \d+.*mlflow gc "
+                                         r".*--experiment-ids \d+.*tracking.experiment"):
+        Tracker(doomed).ensure_experiment()
