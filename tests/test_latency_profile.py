@@ -63,6 +63,19 @@ def test_exact_entry_first_then_predictor_then_strict_error():
         no_pred.lat_ms("mb_k5_e6_c8_s1", 8, 16)
 
 
+def test_expected_latency_term_uses_exact_entries():
+    from proxyless_ray.latency.expected import SupernetLatency
+
+    prof = _tiny_profile()
+    lat = SupernetLatency(prof, TINY)
+    for slot, vec in zip(TINY.slots(), lat.vectors):
+        for cand, ms in zip(slot.candidates, vec.tolist()):
+            want = 0.0 if cand == "zero" else prof.entries[layer_key(cand, slot.in_chs, slot.resolution)].ms
+            assert ms == pytest.approx(want, rel=1e-6), cand
+    fixed = sum(prof.entries[lay.key].ms for lay in TINY.fixed_layers())
+    assert lat.fixed_ms == pytest.approx(fixed, rel=1e-6)
+
+
 def test_yaml_round_trip_is_diffable(tmp_path):
     prof = _tiny_profile()
     path = prof.save(tmp_path / "tiny.yaml")
