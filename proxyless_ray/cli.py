@@ -15,6 +15,7 @@ import sys
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = (
     "proxyless_ray.commands.search",
+    "proxyless_ray.commands.sweep",
     "proxyless_ray.commands.prepare_data",
     "proxyless_ray.commands.profile",
     "proxyless_ray.commands.tracking",

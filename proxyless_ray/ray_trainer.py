@@ -71,15 +71,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 # -- driver side -------------------------------------------------------------------------------------------------
 
 
-def connect(exp: Experiment, num_cpus: int | None = None) -> None:
-    """Attach to the experiment's cluster, or start an embedded one; fail fast on an unreachable address."""
+def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, float] | None = None) -> None:
+    """Attach to the experiment's cluster, or start an embedded one; fail fast on an unreachable address.
+
+    ``address="local"`` always starts a fresh embedded instance, so a stale cluster file left by a killed process
+    is never picked up by mistake.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = exp.dist.address
     if address is None:
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, configure_logging=False)
+        ray.init(address="local", num_cpus=num_cpus, resources=resources, log_to_driver=True,
+                 configure_logging=False)
         return
     if address != "auto":
         host, port = _host_port(address)
@@ -146,6 +151,7 @@ def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | Non
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # one line per epoch is ours to print
         ),
     )
 

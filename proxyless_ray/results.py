@@ -41,7 +41,7 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
     """
     meta = read_meta(checkpoint_dir)
     history = meta["history"]
-    if not history or not history[-1].get("done"):
+    if not history or not history[-1].get("finished"):
         raise ValueError(f"checkpoint {checkpoint_dir!r} is not from a finished search (epoch {meta.get('epoch')})")
     last = history[-1]
     derived_dir = os.path.join(checkpoint_dir, DERIVED_DIR)

@@ -120,7 +120,7 @@ class SearchLoop:
             self.state.epoch = epoch + 1
             if self.state.epoch == t.epochs:
                 metrics.update(self._final_metrics())
-            metrics["done"] = self.state.epoch == t.epochs
+            metrics["finished"] = self.state.epoch == t.epochs  # not "done": Tune reserves that key
             self.state.history.append(metrics)
             self.state.alpha_history.append([p.tolist() for p in self.state.net.probs()])
             self._report(metrics, force_checkpoint=self.state.epoch == end)
@@ -178,6 +178,7 @@ class SearchLoop:
         arch = net.derive(choices)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
+            "search_epoch": max(0, epoch + 1 - t.warmup_epochs),  # schedulers' clock: rungs count search epochs
             "phase": "warmup" if warm else "search",
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
@@ -217,7 +218,7 @@ class SearchLoop:
                                         alpha=lat_cfg.alpha, beta=lat_cfg.beta, target_ms=self.target_ms)
                 obj.backward()
             net.set_alpha_grads(self.mode)
-            loss = float(obj)
+            loss = float(obj.detach())
         self.comm.mean_([a.grad for a in net.arch_parameters() if a.grad is not None])
         st.a_opt.step()
         if self.mode == GateMode.TWO:
@@ -297,7 +298,7 @@ class SearchLoop:
         folder = None
         if want and self.comm.rank == 0:
             folder = save_checkpoint(self.state, tempfile.mkdtemp(prefix="proxyless-ckpt-"), self.exp)
-            if metrics.get("done") and self.derived is not None:
+            if metrics.get("finished") and self.derived is not None:
                 save_derived(self.derived, os.path.join(folder, DERIVED_DIR))
         try:
             self.report(metrics, folder)

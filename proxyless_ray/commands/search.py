@@ -27,7 +27,8 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     overrides = list(args.overrides)
     for flag, key in (("data", "data.path"), ("out", "out_dir"), ("workers", "dist.workers"),
                       ("address", "dist.address"), ("gpus_per_worker", "dist.gpus_per_worker"),
-                      ("storage_path", "dist.storage_path"), ("tracking_uri", "tracking.uri")):
+                      ("storage_path", "dist.storage_path"), ("tracking_uri", "tracking.uri"),
+                      ("scheduler", "sweep.scheduler")):
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")

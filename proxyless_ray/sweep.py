@@ -1,0 +1,406 @@
+"""Latency trade-off sweeps on Ray Tune: hardware profiles x latency coefficients, each trial a Ray Train search.
+
+Train-in-Tune the Ray 2.60 way (Train V2): the Tune trial function :func:`train_driver_fn` builds a
+``TorchTrainer`` whose ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune; the trainer's run name
+is the trial key, so a restored trial continues its own checkpoints. The weight warm-up does not depend on the
+hardware or the coefficient, so it runs once per (search space, data, seed) and every trial's search phase starts
+from its checkpoint. Schedulers: FIFO, ASHA on a scalarised score, or the Pareto-aware MO-ASHA
+(:mod:`proxyless_ray.schedulers`), whose rung records are persisted beside the Tune experiment so ``--resume``
+(``Tuner.restore``) keeps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from proxyless_ray.arch import atomic_write_text
+from proxyless_ray.config import Experiment
+from proxyless_ray.latency.model import load_latency_model
+
+TUNE_DIR = "tune"
+SCHEDULER_STATE = "scheduler_state.json"
+SWEEP_STATE = "sweep.json"
+TRIALS_DIR = "trials"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One point of the sweep grid."""
+
+    hardware: str
+    loss: str
+    lam: float | None = None
+    beta: float | None = None
+    target_ms: float | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable, filesystem-safe trial name, e.g. ``pixel1-add-lam0.1``."""
+        parts = [self.hardware, self.loss]
+        for name in ("lam", "beta", "target_ms"):
+            v = getattr(self, name)
+            if v is not None:
+                parts.append(f"{name.replace('_ms', '')}{v:g}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hardware": self.hardware, "loss": self.loss, "lam": self.lam, "beta": self.beta,
+                "target_ms": self.target_ms, "key": self.key}
+
+
+@dataclass
+class SweepPlan:
+    """Everything the sweep driver decided before Tune starts (saved as ``sweep.json`` for resume)."""
+
+    trials: list[TrialSpec]
+    warmup_key: str | None = None
+    warmup_checkpoint: str | None = None
+    parent_run_id: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# -- grid ----------------------------------------------------------------------------------------------------------
+
+
+def sweep_grid(exp: Experiment) -> list[TrialSpec]:
+    """Expand the experiment's ``sweep`` section into trial specs; clear errors for empty or invalid grids."""
+    sw = exp.sweep
+    if not sw.hardware:
+        raise ValueError("sweep.hardware is empty; list the hardware profiles to sweep, e.g. [cpu_2threads, pixel1]")
+    for hw in sw.hardware:
+        load_latency_model(hw)  # unknown profile -> FileNotFoundError/ValueError naming it
+    rng = random.Random(exp.train.seed)
+
+    def values(name: str, given: tuple[float, ...] | list[float]) -> list[float]:
+        vals = [float(v) for v in given]
+        if sw.sampling == "log":
+            bad = [v for v in vals if v <= 0]
+            if bad:
+                raise ValueError(f"sweep.{name} has {bad}: coefficients must be > 0 on a log scale")
+            if not vals:
+                return []
+            lo, hi = math.log(min(vals)), math.log(max(vals))
+            return sorted(round(math.exp(rng.uniform(lo, hi)), 6) for _ in range(sw.num_samples))
+        if sw.sampling != "grid":
+            raise ValueError(f"sweep.sampling {sw.sampling!r} is unknown; expected 'grid' or 'log'")
+        return vals
+
+    trials: list[TrialSpec] = []
+    if sw.loss == "add":
+        lams = values("lambdas", sw.lambdas)
+        if any(v < 0 for v in lams):
+            raise ValueError(f"sweep.lambdas {lams} holds a negative value; lambda must be >= 0")
+        trials = [TrialSpec(hw, "add", lam=lam) for hw in sw.hardware for lam in lams]
+    elif sw.loss == "mul_log":
+        betas = values("betas", sw.betas) or [exp.latency.beta]
+        unknown = sorted(set(sw.targets_ms) - set(sw.hardware))
+        if unknown:
+            raise ValueError(f"sweep.targets_ms names hardware {unknown} that is not in sweep.hardware")
+        for hw in sw.hardware:
+            targets = [float(t) for t in sw.targets_ms.get(hw, [])]
+            if not targets:
+                raise ValueError(f"sweep.targets_ms has no latency targets for hardware {hw!r}")
+            bad = [t for t in targets if t <= 0]
+            if bad:
+                raise ValueError(f"sweep.targets_ms[{hw!r}] has {bad}: target latencies must be > 0 ms")
+            trials += [TrialSpec(hw, "mul_log", beta=b, target_ms=t) for t in targets for b in betas]
+    else:
+        raise ValueError(f"sweep.loss {sw.loss!r} is unknown; expected 'add' or 'mul_log'")
+    if not trials:
+        raise ValueError("the sweep grid is empty: give sweep.lambdas (loss add) or sweep.targets_ms (loss mul_log)")
+    return trials
+
+
+def trial_experiment(exp: Experiment, spec: TrialSpec, sweep_dir: str) -> Experiment:
+    """The experiment one trial runs: the base experiment with this trial's hardware and coefficients."""
+    d = exp.to_dict()
+    d["name"] = spec.key
+    d["out_dir"] = os.path.join(sweep_dir, TRIALS_DIR)
+    d["latency"].update({"profile": spec.hardware, "loss": spec.loss})
+    for name in ("lam", "beta", "target_ms"):
+        if getattr(spec, name) is not None:
+            d["latency"][name] = getattr(spec, name)
+    d["dist"]["workers"] = max(exp.sweep.workers_per_trial, 1)
+    d["dist"]["storage_path"] = exp.dist.storage_path or os.path.join(os.path.abspath(sweep_dir), "ray")
+    return Experiment.from_dict(d, source=f"trial {spec.key}")
+
+
+def warmup_key(exp: Experiment) -> str:
+    """What the shared warm-up depends on: search space, data, seed and the warm-up schedule; not the hardware."""
+    d = exp.to_dict()
+    relevant = {"space": exp.space.fingerprint(), "data": d["data"],
+                "train": {k: v for k, v in d["train"].items() if k not in ("epochs", "arch_lr", "arch_update_every",
+                                                                           "arch_steps", "gate_mode")},
+                "workers": exp.sweep.workers_per_trial}
+    return "warmup-" + hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# -- the Tune trial ------------------------------------------------------------------------------------------------
+
+
+def train_driver_fn(config: dict[str, Any]) -> None:
+    """A Tune trial: one distributed search (a ``TorchTrainer``), metrics forwarded to Tune.
+
+    ``config`` holds the base experiment, this trial's spec, the sweep folder and the shared warm-up checkpoint.
+    """
+    from proxyless_ray.ray_trainer import build_trainer
+    from proxyless_ray.results import write_search_outputs
+    from proxyless_ray.trainer import shipped_models
+
+    base = Experiment.from_dict(config["experiment"], source="sweep config")
+    t = config["trial"]
+    spec = TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"])
+    exp = trial_experiment(base, spec, config["sweep_dir"])
+    extra = {"init_checkpoint": config.get("warmup_checkpoint"), "progress": False}
+    trainer = build_trainer(exp, f"trial-{spec.key}", extra,
+                            callbacks=[ScoreReportCallback(config.get("score_weight", 0.05))])
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is not None and (result.metrics or {}).get("finished"):
+        model = load_latency_model(exp.latency.profile)
+        with result.checkpoint.as_directory() as folder:
+            write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
+
+
+def trial_name(trial) -> str:
+    """Tune trial names (and folders) are the stable trial keys."""
+    return trial.config["trial"]["key"]
+
+
+class ScoreReportCallback(TuneReportCallback):
+    """Forwards rank 0's metrics to Tune, adding ``score = acc - w * ln(latency)`` for the ASHA baseline."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = weight
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        from proxyless_ray.pareto import scalarised_score
+
+        if metrics:
+            m = metrics[0]
+            if "heldout_acc" in m and m.get("expected_latency_ms", 0) > 0:
+                m["score"] = scalarised_score(m["heldout_acc"], m["expected_latency_ms"], self.weight)
+        super().after_report(run_context, metrics, checkpoint)
+
+
+# -- progress ------------------------------------------------------------------------------------------------------
+
+
+class TrialLogCallback(Callback):
+    """One readable line per trial event on the Tune driver (Tune's own table is turned off)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.time()
+
+    def _key(self, trial) -> str:
+        return trial.config.get("trial", {}).get("key", trial.trial_id)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        print(f"[sweep {time.time() - self.t0:6.0f}s] start    {self._key(trial)}", file=sys.stderr, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        print(f"[sweep {time.time() - self.t0:6.0f}s] epoch {result.get('epoch', '?'):>2} {self._key(trial)}: "
+              f"held-out {result.get('heldout_acc', float('nan')):.3f} "
+              f"E[lat] {result.get('expected_latency_ms', float('nan')):.3f} ms", file=sys.stderr, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        print(f"[sweep {time.time() - self.t0:6.0f}s] finished {self._key(trial)} ({self.done}/{self.total})",
+              file=sys.stderr, flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        print(f"[sweep {time.time() - self.t0:6.0f}s] FAILED   {self._key(trial)}", file=sys.stderr, flush=True)
+
+
+def save_plan(plan: SweepPlan, sweep_dir: str) -> None:
+    data = {"trials": [t.to_dict() for t in plan.trials], "warmup_key": plan.warmup_key,
+            "warmup_checkpoint": plan.warmup_checkpoint, "parent_run_id": plan.parent_run_id, "stats": plan.stats}
+    atomic_write_text(os.path.join(sweep_dir, SWEEP_STATE), json.dumps(data, indent=2) + "\n")
+
+
+def load_plan(sweep_dir: str) -> SweepPlan:
+    path = os.path.join(sweep_dir, SWEEP_STATE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: {sweep_dir!r} holds no sweep ({SWEEP_STATE} is missing)")
+    with open(path) as fh:
+        d = json.load(fh)
+    trials = [TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"]) for t in d["trials"]]
+    return SweepPlan(trials, d.get("warmup_key"), d.get("warmup_checkpoint"), d.get("parent_run_id"),
+                     d.get("stats", {}))
+
+
+# -- driver --------------------------------------------------------------------------------------------------------
+
+
+def _trainable_resources(embedded: bool) -> dict[str, float]:
+    # A Tune trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2).
+    return {"driver_slot": 1} if embedded else {"CPU": 0.01}
+
+
+def max_concurrent(exp: Experiment) -> int:
+    """Trials that fit at once: cluster CPUs (or GPUs) divided by what one trial's workers need."""
+    import ray
+
+    if exp.sweep.max_concurrent_trials:
+        return exp.sweep.max_concurrent_trials
+    total = ray.cluster_resources()
+    w = max(exp.sweep.workers_per_trial, 1)
+    if exp.dist.gpus_per_worker > 0:
+        return max(int(total.get("GPU", 0) // (w * exp.dist.gpus_per_worker)), 1)
+    return max(int(total.get("CPU", 1) // (w * exp.dist.cpus_per_worker)), 1)
+
+
+def run_warmup(exp: Experiment, sweep_dir: str) -> tuple[str, str]:
+    """Run (or reuse) the shared weight warm-up; returns ``(key, checkpoint path)``.
+
+    The warm-up is a normal search stopped after ``train.warmup_epochs`` epochs; it is cached under
+    ``<out_dir>/warmup/<key>`` so a second sweep with the same space, data and seed reuses it.
+    """
+    from proxyless_ray.ray_trainer import build_trainer
+    from proxyless_ray.search_state import read_meta
+
+    key = warmup_key(exp)
+    cache = os.path.abspath(os.path.join(exp.out_dir, "warmup"))
+    d = exp.to_dict()
+    d["name"] = key
+    d["dist"]["workers"] = max(exp.sweep.workers_per_trial, 1)
+    d["dist"]["storage_path"] = cache
+    d["latency"]["profile"] = exp.sweep.hardware[0]  # only priced for metrics; alpha is frozen in warm-up
+    wexp = Experiment.from_dict(d, source="warm-up")
+    done = _latest_warmup_checkpoint(os.path.join(cache, key), exp.train.warmup_epochs)
+    if done is not None:
+        print(f"[sweep] reusing shared warm-up {key} ({done})", file=sys.stderr, flush=True)
+        return key, done
+    print(f"[sweep] shared warm-up {key}: {exp.train.warmup_epochs} epochs, once for every trial",
+          file=sys.stderr, flush=True)
+    result = build_trainer(wexp, key, {"until_epoch": exp.train.warmup_epochs, "progress": False}).fit()
+    if result.error is not None:
+        raise result.error
+    path = result.checkpoint.path
+    if read_meta(path)["epoch"] != exp.train.warmup_epochs:
+        raise RuntimeError(f"warm-up checkpoint {path!r} is not at epoch {exp.train.warmup_epochs}")
+    return key, path
+
+
+def _latest_warmup_checkpoint(run_dir: str, epoch: int) -> str | None:
+    if not os.path.isdir(run_dir):
+        return None
+    from proxyless_ray.search_state import META_FILE, read_meta
+
+    for name in sorted(os.listdir(run_dir), reverse=True):
+        folder = os.path.join(run_dir, name)
+        if name.startswith("checkpoint_") and os.path.isfile(os.path.join(folder, META_FILE)):
+            if read_meta(folder)["epoch"] == epoch:
+                return folder
+    return None
+
+
+def build_tune_scheduler(exp: Experiment, sweep_dir: str):
+    """FIFO, ASHA on the scalarised score, or the Pareto-aware MO-ASHA with persisted rung records."""
+    from proxyless_ray.schedulers import build_scheduler
+
+    sw = exp.sweep
+    max_t = max(exp.train.epochs - exp.train.warmup_epochs, 1)
+    common = {"time_attr": "search_epoch", "max_t": max_t, "grace_period": min(sw.grace_period, max_t),
+              "reduction_factor": sw.reduction_factor}
+    if sw.scheduler == "fifo":
+        return build_scheduler("fifo")
+    if sw.scheduler == "asha":
+        return build_scheduler("asha", stop_last_trials=False, **common)
+    return build_scheduler("pareto", group_by="trial.hardware", stop_last_trials=False,
+                           state_path=os.path.join(sweep_dir, SCHEDULER_STATE), **common)
+
+
+def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, Any]:
+    """Run the experiment's sweep on Ray Tune and write the Pareto report; returns the report summary.
+
+    Args:
+        exp: Experiment with a ``sweep`` section.
+        resume: Continue an interrupted sweep in ``<out_dir>/<name>`` (``Tuner.restore``): finished trials are not
+            rerun and the Pareto scheduler's rung records come back from disk.
+        tracker: A :class:`proxyless_ray.tracking.Tracker` (or None for no tracking).
+    """
+    import shutil
+
+    import ray
+    from ray import tune
+
+    from proxyless_ray.ray_trainer import check_placeable, connect
+    from proxyless_ray.results import check_writable
+    from proxyless_ray.sweep_report import summarize_sweep
+
+    sweep_dir = os.path.abspath(exp.output_dir)
+    tune_path = os.path.join(sweep_dir, TUNE_DIR)
+    if resume:
+        plan = load_plan(sweep_dir)
+        if not tune.Tuner.can_restore(tune_path):
+            raise FileNotFoundError(f"--resume: {tune_path!r} holds no restorable Tune experiment")
+    else:
+        check_writable(sweep_dir)
+        plan = SweepPlan(sweep_grid(exp))
+        for sub in (TUNE_DIR, TRIALS_DIR, "ray"):  # a fresh sweep never mixes with leftovers of an old one
+            shutil.rmtree(os.path.join(sweep_dir, sub), ignore_errors=True)
+        for name in (SCHEDULER_STATE, SWEEP_STATE):
+            if os.path.exists(os.path.join(sweep_dir, name)):
+                os.unlink(os.path.join(sweep_dir, name))
+        os.makedirs(sweep_dir, exist_ok=True)
+    from proxyless_ray.data import build_splits
+
+    build_splits(exp.data, exp.space)  # bad data fails before any worker starts
+    embedded = exp.dist.address is None
+    connect(exp, num_cpus=os.cpu_count(), resources={"driver_slot": 64} if embedded else None)
+    t0 = time.time()
+    try:
+        check_placeable(exp, workers=max(exp.sweep.workers_per_trial, 1))
+        if tracker is not None and plan.parent_run_id is None:
+            plan.parent_run_id = tracker.start_parent("sweep", exp.name, exp, run_key=sweep_dir)
+        if exp.sweep.shared_warmup and exp.train.warmup_epochs > 0 and plan.warmup_checkpoint is None:
+            tw = time.time()
+            plan.warmup_key, plan.warmup_checkpoint = run_warmup(exp, sweep_dir)
+            plan.stats["warmup_s"] = time.time() - tw
+        save_plan(plan, sweep_dir)
+        param_space = {
+            "trial": tune.grid_search([t.to_dict() for t in plan.trials]),
+            "experiment": exp.to_dict(),
+            "sweep_dir": sweep_dir,
+            "warmup_checkpoint": plan.warmup_checkpoint,
+            "parent_run_id": plan.parent_run_id,
+        }
+        trainable = tune.with_resources(train_driver_fn, _trainable_resources(embedded))
+        callbacks = [TrialLogCallback(len(plan.trials))]
+        if tracker is not None:
+            callbacks.append(tracker.tune_callback(plan.parent_run_id))
+        if resume:
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=param_space)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(scheduler=build_tune_scheduler(exp, sweep_dir),
+                                            max_concurrent_trials=max_concurrent(exp),
+                                            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir, callbacks=callbacks, verbose=0),
+            )
+        grid = tuner.fit()
+        plan.stats["sweep_s"] = plan.stats.get("sweep_s", 0.0) + time.time() - t0
+        save_plan(plan, sweep_dir)
+        summary = summarize_sweep(exp, grid, plan, sweep_dir)
+        if tracker is not None:
+            tracker.finish_sweep(plan.parent_run_id, sweep_dir, summary)
+        return summary
+    finally:
+        ray.shutdown()
