@@ -217,3 +217,21 @@ def test_deleted_experiment_name_clash_explains_the_fix(searched):
     with pytest.raises(ValueError, match=r"was deleted.*mlflow experiments restore --experiment-id \d+.*mlflow gc "
                                          r".*--experiment-ids \d+.*tracking.experiment"):
         Tracker(doomed).ensure_experiment()
+
+
+@requires_fmnist
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_search_logs_each_committed_epoch_from_the_train_controller(tmp_path):
+    from proxyless_ray.ray_trainer import run_ray_search
+
+    exp, uri = _tracked(tmp_path, register_models=False)
+    exp = with_overrides(exp, dist={"workers": 1})
+    result = run_ray_search(exp)
+    client = MlflowClient(uri)
+    runs = _runs(client)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    child = next(r for r in runs if r.data.tags["role"] == "child")
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "heldout_acc")] == [1, 2]
+    assert child.data.tags["derived_arch"] == result["arch"]
+    assert "plots/arch.png" in _artifacts(client, child.info.run_id)
