@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = (
     "proxyless_ray.commands.search",
     "proxyless_ray.commands.sweep",
+    "proxyless_ray.commands.train",
     "proxyless_ray.commands.prepare_data",
     "proxyless_ray.commands.profile",
     "proxyless_ray.commands.tracking",

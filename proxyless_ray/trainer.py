@@ -22,13 +22,14 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 def format_epoch(m: dict[str, Any]) -> str:
-    """One log line per epoch."""
-    line = (f"epoch {m['epoch']:>3} {m['phase']:<6} loss {m['train_loss']:.3f} train {m['train_acc']:.3f} "
-            f"held-out {m['heldout_acc']:.3f} E[lat] {m['expected_latency_ms']:.3f} ms H {m['entropy']:.2f} "
-            f"{m['images_per_s']:.0f} img/s")
-    if "test_acc" in m:
-        line += f" | test {m['test_acc']:.4f}"
-    return line
+    """One log line per epoch (search or retraining metrics; missing fields are left out)."""
+    parts = [f"epoch {m.get('epoch', '?'):>3}", f"{m.get('phase', ''):<6}"]
+    for key, label, fmt in (("train_loss", "loss", ".3f"), ("train_acc", "train", ".3f"),
+                            ("heldout_acc", "held-out", ".3f"), ("expected_latency_ms", "E[lat] ms", ".3f"),
+                            ("entropy", "H", ".2f"), ("images_per_s", "img/s", ".0f"), ("test_acc", "| test", ".4f")):
+        if isinstance(m.get(key), (int, float)):
+            parts.append(f"{label} {m[key]:{fmt}}")
+    return " ".join(parts)
 
 
 class LocalReporter:
