@@ -250,6 +250,13 @@ class Tracker:
         where = f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_key = {_quoted(trial_key)}"
         return self._reuse_or_create(where, reuse, tags, params, name or trial_key)
 
+    def find_child(self, parent_id: str, trial_key: str) -> str | None:
+        """The run id of the child with ``trial_key`` under ``parent_id`` (newest), or None."""
+        if not self.enabled or not parent_id:
+            return None
+        runs = self._find(f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_key = {_quoted(trial_key)}")
+        return runs[0].info.run_id if runs else None
+
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         """Log one epoch's numeric metrics in one batch; ``arch``/``phase``/``derived_arch`` become tags.
 
@@ -361,6 +368,30 @@ class Tracker:
             self.client.log_artifacts(parent_id, tmp, "pareto")
         if plot_path is not None:
             self.client.log_artifact(parent_id, plot_path, "pareto")
+
+    def tune_callback(self, parent_id: str):
+        """A Ray Tune ``Callback`` that keeps one child run per sweep trial under ``parent_id`` (Tune driver side).
+
+        See :class:`proxyless_ray.tracking_tune.MLflowTuneCallback`; with tracking disabled a callback that does
+        nothing.
+        """
+        from ray.tune import Callback
+
+        if not self.enabled or not parent_id:
+            return Callback()
+        from proxyless_ray.tracking_tune import MLflowTuneCallback
+
+        self.client.update_run(parent_id, status="RUNNING")  # a resumed sweep's parent runs again
+        return MLflowTuneCallback(self, parent_id)
+
+    def finish_sweep(self, parent_id: str, sweep_dir: str, summary: dict[str, Any]) -> bool:
+        """Sweep report on the parent, front networks registered, parent closed.
+
+        See :func:`proxyless_ray.tracking_tune.finish_sweep`.
+        """
+        from proxyless_ray.tracking_tune import finish_sweep
+
+        return finish_sweep(self, parent_id, sweep_dir, summary)
 
     def register_model(self, run_id: str, net, hardware: str, acc: float, latency_ms: float,
                        tags: dict[str, Any] | None = None) -> int | None:

@@ -41,7 +41,7 @@ def results_table(uri: str, experiment: str, hardware: str | None = None, parent
         experiment: Experiment name.
         hardware: Only this hardware (profile name).
         parent_id: Only children of this parent run (one sweep).
-        include_unfinished: Also running / failed runs that logged both metrics.
+        include_unfinished: Also running, failed and early-stopped runs that logged both metrics.
 
     Returns:
         Columns ``hardware, trial_id`` (the run id) ``, lam, beta, target_ms, heldout_acc, expected_latency_ms, arch,
@@ -71,6 +71,8 @@ def results_table(uri: str, experiment: str, hardware: str | None = None, parent
         tags, metrics = run.data.tags, run.data.metrics
         if "heldout_acc" not in metrics or "expected_latency_ms" not in metrics:
             continue
+        if not include_unfinished and tags.get("outcome", "finished") != "finished":
+            continue  # a trial a scheduler stopped early is no front candidate
         records.append({"hardware": tags.get("hardware", tags.get("profile", "?")), "trial_id": run.info.run_id,
                         "lam": _float(tags.get("lambda")), "beta": _float(tags.get("beta")),
                         "target_ms": _float(tags.get("target_ms")), "heldout_acc": metrics["heldout_acc"],
@@ -133,13 +135,15 @@ def format_table(table: pd.DataFrame) -> str:
     for hw, rows in table.groupby("hardware", sort=True):
         rows = rows.sort_values(["expected_latency_ms", "heldout_acc"], ascending=[True, False])
         n_front = int(rows["on_front"].sum())
+        names = [str(r.get("run_name") or r["trial_id"])[:40] for _, r in rows.iterrows()]
+        width = max(len(n) for n in names + ["run"])
         lines = [f"== {hw}: {len(rows)} run(s), {n_front} on the Pareto front (*) ==",
-                 f"{'':1} {'E[lat] ms':>10} {'held-out':>8} {'test':>7} {'coef':>12}  {'run':<14} arch"]
-        for _, r in rows.iterrows():
+                 f"{'':1} {'E[lat] ms':>10} {'held-out':>8} {'test':>7} {'coef':>12}  {'run':<{width}} arch"]
+        for name, (_, r) in zip(names, rows.iterrows()):
             coef = _coef(r)
             test = "" if r.get("test_acc") is None or pd.isna(r.get("test_acc")) else f"{r['test_acc']:.4f}"
             lines.append(f"{'*' if r['on_front'] else ' '} {r['expected_latency_ms']:>10.4g} {r['heldout_acc']:>8.4f} "
-                         f"{test:>7} {coef:>12}  {str(r.get('run_name') or r['trial_id'])[:14]:<14} {r['arch'] or ''}")
+                         f"{test:>7} {coef:>12}  {name:<{width}} {r['arch'] or ''}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

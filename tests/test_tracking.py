@@ -219,6 +219,81 @@ def test_deleted_experiment_name_clash_explains_the_fix(searched):
         Tracker(doomed).ensure_experiment()
 
 
+class StandInTrial:
+    """What the Tune callback reads from a ``ray.tune.experiment.Trial`` (Tune itself runs in the sweep's tests)."""
+
+    def __init__(self, trial_id: str, config: dict, error: Exception | None = None):
+        self.trial_id, self.config, self.error, self.last_result = trial_id, config, error, {}
+
+    def get_error(self):
+        return self.error
+
+
+@requires_fmnist
+def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_the_front(searched, tmp_path):
+    import pandas as pd
+
+    exp, uri, result = searched
+    base = with_overrides(exp, tracking={"experiment": "sweep-callback"})
+    sweep_dir = str(tmp_path / "sweep")
+    t = Tracker(base)
+    parent = t.start_parent("sweep", "sweep cb", base, run_key=sweep_dir)
+
+    def config(lam):
+        key = f"pixel1-add-lam{lam:g}"
+        return {"trial": {"hardware": "pixel1", "loss": "add", "lam": lam, "beta": None, "target_ms": None,
+                          "key": key}, "experiment": base.to_dict(), "sweep_dir": sweep_dir}
+
+    done, stopped, broken = (StandInTrial("a", config(0.1)), StandInTrial("b", config(0.5)),
+                             StandInTrial("c", config(0.9), RuntimeError("worker died\nboom")))
+    cb = t.tune_callback(parent)
+    for trial in (done, stopped, broken):
+        cb.on_trial_start(0, [], trial)
+    for epoch in (1, 2):
+        cb.on_trial_result(0, [], done, {"epoch": epoch, "heldout_acc": 0.5 + epoch / 10, "arch": "mb_k3_e1_c8_s1",
+                                         "expected_latency_ms": 0.3, "training_iteration": epoch, "time_total_s": 1})
+    cb.on_trial_result(0, [], stopped, {"epoch": 1, "heldout_acc": 0.9, "expected_latency_ms": 0.1})
+    again = t.tune_callback(parent)  # a restored sweep: new callback, same trials, epoch 2 reported again
+    again.on_trial_start(0, [], done)
+    again.on_trial_result(0, [], done, {"epoch": 2, "heldout_acc": 0.0, "expected_latency_ms": 9.9})
+    shutil.copytree(exp.output_dir, os.path.join(sweep_dir, "trials", "pixel1-add-lam0.1"))
+    again.on_trial_complete(0, [], done)
+    again.on_trial_complete(0, [], stopped)
+    again.on_trial_error(0, [], broken)
+
+    children = {r.data.tags["trial_key"]: r for r in t.client.search_runs([t.ensure_experiment()],
+                                                                           "tags.role = 'child'")}
+    assert sorted(children) == ["pixel1-add-lam0.1", "pixel1-add-lam0.5", "pixel1-add-lam0.9"]
+    a = children["pixel1-add-lam0.1"]
+    assert a.info.status == "FINISHED" and a.data.tags["outcome"] == "finished" and a.data.tags["lambda"] == "0.1"
+    assert [(m.step, m.value) for m in t.client.get_metric_history(a.info.run_id, "heldout_acc")] == [(1, 0.6),
+                                                                                                     (2, 0.7)]
+    assert "training_iteration" not in a.data.metrics
+    assert {"arch.json", "plots/arch.png", "profile/pixel1.yaml"} <= _artifacts(t.client, a.info.run_id)
+    assert children["pixel1-add-lam0.5"].data.tags["outcome"] == "stopped"
+    c = children["pixel1-add-lam0.9"]
+    assert c.info.status == "FAILED" and c.data.tags["failure_reason"] == "boom"
+
+    rows = [{"trial_id": "pixel1-add-lam0.1", "hardware": "pixel1", "heldout_acc": 0.7, "expected_latency_ms": 0.3,
+             "on_front": True, "finished": True, "out_dir": os.path.join(sweep_dir, "trials", "pixel1-add-lam0.1")},
+            {"trial_id": "pixel1-add-lam0.5", "hardware": "pixel1", "heldout_acc": 0.9, "expected_latency_ms": 0.1,
+             "on_front": False, "finished": False, "out_dir": "-"}]
+    pd.DataFrame(rows).to_parquet(os.path.join(sweep_dir, "pareto.parquet"))
+    assert t.finish_sweep(parent, sweep_dir, {"name": "cb"}) is True
+    assert t.client.get_run(parent).info.status == "FINISHED"
+    assert {"pareto/pareto.parquet", "pareto/summary.json"} <= _artifacts(t.client, parent)
+    versions = model_versions(uri, "pixel1")
+    assert [v.tags["trial"] for v in versions] == ["pixel1-add-lam0.1"]
+    assert versions[0].run_id == a.info.run_id
+    assert t.finish_sweep(parent, sweep_dir, {"name": "cb"}) is True  # resumed sweep: no second version
+    assert len(model_versions(uri, "pixel1")) == 1
+    # only the trial that ran to the end is a front candidate when read back from MLflow
+    from proxyless_ray.tracking_results import results_table
+
+    table = results_table(uri, "sweep-callback", parent_id=parent)
+    assert table["trial_id"].tolist() == [a.info.run_id]
+
+
 @requires_fmnist
 @pytest.mark.ray
 @pytest.mark.slow
