@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "proxyless_ray.commands.search",
     "proxyless_ray.commands.sweep",
     "proxyless_ray.commands.train",
+    "proxyless_ray.commands.demo",
     "proxyless_ray.commands.prepare_data",
     "proxyless_ray.commands.profile",
     "proxyless_ray.commands.tracking",
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: spin-waiting threads stall multi-threaded ops on a shared 2-core machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

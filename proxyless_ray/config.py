@@ -92,8 +92,7 @@ class DistConfig:
     checkpoint_every: int = 1  # epochs
     checkpoints_to_keep: int = 2
     max_failures: int = 1
-    connect_timeout_s: float = 60.0
-    placement_timeout_s: float = 120.0
+    connect_timeout_s: float = 60.0  # bound on reaching a cluster address
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,12 @@ from ray.train import UserCallback
 from proxyless_ray.config import Experiment
 
 RUN_PREFIX = "search"
+# Passive OpenMP waiting: with the default spin-wait, a 2-thread torch op stalls ~100 ms whenever the cores are
+# shared with other workers (measured on a 2-core VM).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ValueError):
     """The Ray cluster cannot be reached or cannot ever place the requested workers."""
 
 
@@ -152,6 +155,7 @@ def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | Non
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # one line per epoch is ours to print
+            worker_runtime_env={"env_vars": WORKER_ENV},
         ),
     )
 
@@ -170,7 +174,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     """
     import ray
 
-    from proxyless_ray.latency.model import load_latency_model
+    from proxyless_ray.latency.model import load_latency_model_for
     from proxyless_ray.results import check_writable, write_search_outputs
     from proxyless_ray.tracking_search import SearchTracking
     from proxyless_ray.trainer import shipped_models
@@ -179,7 +183,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     check_writable(out)
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
     tracking.check()
-    model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
     from proxyless_ray.data import build_splits
 
     build_splits(exp.data, exp.space)  # bad data fails here, before any worker starts

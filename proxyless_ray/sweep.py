@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from proxyless_ray.arch import atomic_write_text
 from proxyless_ray.config import Experiment
-from proxyless_ray.latency.model import load_latency_model
+from proxyless_ray.latency.model import load_latency_model_for
 
 TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler_state.json"
@@ -79,7 +79,7 @@ def sweep_grid(exp: Experiment) -> list[TrialSpec]:
     if not sw.hardware:
         raise ValueError("sweep.hardware is empty; list the hardware profiles to sweep, e.g. [cpu_2threads, pixel1]")
     for hw in sw.hardware:
-        load_latency_model(hw)  # unknown profile -> FileNotFoundError/ValueError naming it
+        load_latency_model_for(hw, exp.space)  # unknown profile or one for another space: an error naming it
     rng = random.Random(exp.train.seed)
 
     def values(name: str, given: tuple[float, ...] | list[float]) -> list[float]:
@@ -169,7 +169,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     if result.error is not None:
         raise result.error
     if result.checkpoint is not None and (result.metrics or {}).get("finished"):
-        model = load_latency_model(exp.latency.profile)
+        model = load_latency_model_for(exp.latency.profile, exp.space)
         with result.checkpoint.as_directory() as folder:
             write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
 

@@ -33,7 +33,7 @@ from proxyless_ray.data import Splits, build_splits, iterate
 from proxyless_ray.data.sharding import shard_batches
 from proxyless_ray.evaluate import accuracy, derived_network, recalibrate_bn, to_device
 from proxyless_ray.latency.expected import SupernetLatency
-from proxyless_ray.latency.model import LatencyModel, load_latency_model
+from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.mixed_op import GateMode
 from proxyless_ray.network import ProxylessNet
 from proxyless_ray.objective import latency_objective, reward
@@ -80,11 +80,18 @@ class SearchLoop:
         if exp.train.threads > 0:
             torch.set_num_threads(exp.train.threads)
         self.splits = splits or build_splits(exp.data, exp.space)
-        self.model = latency_model or load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+        self.model = latency_model or load_latency_model_for(exp.latency.profile, exp.space,
+                                                             strict=exp.latency.strict)
         self.lat = SupernetLatency(self.model, exp.space)
         self.other_models = other_models or {}
         self.mode = GateMode(exp.train.gate_mode)
         self.state: SearchState = new_state(exp, self.device)
+        if exp.train.sync_bn:
+            if self.device.type == "cpu":
+                raise ValueError("train.sync_bn needs GPU workers (SyncBatchNorm all-reduces over NCCL); on CPU "
+                                 "keep the per-worker BatchNorm statistics (train.sync_bn: false)")
+            # Safe with path binarization: every rank runs the same sampled path, so the same BN layers sync.
+            self.state.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.state.net)
         self.cl = exp.train.channels_last
         if self.cl:
             self.state.net.to(memory_format=torch.channels_last)
@@ -141,6 +148,7 @@ class SearchLoop:
         arch_losses: list[float] = []
         t0 = time.perf_counter()
         weight_s = 0.0
+        ar0 = self.comm.allreduce_s
         bar = Progress(len(plan), f"epoch {epoch + 1}/{t.epochs} {'warm-up' if warm else 'search'}",
                        enabled=self.progress)
         for i, (x, y) in enumerate(iterate(self.splits.train, plan, train=True, seed=t.seed * 10_007 + epoch)):
@@ -190,6 +198,7 @@ class SearchLoop:
             "entropy": net.entropy(),
             "images_per_s": seen / max(elapsed, 1e-9),
             "weight_images_per_s": seen / max(weight_s, 1e-9),  # global images / this rank's weight-step time
+            "allreduce_share": (self.comm.allreduce_s - ar0) / max(elapsed, 1e-9),
             "lr": st.w_opt.param_groups[0]["lr"],
             "arch": arch.arch_string(),
             "choices": choices,

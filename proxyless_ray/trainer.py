@@ -14,7 +14,7 @@ from typing import Any
 
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
-from proxyless_ray.latency.model import LatencyModel, load_latency_model
+from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.results import check_writable, write_search_outputs
 from proxyless_ray.train_loop import SearchLoop
 
@@ -83,7 +83,7 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
     check_writable(out)
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
     tracking.check()
-    model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
     others = shipped_models()
     reporter = LocalReporter(out, exp.dist.checkpoints_to_keep, echo)
 

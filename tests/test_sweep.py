@@ -1,0 +1,113 @@
+"""A real sweep (Ray Tune over Ray Train trials): killed mid-way, resumed, and its Pareto report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from conftest import TINY_SPACE, requires_fmnist
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
+
+
+def write_config(tmp_path, scheduler="pareto"):
+    cfg = {
+        "name": "sweep",
+        "out_dir": str(tmp_path / "runs"),
+        "space": TINY_SPACE,
+        "data": {"train_subset": 256, "heldout_size": 128, "test_subset": 256, "batch_size": 32,
+                 "eval_batch_size": 128},
+        "train": {"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
+                  "channels_last": False, "arch_lr": 0.05},
+        "sweep": {"hardware": ["pixel1", "v100_roofline"], "lambdas": [0.05, 2.0], "scheduler": scheduler,
+                  "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2},
+        "tracking": {"enabled": False},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text("# test sweep\n" + yaml.safe_dump(cfg))
+    return path, tmp_path / "runs" / "sweep"
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (its embedded Ray included): no orphans left behind."""
+    sid = os.getsid(proc.pid)
+    victims = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == sid]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def test_sweep_killed_then_resumed_reports_the_pareto_front(tmp_path):
+    cfg, sweep_dir = write_config(tmp_path)
+    cmd = [sys.executable, "-m", "proxyless_ray.cli", "sweep", str(cfg)]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished_before: dict[str, float] = {}
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            trials = sweep_dir / "trials"
+            done = [p for p in trials.glob("*/result.json")] if trials.exists() else []
+            if done:
+                finished_before = {p.parent.name: p.stat().st_mtime for p in done}
+                break
+            time.sleep(1)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + open(log.name).read()[-3000:]
+        assert finished_before, "no trial finished in time"
+        records_before = json.loads((sweep_dir / "scheduler_state.json").read_text())["records"]
+    finally:
+        kill_session(proc)
+        log.close()
+    assert records_before, "the Pareto scheduler recorded rungs before the kill"
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # finished trials were not rerun
+    for name, mtime in finished_before.items():
+        assert (sweep_dir / "trials" / name / "result.json").stat().st_mtime == mtime, name
+    # the scheduler's rung records survived the restore (it reloaded them, then kept adding)
+    records_after = json.loads((sweep_dir / "scheduler_state.json").read_text())["records"]
+    for group, rungs in records_before.items():
+        for rung, trials in rungs.items():
+            assert set(trials) <= set(records_after[group][rung])
+    # the report: one row per trial, a front per hardware, files written, readable terminal table
+    table = pd.read_parquet(sweep_dir / "pareto.parquet")
+    assert sorted(table["trial_id"]) == ["pixel1-add-lam0.05", "pixel1-add-lam2", "v100_roofline-add-lam0.05",
+                                         "v100_roofline-add-lam2"]
+    for hw in ("pixel1", "v100_roofline"):
+        assert table[(table["hardware"] == hw) & table["on_front"]].shape[0] >= 1
+    assert {"latency_pixel1_ms", "latency_v100_roofline_ms", "latency_cpu_1thread_ms", "arch"} <= set(table.columns)
+    assert (sweep_dir / "pareto.csv").is_file() and (sweep_dir / "pareto.png").is_file()
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["trials"] == 4 and summary["shared_warmup"]
+    assert "== pixel1 ==" in resumed.stdout and "== v100_roofline ==" in resumed.stdout
+    assert len((resumed.stdout + resumed.stderr).splitlines()) < 600  # progress stays readable
+
+
+def test_workers_per_trial_beyond_the_cluster(tmp_path):
+    cfg, _ = write_config(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["sweep"]["workers_per_trial"] = 64
+    cfg.write_text("# t\n" + yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "proxyless_ray.cli", "sweep", str(cfg)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2
+    assert "64 workers x 1 CPU need 64 CPU" in out.stderr
