@@ -199,6 +199,8 @@ class SearchLoop:
             "images_per_s": seen / max(elapsed, 1e-9),
             "weight_images_per_s": seen / max(weight_s, 1e-9),  # global images / this rank's weight-step time
             "allreduce_share": (self.comm.allreduce_s - ar0) / max(elapsed, 1e-9),
+            "weight_step_s": weight_s,
+            "epoch_s": elapsed,
             "lr": st.w_opt.param_groups[0]["lr"],
             "arch": arch.arch_string(),
             "choices": choices,

@@ -1,0 +1,121 @@
+"""Benchmark (slow, not part of CI): does hardware-aware search beat random architectures? Prints one JSON object.
+
+On Fashion-MNIST with the small space and one fixed training budget for every network:
+
+1. a lambda sweep per hardware profile (``cpu_1thread``, ``pixel1``, ``v100_roofline``) finds networks;
+2. 10 networks sampled uniformly from the same space and a MobileNetV2-style baseline (every layer k3 e6, no zero
+   layers) are the comparison;
+3. every network (searched, random, baseline) is retrained from scratch with the same budget; reported: test
+   accuracy, predicted latency on every profile, and latency measured on this CPU (1 thread, batch 1);
+4. per hardware, the hypervolume (test accuracy up, predicted latency down) of the searched front against the
+   random front, under the same reference point; target: searched above random for every hardware;
+5. the cross-hardware matrix: each hardware's searched networks priced on every profile; target: the network
+   searched for a platform is the fastest on that platform among networks of similar accuracy (within 1 point).
+
+Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick]`` (hours on 2 cores without --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+
+import pandas as pd
+
+from proxyless_ray.arch import Arch
+from proxyless_ray.config import Experiment
+from proxyless_ray.latency.model import arch_latency, load_latency_model
+from proxyless_ray.pareto import hypervolume_2d, pareto_front_mask
+from proxyless_ray.retrain import run_retrain
+from proxyless_ray.space import SearchSpace
+from proxyless_ray.sweep import run_sweep
+
+HARDWARE = ["cpu_1thread", "pixel1", "v100_roofline"]
+
+
+def base(out: str, quick: bool, epochs: int) -> dict:
+    return {
+        "out_dir": out,
+        "data": {"train_subset": 3000 if quick else 12000, "heldout_size": 2000, "test_subset": 3000 if quick else 0,
+                 "batch_size": 64},
+        "train": {"epochs": epochs, "warmup_epochs": 2, "arch_lr": 0.05, "arch_update_every": 2, "threads": 1},
+        "dist": {"workers": 0},
+        "tracking": {"enabled": False},
+    }
+
+
+def front_hypervolume(part: pd.DataFrame, col: str, ref: tuple[float, float]) -> float:
+    """Hypervolume of the (test accuracy up, ``col`` latency down) front of ``part``."""
+    pts = part[["test_acc", col]].to_numpy()
+    return hypervolume_2d(pts[pareto_front_mask(pts)], ref) if len(pts) else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--epochs", type=int, default=3, help="retraining budget per network")
+    parser.add_argument("--random", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = args.out or tempfile.mkdtemp(prefix="bench-quality-")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    lambdas = [0.03, 1.0] if args.quick else [0.01, 0.1, 0.3, 1.0, 3.0]
+    sweep_cfg = base(out, args.quick, 3 if args.quick else 6)
+    sweep_cfg.update(name="search", sweep={"hardware": HARDWARE, "lambdas": lambdas, "scheduler": "fifo",
+                                           "shared_warmup": True})
+    sweep_cfg["dist"] = {"workers": 1}
+    run_sweep(Experiment.from_dict(sweep_cfg))
+    table = pd.read_parquet(os.path.join(out, "search", "pareto.parquet"))
+    space = SearchSpace()
+    rng = random.Random(0)
+    nets: list[tuple[str, str, Arch]] = []
+    for _, r in table[table["finished"]].iterrows():
+        nets.append(("searched", r["hardware"], Arch.load(os.path.join(r["out_dir"], "arch.json"))))
+    for i in range(args.random):
+        nets.append(("random", "-", space.sample(rng, name=f"random{i}").without_zeros()))
+    mbv2 = space.arch_from_blocks([f"mb_k3_e6_c{s.out_chs}_s{s.stride}" for s in space.slots()], name="mbv2_k3e6")
+    nets.append(("baseline", "-", mbv2))
+    models = {hw: load_latency_model(hw) for hw in HARDWARE}
+    rows = []
+    retrain_exp = Experiment.from_dict({**base(out, args.quick, args.epochs), "name": "retrain"})
+    for kind, hw, arch in nets:
+        name = arch.name or f"{kind}-{len(rows)}"
+        path = os.path.join(out, "archs", f"{len(rows):02d}-{name}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        arch = Arch(arch.stem, arch.stages, arch.feature_mix, arch.num_classes, arch.resolution, arch.in_chs,
+                    arch.dropout, f"{len(rows):02d}-{name}")
+        arch.save(path)
+        res = run_retrain(retrain_exp, path, epochs=args.epochs)
+        row = {"kind": kind, "searched_for": hw, "name": arch.name, "arch": arch.arch_string(),
+               "test_acc": res["test_acc"], "measured_cpu_ms": res["measured_cpu_latency_ms"]}
+        row.update({f"pred_{h}_ms": arch_latency(m, arch)[0] for h, m in models.items()})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    hv, fastest = {}, {}
+    for hw in HARDWARE:
+        col = f"pred_{hw}_ms"
+        searched = df[(df["kind"] == "searched") & (df["searched_for"] == hw)]
+        rand = df[df["kind"] == "random"]
+        ref = (0.0, 1.1 * float(df[col].max()))
+
+        hv_s, hv_r = front_hypervolume(searched, col, ref), front_hypervolume(rand, col, ref)
+        hv[hw] = {"searched": hv_s, "random": hv_r, "searched_above_random": hv_s > hv_r}
+        best = searched.sort_values("test_acc", ascending=False).head(1)
+        if len(best):
+            acc = float(best["test_acc"].iloc[0])
+            similar = df[(df["test_acc"] >= acc - 0.01)]
+            fastest[hw] = {"searched_net": best["name"].iloc[0], "its_ms": float(best[col].iloc[0]),
+                           "fastest_similar": similar.sort_values(col).iloc[0]["name"],
+                           "is_fastest": similar.sort_values(col).iloc[0]["name"] == best["name"].iloc[0]}
+    cross = {hw: df[(df["kind"] == "searched") & (df["searched_for"] == hw)]
+             [[f"pred_{h}_ms" for h in HARDWARE] + ["test_acc"]].mean().to_dict() for hw in HARDWARE}
+    print(json.dumps({"benchmark": "search_quality", "retrain_epochs": args.epochs, "networks": rows,
+                      "hypervolume": hv, "fastest_among_similar_accuracy": fastest,
+                      "cross_hardware_mean_predicted_ms": cross, "out": out}, default=float))
+
+
+if __name__ == "__main__":
+    main()
