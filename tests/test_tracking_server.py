@@ -47,32 +47,40 @@ def _stop(pid: int, timeout_s: float = 30.0) -> None:
         pass
 
 
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a broken server fails the test, not hangs it
-    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # one process fewer to start; jobs unused
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server for the module (a cold start takes 15 s on an idle machine, minutes on a loaded one)."""
+    tmp = tmp_path_factory.mktemp("server")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # a broken server fails the test, not hangs it
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # one process fewer to start; jobs unused here
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-           "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+           "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, timeout_s=240)  # ~15 s on an idle machine, minutes under load
-        yield url
+        wait_healthy(url, proc, timeout_s=240)
+        yield url, tmp
     finally:
         _stop(proc.pid)
         log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @requires_fmnist
 def test_search_against_a_tracking_server(tmp_path, mlflow_server):
-    uri = mlflow_server
-    exp = tiny_experiment(tmp_path, tracking={"enabled": True, "uri": uri})
+    uri, server_dir = mlflow_server
+    exp = tiny_experiment(tmp_path, tracking={"enabled": True, "uri": uri, "experiment": "one-search"})
     result = run_local(exp, echo=False)
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name("proxyless-ray")
+    found = client.get_experiment_by_name("one-search")
     assert found.artifact_location.startswith("mlflow-artifacts:")  # the server proxies artifacts
     runs = list(client.search_runs([found.experiment_id]))
     assert len(runs) == 2
@@ -86,7 +94,7 @@ def test_search_against_a_tracking_server(tmp_path, mlflow_server):
     png = client.download_artifacts(child.info.run_id, "plots/arch.png", str(tmp_path))
     assert open(png, "rb").read(4) == b"\x89PNG"
     assert "pareto" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert (tmp_path / "artifacts").is_dir()  # ... and live in the server's artifacts destination
+    assert (server_dir / "artifacts").is_dir()  # ... and live in the server's artifacts destination
     # registry: version numbers are strings through REST
     versions = client.search_model_versions("name = 'proxyless-flops'")
     assert [str(v.version) for v in versions] == ["1"]
@@ -96,7 +104,42 @@ def test_search_against_a_tracking_server(tmp_path, mlflow_server):
     with torch.no_grad():
         assert net(torch.randn(1, 1, 28, 28)).shape == (1, 10)
     # the results command reads the same server
-    assert main(["results", "--tracking-uri", uri]) == 0
+    assert main(["results", "--tracking-uri", uri, "--experiment", "one-search"]) == 0
+
+
+@requires_fmnist
+@pytest.mark.ray
+def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
+    from proxyless_ray.sweep import run_sweep
+    from proxyless_ray.tracking import Tracker
+
+    uri, _ = mlflow_server
+    exp = tiny_experiment(tmp_path, tracking={"enabled": True, "uri": uri, "experiment": "sweep"},
+                          sweep={"hardware": ["pixel1"], "lambdas": [0.0, 0.5], "scheduler": "fifo",
+                                 "workers_per_trial": 1, "max_concurrent_trials": 2}, dist={"workers": 1})
+    tracker = Tracker(exp)
+    tracker.check()
+    summary = run_sweep(exp, tracker=tracker)
+    assert summary["finished"] == 2
+    client = MlflowClient(uri)
+    runs = list(client.search_runs([client.get_experiment_by_name("sweep").experiment_id]))
+    parents = [r for r in runs if r.data.tags["role"] == "parent"]
+    children = {r.data.tags["trial_key"]: r for r in runs if r.data.tags["role"] == "child"}
+    assert len(parents) == 1 and parents[0].data.tags["kind"] == "sweep" and parents[0].info.status == "FINISHED"
+    assert sorted(children) == ["pixel1-add-lam0", "pixel1-add-lam0.5"]
+    for key, run in children.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["hardware"] == "pixel1" and run.data.tags["kind"] == "trial"
+        assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "finished"
+        # trials start after the shared warm-up (epoch 1), so each child holds the epochs its trial ran
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "expected_latency_ms")] == [2], key
+        assert "latency_cpu_1thread_ms" in run.data.metrics
+        assert "plots/alpha_heatmap.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"pareto/pareto.parquet", "pareto/pareto.csv", "pareto/pareto.png", "pareto/summary.json"} <= {
+        a.path for a in client.list_artifacts(parents[0].info.run_id, "pareto")}
+    versions = client.search_model_versions("name = 'proxyless-pixel1'")
+    front = {k for k, r in children.items() if any(v.run_id == r.info.run_id for v in versions)}
+    assert front and all(float(v.tags["latency_ms"]) > 0 for v in versions)
 
 
 def test_ui_command_serves_the_sqlite_store_on_localhost(tmp_path, capsys):
