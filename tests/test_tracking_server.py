@@ -1,6 +1,7 @@
 """Tracking against a real ``mlflow server`` (sqlite backend, proxied artifacts) and the ``proxyless-ray ui`` command.
 
-Each test starts its own server or UI on a free 127.0.0.1 port in a temp folder and stops it by its process id.
+The server (one per module) and the UI run on free 127.0.0.1 ports in temp folders, each in its own session, and
+are stopped through their process id (its process group).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]
 
 
 def _stop(pid: int, timeout_s: float = 30.0) -> None:
-    """SIGTERM to the server's parent process (it stops its workers), SIGKILL to its group if it hangs."""
+    """SIGTERM to the process group we started the server or UI in, SIGKILL to it if the parent hangs."""
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM)  # the group is ours alone: the process was started in its own session
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout_s
@@ -40,7 +41,7 @@ def _stop(pid: int, timeout_s: float = 30.0) -> None:
         except ChildProcessError:  # already reaped (subprocess cleans up dropped Popen objects)
             return
         time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)  # the server was started in its own session: this group is ours alone
+    os.killpg(pid, signal.SIGKILL)
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:

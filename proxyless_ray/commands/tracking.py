@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,24 +71,36 @@ def cmd_ui(args: argparse.Namespace) -> int:
     port = args.port or free_port(host)
     url = f"http://{host}:{port}"
     quiet = subprocess.DEVNULL if args.background else None
-    proc = subprocess.Popen(ui_command(uri, host, port), stdout=quiet, stderr=quiet,
-                            start_new_session=args.background)  # a background UI outlives this terminal's Ctrl-C
+    # Its own process group, so stopping it reaches every process it started; no job runner (GenAI jobs are not
+    # used here, and its consumers would outlive a plain kill of the UI).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(ui_command(uri, host, port), stdout=quiet, stderr=quiet, env=env, start_new_session=True)
     try:
         wait_healthy(url, proc)
     except (RuntimeError, KeyboardInterrupt):
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_group(proc)
         raise
     print(f"MLflow UI: {url}  (store {uri})", flush=True)
     if args.background:
-        print(f"pid {proc.pid}; stop it with: kill {proc.pid}", flush=True)
+        print(f"pid {proc.pid}; stop it with: kill -- -{proc.pid}", flush=True)
         return 0
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_group(proc)
         return 0
+
+
+def stop_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM to the UI's process group (it was started in its own session), SIGKILL if it does not stop."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def cmd_results(args: argparse.Namespace) -> int:
