@@ -135,9 +135,18 @@ class Tracker:
         return self._client
 
     def check(self, timeout_s: float = 5.0) -> None:
-        """:func:`check_reachable` on this store (no-op when disabled)."""
+        """Fail fast before any training: :func:`check_reachable`, then :meth:`ensure_experiment` (which also
+        creates a fresh sqlite database once, here on the driver, before any other process touches it).
+
+        No-op when disabled.
+
+        Raises:
+            TrackingUnavailable: the store cannot be reached or written.
+            ValueError: the experiment name belongs to a deleted experiment.
+        """
         if self.enabled:
             check_reachable(self.uri, timeout_s)
+            self.ensure_experiment()
 
     def ensure_experiment(self) -> str:
         """Create the experiment if needed and return its id.

@@ -37,7 +37,7 @@ class SearchTracking:
         self.parent_id = self.child_id = ""
 
     def check(self) -> None:
-        """Fail fast (``TrackingUnavailable``) when the store is unreachable; call before any training."""
+        """Fail fast (unreachable store, deleted experiment name) before any training: :meth:`Tracker.check`."""
         self.tracker.check()
 
     @contextmanager

@@ -216,7 +216,7 @@ def test_deleted_experiment_name_clash_explains_the_fix(searched):
     doomed = with_overrides(exp, tracking={"experiment": "doomed"})
     with pytest.raises(ValueError, match=r"was deleted.*mlflow experiments restore --experiment-id \d+.*mlflow gc "
                                          r".*--experiment-ids \d+.*tracking.experiment"):
-        Tracker(doomed).ensure_experiment()
+        Tracker(doomed).check()  # what the drivers call before any training
 
 
 class StandInTrial:
