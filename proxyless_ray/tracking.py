@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxyless_ray.config import Experiment, flatten
+from proxyless_ray.config import Experiment
 from proxyless_ray.tracking_store import (
     DEFAULT_DB,
     TrackingUnavailable,
@@ -33,69 +33,20 @@ from proxyless_ray.tracking_store import (
     resolve_uri,
     sqlite_path,
 )
+from proxyless_ray.tracking_tags import (
+    MAX_TAG_LEN,
+    experiment_params,
+    profile_info,
+    quoted,
+    search_tags,
+    text_value,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_PARAM_LEN = 6000  # MLflow's MAX_PARAM_VAL_LENGTH
-MAX_TAG_LEN = 8000  # MLflow's MAX_TAG_VAL_LENGTH
 BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch
 STRING_TAGS = {"arch": "current_arch", "phase": "phase", "derived_arch": "derived_arch"}  # string metrics -> tags
 SKIP_METRICS = ("rank", "pid")
-
-
-# -- tags and params ---------------------------------------------------------------------------------------------
-
-
-def profile_info(spec: str) -> dict[str, str]:
-    """``hardware`` (the profile's name, which names the registered models), ``device`` and ``platform``.
-
-    ``flops`` (the placeholder model) has no metadata.
-    """
-    if spec == "flops":
-        return {"hardware": "flops", "device": "none", "platform": "FLOPs placeholder (no hardware)"}
-    from proxyless_ray.latency.profile import load_profile
-
-    profile = load_profile(spec)
-    md = profile.metadata
-    return {"hardware": profile.name, "device": str(md.get("device", "")), "platform": str(md.get("device_name", ""))}
-
-
-def search_tags(exp: Experiment, kind: str, trial_key: str) -> dict[str, str]:
-    """The tags of a child run: what was searched, on which data, against which hardware and loss.
-
-    Args:
-        exp: The trial's (or single search's) experiment.
-        kind: ``trial`` (one trial of a sweep) or ``search`` (a single search).
-        trial_key: What identifies the trial across restarts (a Tune trial id, or the output folder).
-    """
-    lat = exp.latency
-    tags = {"kind": kind, "trial_key": trial_key, "profile": lat.profile, "loss": lat.loss,
-            "dataset": exp.data.name if exp.data.path is None else f"{exp.data.name}:{exp.data.path}",
-            "space_fingerprint": exp.space.fingerprint(), "gate_mode": exp.train.gate_mode, "name": exp.name,
-            **profile_info(lat.profile)}
-    if lat.loss == "add":
-        tags.update({"lambda": f"{lat.lam:g}", "ref_ms": f"{lat.ref_ms:g}"})
-    elif lat.loss == "mul_log":
-        tags.update({"alpha": f"{lat.alpha:g}", "beta": f"{lat.beta:g}", "target_ms": f"{lat.target_ms:g}"})
-    return tags
-
-
-def experiment_params(exp: Experiment) -> dict[str, str]:
-    """The flattened experiment config as MLflow params (stringified, cut to MLflow's length limit)."""
-    return {k: _text(v, MAX_PARAM_LEN) for k, v in flatten(exp.to_dict()).items()}
-
-
-def _text(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _quoted(value: str) -> str:
-    """``value`` as a literal in an MLflow filter string."""
-    for q in ("'", '"'):
-        if q not in value:
-            return f"{q}{value}{q}"
-    raise ValueError(f"a run key cannot hold both quote characters: {value!r}")
 
 
 # -- the tracker -------------------------------------------------------------------------------------------------
@@ -205,13 +156,13 @@ class Tracker:
             changed = sorted(k for k, v in params.items() if k in run.data.params and run.data.params[k] != v)
             if changed:
                 logger.warning("run %s resumed with changed params %s; MLflow keeps the first values", run_id, changed)
-            self._log_batch(run_id, params=new, tags=tags)
+            self.log_batch(run_id, params=new, tags=tags)
             return run_id
         for run in existing:  # a fresh start supersedes an unfinished run with the same key
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, "KILLED")
         run_id = self.client.create_run(self.ensure_experiment(), tags=tags, run_name=run_name).info.run_id
-        self._log_batch(run_id, params=params)
+        self.log_batch(run_id, params=params)
         self._last_step[run_id] = -1
         return run_id
 
@@ -233,7 +184,7 @@ class Tracker:
         if kind not in ("sweep", "search"):
             raise ValueError(f"parent kind must be 'sweep' or 'search', got {kind!r}")
         tags = {"role": "parent", "kind": kind, "run_key": run_key, "name": exp.name}
-        return self._reuse_or_create(f"tags.role = 'parent' and tags.run_key = {_quoted(run_key)}", reuse, tags,
+        return self._reuse_or_create(f"tags.role = 'parent' and tags.run_key = {quoted(run_key)}", reuse, tags,
                                      experiment_params(exp), name)
 
     def start_child(self, parent_id: str, trial_key: str, tags: dict[str, str], params: dict[str, str],
@@ -253,17 +204,24 @@ class Tracker:
         """
         if not self.enabled:
             return ""
-        tags = {k: _text(v, MAX_TAG_LEN) for k, v in tags.items()}
+        tags = {k: text_value(v, MAX_TAG_LEN) for k, v in tags.items()}
         tags.update({"role": "child", "trial_key": trial_key, "mlflow.parentRunId": parent_id})
         tags.setdefault("kind", "trial")
-        where = f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_key = {_quoted(trial_key)}"
+        where = f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_key = {quoted(trial_key)}"
         return self._reuse_or_create(where, reuse, tags, params, name or trial_key)
 
     def find_child(self, parent_id: str, trial_key: str) -> str | None:
         """The run id of the child with ``trial_key`` under ``parent_id`` (newest), or None."""
         if not self.enabled or not parent_id:
             return None
-        runs = self._find(f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_key = {_quoted(trial_key)}")
+        runs = self._find(f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_key = {quoted(trial_key)}")
+        return runs[0].info.run_id if runs else None
+
+    def find_trial_run(self, trial_key: str) -> str | None:
+        """The newest child run with ``trial_key`` under any parent (e.g. a sweep trial's key), or None."""
+        if not self.enabled:
+            return None
+        runs = self._find(f"tags.role = 'child' and tags.trial_key = {quoted(trial_key)}")
         return runs[0].info.run_id if runs else None
 
     def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -283,15 +241,16 @@ class Tracker:
                 return
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))
                        and not isinstance(v, bool) and k not in SKIP_METRICS}
-            tags = {STRING_TAGS[k]: _text(v, MAX_TAG_LEN) for k, v in metrics.items()
+            tags = {STRING_TAGS[k]: text_value(v, MAX_TAG_LEN) for k, v in metrics.items()
                     if k in STRING_TAGS and isinstance(v, str)}
-            self._log_batch(run_id, metrics=numeric, tags=tags, step=step)
+            self.log_batch(run_id, metrics=numeric, tags=tags, step=step)
             self._last_step[run_id] = step
         except Exception as err:  # MLflow raises many types; training must go on
             logger.warning("MLflow: logging epoch %s of run %s to %s failed: %s", step, run_id, self.uri, err)
 
-    def _log_batch(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, str] | None = None,
-                   tags: dict[str, str] | None = None, step: int = 0) -> None:
+    def log_batch(self, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, str] | None = None,
+                  tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """Log metrics (at ``step``), params and tags in as few ``log_batch`` calls as MLflow's limits allow."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
@@ -309,7 +268,7 @@ class Tracker:
         if not self.enabled or not run_id:
             return
         if reason:
-            self.client.set_tag(run_id, "failure_reason", _text(reason, MAX_TAG_LEN))
+            self.client.set_tag(run_id, "failure_reason", text_value(reason, MAX_TAG_LEN))
         self.client.set_terminated(run_id, status)
 
     def finish_child(self, run_id: str, out_dir: str, profile_name: str | None = None,
@@ -339,7 +298,7 @@ class Tracker:
 
         result, reasons = upload_search_outputs(self.client, run_id, out_dir, profile_name, self.max_artifact_mb)
         try:
-            self._log_batch(run_id, metrics=final_metrics(result), tags=final_tags(result),
+            self.log_batch(run_id, metrics=final_metrics(result), tags=final_tags(result),
                             step=int(result.get("epochs", 0)))
         except Exception as err:  # a failed store call fails the run, not the driver
             reasons.append(f"logging the final tags and metrics failed: {type(err).__name__}: {err}")
@@ -401,6 +360,17 @@ class Tracker:
         from proxyless_ray.tracking_tune import finish_sweep
 
         return finish_sweep(self, parent_id, sweep_dir, summary)
+
+    def log_retrain(self, result: dict[str, Any], trial_key: str | None = None) -> str:
+        """A run for a retrained network, nested under the run that produced it when known (``""`` if disabled).
+
+        See :func:`proxyless_ray.tracking_retrain.log_retrain`.
+        """
+        if not self.enabled:
+            return ""
+        from proxyless_ray.tracking_retrain import log_retrain
+
+        return log_retrain(self, result, trial_key)
 
     def register_model(self, run_id: str, net, hardware: str, acc: float, latency_ms: float,
                        tags: dict[str, Any] | None = None) -> int | None:

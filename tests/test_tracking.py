@@ -295,6 +295,23 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
 
 
 @requires_fmnist
+def test_retrain_run_is_nested_under_the_search_that_found_the_network(searched):
+    from proxyless_ray.retrain import run_retrain
+
+    exp, uri, _ = searched
+    res = run_retrain(exp, os.path.join(exp.output_dir, "network"), finetune=True, epochs=1)
+    t = Tracker(exp)
+    search_child = t.find_trial_run(os.path.abspath(exp.output_dir))
+    run_id = t.log_retrain(res, trial_key=os.path.abspath(exp.output_dir))
+    run = t.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == search_child
+    assert run.data.metrics["test_acc"] == pytest.approx(res["test_acc"])
+    assert run.data.metrics["measured_cpu_latency_ms"] > 0
+    assert {"result.json", "network/state_dict.pt"} <= _artifacts(t.client, run_id)
+    assert t.client.get_run(search_child).data.metrics["retrained_test_acc"] == pytest.approx(res["test_acc"])
+
+
+@requires_fmnist
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_search_logs_each_committed_epoch_from_the_train_controller(tmp_path):
