@@ -51,20 +51,21 @@ def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
+        from proxyless_ray.tracking_registry import load_registered
+
         try:
             if spec.startswith("models:/"):
-                model = mlflow.pytorch.load_model(spec, map_location="cpu")
+                model = load_registered(tracking_uri or mlflow.get_tracking_uri(), spec)
                 if not isinstance(model, ProxylessNet):
                     raise ValueError(f"{spec} is not a proxyless_ray network (got {type(model).__name__})")
                 name, _, version = spec[len("models:/"):].partition("/")
-                mv = mlflow.MlflowClient().get_model_version(name, version) if version.isdigit() else None
+                client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                mv = client.get_model_version(name, version) if version.isdigit() else None
                 return ArchSource(model.arch, model.state_dict(), mv.run_id if mv else None, spec)
             run_id, _, path = spec[len("runs:/"):].partition("/")
             folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path or "",
-                                                         dst_path=tempfile.mkdtemp(prefix="proxyless-arch-"))
+                                                         dst_path=tempfile.mkdtemp(prefix="proxyless-arch-"),
+                                                         tracking_uri=tracking_uri)
         except MlflowException as err:
             raise ValueError(f"cannot resolve --arch {spec!r}: {err.message}") from None
         src = _from_path(os.path.join(folder, "arch.json") if os.path.isdir(folder) else folder, spec)

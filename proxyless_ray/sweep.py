@@ -367,7 +367,9 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
     try:
         check_placeable(exp, workers=max(exp.sweep.workers_per_trial, 1))
         if tracker is not None and plan.parent_run_id is None:
-            plan.parent_run_id = tracker.start_parent("sweep", exp.name, exp, run_key=sweep_dir)
+            # a fresh sweep gets a fresh parent run; --resume finds its id in sweep.json
+            plan.parent_run_id = tracker.start_parent("sweep", f"sweep {exp.name}", exp, run_key=sweep_dir,
+                                                      reuse=False)
         if exp.sweep.shared_warmup and exp.train.warmup_epochs > 0 and plan.warmup_checkpoint is None:
             tw = time.time()
             plan.warmup_key, plan.warmup_checkpoint = run_warmup(exp, sweep_dir)
