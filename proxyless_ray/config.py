@@ -61,6 +61,7 @@ class TrainConfig:
     threads: int = 0  # torch threads per worker (0: leave torch's default)
     channels_last: bool = True  # NHWC activations: 1.3-1.5x faster depthwise convs and BN on CPU
     max_steps_per_epoch: int = 0  # 0: the whole split; small values for smoke tests
+    finetune_epochs: int = 0  # after the search: fine-tune the derived network from its inherited weights
     sync_bn: bool = False  # False: per-worker BatchNorm statistics (the paper's setting); True needs GPUs
     freeze_bn: bool = False  # BN layers use running statistics while training (equivalence tests)
 

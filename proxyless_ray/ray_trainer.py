@@ -193,7 +193,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
         raise FileNotFoundError(f"--resume: no previous run at {run_dir!r}")
     if not resume and "://" not in run_dir and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # same (storage_path, name) would resume: a fresh run starts clean
-    connect(exp, num_cpus=max(os.cpu_count() or 1, int(exp.dist.workers * exp.dist.cpus_per_worker)))
+    connect(exp, num_cpus=os.cpu_count())  # an embedded cluster is this machine: never more CPUs than it has
     try:
         check_placeable(exp)
         with tracking.active():  # MLflow parent + child runs, logged from the Train controller; FAILED on errors

@@ -52,7 +52,9 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
     os.makedirs(out_dir, exist_ok=True)
     paths = export_network(net, os.path.join(out_dir, "network"))
     arch_meta = {"space": exp.space.fingerprint(), "profile": model.name, "latency_ms": total,
-                 "test_acc": last.get("test_acc"), "heldout_acc": last.get("heldout_acc")}
+                 "test_acc": last.get("test_acc"),
+        "inherited_test_acc": last.get("inherited_test_acc"),  # before the optional fine-tune
+        "finetune_epochs": exp.train.finetune_epochs, "heldout_acc": last.get("heldout_acc")}
     derived = dataclasses.replace(arch, name=exp.name, meta={**arch.meta, **arch_meta})
     derived.save(os.path.join(out_dir, "arch.json"))
     searched.save(os.path.join(out_dir, "searched_arch.json"))
@@ -67,6 +69,8 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
         "latency_ms": total,
         "expected_latency_ms": last.get("expected_latency_ms"),
         "test_acc": last.get("test_acc"),
+        "inherited_test_acc": last.get("inherited_test_acc"),  # before the optional fine-tune
+        "finetune_epochs": exp.train.finetune_epochs,
         "heldout_acc": last.get("heldout_acc"),
         "epochs": len(history),
         "per_layer_ms": [{"block": layer.block, "input": f"{layer.in_chs}x{layer.resolution}x{layer.resolution}",

@@ -116,11 +116,11 @@ class RetrainLoop:
     """Plain supervised training of one network, sharded like the search (the per-worker function's body)."""
 
     def __init__(self, exp: Experiment, arch: Arch, comm: Comm, report, state_dict=None, epochs: int | None = None,
-                 lr: float | None = None, device: torch.device | str = "cpu", progress: bool = True):
+                 lr: float | None = None, device: torch.device | str = "cpu", progress: bool = True, splits=None):
         self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
         if exp.train.threads > 0:
             torch.set_num_threads(exp.train.threads)
-        self.splits = build_splits_for(exp, arch)
+        self.splits = splits or build_splits_for(exp, arch)
         torch.manual_seed(exp.train.seed)
         self.net = ProxylessNet(arch).to(self.device)
         if state_dict is not None:

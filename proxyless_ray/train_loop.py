@@ -52,6 +52,7 @@ from proxyless_ray.search_state import (
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 
 BN_RECALIBRATION_BATCHES = 20
+FINETUNE_LR_SCALE = 0.5  # the derived network's fine-tune starts below the search's peak learning rate
 
 
 def step_generator(seed: int, epoch: int, step: int, kind: int) -> torch.Generator:
@@ -251,17 +252,29 @@ class SearchLoop:
         return -r
 
     def _final_metrics(self) -> dict[str, Any]:
-        """Test accuracy of the derived network with inherited weights (BN statistics recalibrated)."""
+        """Test accuracy of the derived network with inherited weights (BN statistics recalibrated), and after
+        the optional short fine-tune (``train.finetune_epochs``) that the exported network then carries."""
         child = derived_network(self.state.net)
-        data = self.exp.data
-        recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES,
-                       self.exp.train.seed, self.device, self.cl)
+        data, t = self.exp.data, self.exp.train
+        recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES, t.seed,
+                       self.device, self.cl)
+        inherited_acc, _ = accuracy(child, self.splits.test, self.comm, data.eval_batch_size, device=self.device,
+                                    channels_last=self.cl)
+        out = {"inherited_test_acc": inherited_acc}
+        if t.finetune_epochs > 0:
+            from proxyless_ray.retrain import RetrainLoop
+
+            tune = RetrainLoop(self.exp, child.arch, self.comm, lambda m, loop: None, child.state_dict(),
+                               epochs=t.finetune_epochs, lr=t.lr * FINETUNE_LR_SCALE, device=self.device,
+                               progress=self.progress, splits=self.splits)
+            tune.run()
+            child = tune.net
         test_acc, test_ce = accuracy(child, self.splits.test, self.comm, data.eval_batch_size, device=self.device,
                                      channels_last=self.cl)
         self.derived = child  # goes into the final checkpoint, BN statistics and all
-        arch = child.arch
-        return {"test_acc": test_acc, "test_ce": test_ce, "derived_arch": arch.arch_string(),
-                "derived_latency_ms": self.lat.of_choices(self.state.net.argmax_choices())}
+        out.update({"test_acc": test_acc, "test_ce": test_ce, "derived_arch": child.arch.arch_string(),
+                    "derived_latency_ms": self.lat.of_choices(self.state.net.argmax_choices())})
+        return out
 
     # -- helpers -----------------------------------------------------------------------------------------------
 

@@ -75,3 +75,12 @@ def test_checkpoint_from_other_space_refused(tmp_path):
     other = tiny_experiment(tmp_path, space={"kernel_sizes": [3]})
     with pytest.raises(ValueError, match="written for search space .* refusing to load"):
         load_checkpoint(new_state(other), latest_checkpoint(exp.output_dir), other)
+
+
+def test_finetune_after_search_is_reported_apart(tmp_path):
+    exp = tiny_experiment(tmp_path, train={"finetune_epochs": 1})
+    result = run_local(exp, echo=False)
+    assert result["finetune_epochs"] == 1
+    assert 0.0 <= result["inherited_test_acc"] <= 1.0 and 0.0 <= result["test_acc"] <= 1.0
+    lines = [json.loads(x) for x in open(os.path.join(exp.output_dir, "metrics.jsonl"))]
+    assert "inherited_test_acc" in lines[-1] and "test_acc" in lines[-1]
