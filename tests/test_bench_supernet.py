@@ -43,6 +43,8 @@ def test_bench_space_reports_every_figure_and_all_paths_store_more(bench):
                 "time_a_over_d_nchw"):
         assert key in res["ratios"]
     assert set(res["targets"]) == set(bench.TARGETS)
+    assert set(res["targets_paired"]) == {"time_a_over_d", "time_b_over_a"}
+    assert set(res["time_p25_ms"]) == set(res["time_ms"]) and len(res["load_1min_per_round"]) == 1
     saved = res["saved_bytes"]
     # every candidate's activations are kept for the weighted sum: far more than one path
     assert saved["c"]["activations"] > 2 * saved["a"]["activations"]
