@@ -69,12 +69,10 @@ def recalibrate_bn(model: nn.Module, source: BatchSource, comm: Comm, batch_size
     model.eval()
 
 
-def derived_network(net: SuperNet, choices: list[int] | None = None) -> ProxylessNet:
+def derived_network(net: SuperNet, choices: list[int] | None = None, channels_last: bool = False) -> ProxylessNet:
     """The argmax (or given) sub-network as a standalone :class:`ProxylessNet` with the supernet's weights."""
     arch = net.derive(choices).without_zeros()
     child = ProxylessNet(arch)
     child.load_state_dict(net.derived_state_dict(choices))
-    p = next(net.parameters())
-    fmt = torch.channels_last if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) else None
-    child = child.to(p.device)
-    return child.to(memory_format=fmt) if fmt is not None else child
+    child = child.to(next(net.parameters()).device)
+    return child.to(memory_format=torch.channels_last) if channels_last else child

@@ -254,7 +254,7 @@ class SearchLoop:
     def _final_metrics(self) -> dict[str, Any]:
         """Test accuracy of the derived network with inherited weights (BN statistics recalibrated), and after
         the optional short fine-tune (``train.finetune_epochs``) that the exported network then carries."""
-        child = derived_network(self.state.net)
+        child = derived_network(self.state.net, channels_last=self.cl)
         data, t = self.exp.data, self.exp.train
         recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES, t.seed,
                        self.device, self.cl)
