@@ -32,6 +32,7 @@ from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.profile import list_profiles, load_profile
 from proxyless_ray.latency.profiler import ProfilerSettings, robust_stats
 from proxyless_ray.network import ProxylessNet
+from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.space import space_from_preset
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -72,6 +73,7 @@ def time_fn(fn, settings: ProfilerSettings) -> list[float]:
 def measure_networks(archs: list[Arch], settings: ProfilerSettings) -> list[dict[str, float]]:
     """End-to-end forward latency (ms) of each network at batch 1, timed in ``settings.rounds`` interleaved passes
     so that a drifting shared machine affects all networks alike: the chosen statistic, median and min."""
+    tune_allocator()  # the profiles were measured with it
     share = replace(settings, repeats=-(-settings.repeats // settings.rounds),
                     min_time_s=settings.min_time_s / settings.rounds)
     nets = [ProxylessNet(a).eval() for a in archs]

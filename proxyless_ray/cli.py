@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads OpenMP: spin-waiting threads stall multi-threaded ops on a shared 2-core machine.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from proxyless_ray.runtime import apply_process_defaults
+
+    apply_process_defaults()  # before torch loads OpenMP; Ray workers inherit the environment
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -18,11 +18,9 @@ from typing import Any
 from ray.train import UserCallback
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.runtime import WORKER_ENV
 
 RUN_PREFIX = "search"
-# Passive OpenMP waiting: with the default spin-wait, a 2-thread torch op stalls ~100 ms whenever the cores are
-# shared with other workers (measured on a 2-core VM).
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class ClusterError(ValueError):

@@ -28,6 +28,7 @@ from proxyless_ray.data.sharding import shard_batches
 from proxyless_ray.evaluate import accuracy, to_device
 from proxyless_ray.network import ProxylessNet, export_network
 from proxyless_ray.progress import Progress
+from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.search_state import cosine_lr
 
 
@@ -91,6 +92,7 @@ def _from_path(path: str, label: str) -> ArchSource:
 def measure_latency_ms(net: nn.Module, arch: Arch, batch: int = 1, threads: int = 1, min_time_s: float = 1.0,
                        repeats: int = 30) -> dict[str, float]:
     """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up."""
+    tune_allocator()  # as the profiles were measured
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -117,6 +119,7 @@ class RetrainLoop:
 
     def __init__(self, exp: Experiment, arch: Arch, comm: Comm, report, state_dict=None, epochs: int | None = None,
                  lr: float | None = None, device: torch.device | str = "cpu", progress: bool = True, splits=None):
+        tune_allocator()
         self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
         if exp.train.threads > 0:
             torch.set_num_threads(exp.train.threads)

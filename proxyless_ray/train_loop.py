@@ -38,6 +38,7 @@ from proxyless_ray.mixed_op import GateMode
 from proxyless_ray.network import ProxylessNet
 from proxyless_ray.objective import latency_objective, reward
 from proxyless_ray.progress import Progress
+from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.search_state import (
     DERIVED_DIR,
     SearchState,
@@ -76,6 +77,7 @@ class SearchLoop:
     def __init__(self, exp: Experiment, comm: Comm, report: Reporter, splits: Splits | None = None,
                  latency_model: LatencyModel | None = None, other_models: dict[str, LatencyModel] | None = None,
                  device: torch.device | str = "cpu", progress: bool = True):
+        tune_allocator()
         self.progress = progress and comm.rank == 0
         self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
         if exp.train.threads > 0:

@@ -309,8 +309,15 @@ def device_info(settings: ProfilerSettings) -> dict[str, Any]:
         "statistic": settings.statistic, "clock": settings.clock,
         "host": platform.node(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "env": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
+        "allocator": "glibc, mmap threshold 32 MiB (proxyless_ray.runtime.tune_allocator)" if _tuned() else "default",
         "settings": asdict(settings),
     }
+
+
+def _tuned() -> bool:
+    from proxyless_ray.runtime import tune_allocator
+
+    return tune_allocator()
 
 
 def _cpu_name() -> str:
@@ -328,6 +335,9 @@ def run_bench(bench: Bench, progress: Callable[[int, str], None] | None = None) 
     """Run every step of ``bench`` in ``rounds`` passes with the thread count pinned (restored after)."""
     import torch
 
+    from proxyless_ray.runtime import tune_allocator
+
+    tune_allocator()  # the allocator the search and the exported networks run with
     old = torch.get_num_threads()
     torch.set_num_threads(bench.settings.threads)
     try:
