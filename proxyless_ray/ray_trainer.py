@@ -9,6 +9,7 @@ pattern), and worker failures retry from the last checkpoint under ``FailureConf
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -30,11 +31,23 @@ class ClusterError(ValueError):
 # -- worker side -------------------------------------------------------------------------------------------------
 
 
+def quiet_worker_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO from the workers under loggers that its
+    ``LoggingConfig`` does not reach; one line per epoch from rank 0 is enough."""
+    import ray.train.v2._internal.execution.context as context
+    import ray.train.v2._internal.execution.storage as storage
+
+    for name in (context.__file__, storage.__name__, storage.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker (config is plain dicts: the Ray boundary)."""
     import ray
     import ray.train
     import ray.train.torch
+
+    quiet_worker_logs()
 
     from proxyless_ray.comm import Comm
     from proxyless_ray.train_loop import SearchLoop

@@ -23,7 +23,7 @@ from torch import nn
 from proxyless_ray.arch import Arch, atomic_write_text
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
-from proxyless_ray.data import build_splits, check_shapes, iterate
+from proxyless_ray.data import check_shapes, iterate, load_splits
 from proxyless_ray.data.sharding import shard_batches
 from proxyless_ray.evaluate import accuracy, to_device
 from proxyless_ray.network import ProxylessNet, export_network
@@ -185,31 +185,9 @@ class RetrainLoop:
 
 def build_splits_for(exp: Experiment, arch: Arch):
     """Data splits for a network: its input shape must match the data set (checked before training starts)."""
-    splits = build_splits(exp.data, exp.space) if _space_matches(exp, arch) else _splits_unchecked(exp)
+    splits = load_splits(exp.data, arch.resolution, arch.in_chs)
     check_shapes(splits, arch.resolution, arch.in_chs, arch.num_classes)
     return splits
-
-
-def _space_matches(exp: Experiment, arch: Arch) -> bool:
-    s = exp.space
-    return (s.resolution, s.in_chs, s.num_classes) == (arch.resolution, arch.in_chs, arch.num_classes)
-
-
-def _splits_unchecked(exp: Experiment):
-    from proxyless_ray.data import Splits  # noqa: F401  (type only)
-
-    d = exp.data
-    if d.name == "fashion_mnist":
-        from proxyless_ray.data.fashion_mnist import fashion_mnist_splits
-
-        return fashion_mnist_splits(d)
-    if d.name == "imagefolder":
-        from proxyless_ray.data.imagefolder import imagefolder_splits
-
-        return imagefolder_splits(d, exp.space.resolution, exp.space.in_chs)
-    from proxyless_ray.data.parquet import parquet_splits
-
-    return parquet_splits(d, exp.space.resolution, exp.space.in_chs)
 
 
 def save_retrained(net: ProxylessNet, folder: str, metrics: dict[str, Any]) -> None:
@@ -225,6 +203,10 @@ def save_retrained(net: ProxylessNet, folder: str, metrics: dict[str, Any]) -> N
 def retrain_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point of ``proxyless-ray train``."""
     import ray.train
+
+    from proxyless_ray.ray_trainer import quiet_worker_logs
+
+    quiet_worker_logs()
 
     exp = Experiment.from_dict(config["experiment"])
     arch = Arch.from_dict(config["arch"])

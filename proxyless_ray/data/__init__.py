@@ -45,23 +45,27 @@ def iterate(source: BatchSource, batches: Sequence[torch.Tensor], train: bool, s
         yield source.get_batch(idx, train, g)
 
 
-def build_splits(data_cfg, space) -> Splits:
-    """Build the splits a data config names, checked against the search space's input shape."""
+def load_splits(data_cfg, resolution: int, in_chs: int) -> Splits:
+    """Build the splits a data config names; file-backed data is decoded to ``in_chs x resolution x resolution``."""
     name = data_cfg.name
     if name == "fashion_mnist":
         from proxyless_ray.data.fashion_mnist import fashion_mnist_splits
 
-        splits = fashion_mnist_splits(data_cfg)
-    elif name == "imagefolder":
+        return fashion_mnist_splits(data_cfg)
+    if name == "imagefolder":
         from proxyless_ray.data.imagefolder import imagefolder_splits
 
-        splits = imagefolder_splits(data_cfg, space.resolution, space.in_chs)
-    elif name == "parquet":
+        return imagefolder_splits(data_cfg, resolution, in_chs)
+    if name == "parquet":
         from proxyless_ray.data.parquet import parquet_splits
 
-        splits = parquet_splits(data_cfg, space.resolution, space.in_chs)
-    else:
-        raise ValueError(f"data.name {name!r} is unknown; expected fashion_mnist, imagefolder or parquet")
+        return parquet_splits(data_cfg, resolution, in_chs)
+    raise ValueError(f"data.name {name!r} is unknown; expected fashion_mnist, imagefolder or parquet")
+
+
+def build_splits(data_cfg, space) -> Splits:
+    """Build the splits a data config names, checked against the search space's input shape."""
+    splits = load_splits(data_cfg, space.resolution, space.in_chs)
     check_shapes(splits, space.resolution, space.in_chs, space.num_classes)
     return splits
 
