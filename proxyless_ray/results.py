@@ -32,6 +32,22 @@ def check_writable(folder: str) -> None:
         raise PermissionError(f"output folder {folder!r} is not writable")
 
 
+def outputs_current(checkpoint_dir: str, out_dir: str) -> bool:
+    """Whether ``out_dir`` already holds the outputs of this finished checkpoint (same epochs, same alphas).
+
+    A sweep restored after a crash resumes trials that had finished but were not yet recorded as finished; their
+    Train run restores the final checkpoint, and the outputs written before the crash stay as they are.
+    """
+    try:
+        with open(os.path.join(out_dir, "result.json")) as fh:
+            written = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    history = read_meta(checkpoint_dir)["history"]
+    return bool(history) and written.get("epochs") == len(history) \
+        and written.get("alpha_digest") == history[-1].get("alpha_digest")
+
+
 def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, model: LatencyModel,
                          other_models: dict[str, LatencyModel] | None = None) -> dict[str, Any]:
     """Export the derived network of a final checkpoint and write the result files.
@@ -73,6 +89,7 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
         "finetune_epochs": exp.train.finetune_epochs,
         "heldout_acc": last.get("heldout_acc"),
         "epochs": len(history),
+        "alpha_digest": last.get("alpha_digest"),
         "per_layer_ms": [{"block": layer.block, "input": f"{layer.in_chs}x{layer.resolution}x{layer.resolution}",
                           "ms": ms} for layer, ms in per_layer],
         "latency_on_profiles": {name: arch_latency(m, arch)[0] for name, m in (other_models or {}).items()},

@@ -155,7 +155,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     ``config`` holds the base experiment, this trial's spec, the sweep folder and the shared warm-up checkpoint.
     """
     from proxyless_ray.ray_trainer import build_trainer
-    from proxyless_ray.results import write_search_outputs
+    from proxyless_ray.results import outputs_current, write_search_outputs
     from proxyless_ray.trainer import shipped_models
 
     base = Experiment.from_dict(config["experiment"], source="sweep config")
@@ -171,7 +171,8 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     if result.checkpoint is not None and (result.metrics or {}).get("finished"):
         model = load_latency_model_for(exp.latency.profile, exp.space)
         with result.checkpoint.as_directory() as folder:
-            write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
+            if not outputs_current(folder, exp.output_dir):
+                write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
 
 
 def trial_name(trial) -> str:
