@@ -41,7 +41,7 @@ def base(out: str, quick: bool, epochs: int) -> dict:
         "out_dir": out,
         "data": {"train_subset": 3000 if quick else 12000, "heldout_size": 2000, "test_subset": 3000 if quick else 0,
                  "batch_size": 64},
-        "train": {"epochs": epochs, "warmup_epochs": 2, "arch_lr": 0.05, "arch_update_every": 2, "threads": 1},
+        "train": {"epochs": epochs, "warmup_epochs": 2, "arch_lr": 0.3, "arch_update_every": 2, "threads": 1},
         "dist": {"workers": 0},
         "tracking": {"enabled": False},
     }

@@ -39,7 +39,7 @@ def experiment(mode: str, out: str, quick: bool) -> Experiment:
         "name": mode, "out_dir": out,
         "data": {"train_subset": 1500 if quick else 4000, "heldout_size": 1000, "test_subset": 2000,
                  "batch_size": 64},
-        "train": {"epochs": 5, "warmup_epochs": 2, "arch_lr": 0.05, "arch_update_every": 2, "threads": 1,
+        "train": {"epochs": 5, "warmup_epochs": 2, "arch_lr": 0.3, "arch_update_every": 2, "threads": 1,
                   "seed": 0},
         "sweep": {"hardware": HARDWARE, "lambdas": lambdas, "scheduler": "fifo" if mode == "full" else "pareto",
                   "shared_warmup": mode != "full", "grace_period": 1, "reduction_factor": 2,

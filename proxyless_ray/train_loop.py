@@ -182,10 +182,10 @@ class SearchLoop:
         bar.close()
         elapsed = time.perf_counter() - t0
         loss_sum, correct, seen = self.comm.sum([loss_sum, correct, seen])
-        # [3] end of epoch: the current argmax architecture on the held-out split
+        # [3] end of epoch: the current argmax architecture, as a network with inherited weights, on held-out data
         choices = net.set_argmax()
-        heldout_acc, heldout_ce = accuracy(net, self.splits.heldout, self.comm, exp.data.eval_batch_size,
-                                           device=self.device, channels_last=self.cl)
+        heldout_acc, heldout_ce = accuracy(self._inherited_child(choices), self.splits.heldout, self.comm,
+                                           exp.data.eval_batch_size, device=self.device, channels_last=self.cl)
         arch = net.derive(choices)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -256,10 +256,8 @@ class SearchLoop:
     def _final_metrics(self) -> dict[str, Any]:
         """Test accuracy of the derived network with inherited weights (BN statistics recalibrated), and after
         the optional short fine-tune (``train.finetune_epochs``) that the exported network then carries."""
-        child = derived_network(self.state.net, channels_last=self.cl)
+        child = self._inherited_child()
         data, t = self.exp.data, self.exp.train
-        recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES, t.seed,
-                       self.device, self.cl)
         inherited_acc, _ = accuracy(child, self.splits.test, self.comm, data.eval_batch_size, device=self.device,
                                     channels_last=self.cl)
         out = {"inherited_test_acc": inherited_acc}
@@ -279,6 +277,20 @@ class SearchLoop:
         return out
 
     # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _inherited_child(self, choices: list[int] | None = None) -> nn.Module:
+        """The argmax (or given) sub-network with the supernet's weights and its own BN statistics.
+
+        The supernet's running statistics mix every sampled path, so reading the argmax path with them measures
+        the mixture, not the network (near chance early in a search). The child is a copy: the supernet, its
+        statistics and the global RNG stream (a resumed run replays it) are left as they were.
+        """
+        data, t = self.exp.data, self.exp.train
+        with torch.random.fork_rng(devices=[]):
+            child = derived_network(self.state.net, choices, channels_last=self.cl)
+            recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES, t.seed,
+                           self.device, self.cl)
+        return child
 
     def _heldout_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k``-th held-out batch of the run (reshuffled each pass, sharded like the training split).

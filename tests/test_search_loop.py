@@ -84,3 +84,25 @@ def test_finetune_after_search_is_reported_apart(tmp_path):
     assert 0.0 <= result["inherited_test_acc"] <= 1.0 and 0.0 <= result["test_acc"] <= 1.0
     lines = [json.loads(x) for x in open(os.path.join(exp.output_dir, "metrics.jsonl"))]
     assert "inherited_test_acc" in lines[-1] and "test_acc" in lines[-1]
+
+
+def test_heldout_accuracy_reads_the_derived_network_and_leaves_the_supernet_alone(tmp_path):
+    from proxyless_ray.evaluate import accuracy, derived_network
+
+    exp = tiny_experiment(tmp_path, train={"epochs": 1, "warmup_epochs": 1})
+    seen = []
+    loop = SearchLoop(exp, Comm(), lambda m, f: seen.append(m), progress=False)
+    loop.run()
+    net = loop.state.net
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    child = loop._inherited_child(net.argmax_choices())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # supernet statistics untouched
+    assert torch.equal(rng, torch.get_rng_state())  # the global RNG stream a resume replays is untouched
+    acc, _ = accuracy(child, loop.splits.heldout, Comm(), exp.data.eval_batch_size)
+    assert seen[-1]["heldout_acc"] == pytest.approx(acc)
+    # the supernet's own mixed statistics would read another number: the child has its own
+    stale = derived_network(net, net.argmax_choices())
+    stale_bn = [m.running_mean for m in stale.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    own_bn = [m.running_mean for m in child.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(not torch.allclose(a, b) for a, b in zip(stale_bn, own_bn))
