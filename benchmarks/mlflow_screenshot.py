@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 
 from mlflow import MlflowClient
 
@@ -49,17 +50,33 @@ def screenshot(browser: str, url: str, path: str) -> str:
     return path
 
 
-def start_ui(uri: str) -> tuple[subprocess.Popen, str]:
+def start_ui(uri: str, log_path: str) -> tuple[subprocess.Popen, str]:
+    """Start ``proxyless-ray ui`` and return once its address answers HTTP (the address prints before that).
+
+    Its output goes to a file, not a pipe: a pipe nobody reads fills up and blocks the server.
+    """
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", "ui", "--tracking-uri", uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 180
+    base = ""
     while time.time() < deadline:
-        line = proc.stdout.readline()
-        if "http://127.0.0.1:" in line:
-            return proc, line[line.index("http://"):].split()[0]
         if proc.poll() is not None:
-            raise RuntimeError(f"proxyless-ray ui exited with status {proc.returncode}")
-    raise TimeoutError("the MLflow UI did not start within 180 s")
+            raise RuntimeError(f"proxyless-ray ui exited with status {proc.returncode}: "
+                               + open(log_path).read()[-2000:])
+        text = open(log_path).read()
+        if not base and "http://127.0.0.1:" in text:
+            base = text[text.index("http://127.0.0.1:"):].split()[0]
+        if base:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return proc, base
+            except OSError:
+                pass
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise TimeoutError(f"the MLflow UI did not answer within 180 s: {open(log_path).read()[-2000:]}")
 
 
 def main() -> None:
@@ -87,7 +104,7 @@ def main() -> None:
     models = {m.name: len(client.search_model_versions(f"name = '{m.name}'"))
               for m in client.search_registered_models()}
     browser = chromium()
-    proc, base = start_ui(args.tracking_uri)
+    proc, base = start_ui(args.tracking_uri, os.path.join(args.out, "ui.log"))
     shots = {}
     try:
         eid = exp.experiment_id
@@ -95,8 +112,8 @@ def main() -> None:
         filt = urllib.parse.quote(f"tags.hardware = '{hw}'")
         runs = f"{base}/#/experiments/{eid}/runs"
         pages = {
-            "runs": f"{base}/#/experiments/{eid}",
-            "runs_filtered_by_hardware": f"{base}/#/experiments/{eid}?searchFilter={filt}",
+            "runs": runs,
+            "runs_filtered_by_hardware": f"{runs}?searchFilter={filt}",
             "child_arch_picture": f"{runs}/{child.info.run_id}/artifacts/plots/arch.png",
             "child_alpha_heatmap": f"{runs}/{child.info.run_id}/artifacts/plots/alpha_heatmap.png",
             "parent_pareto_plot": f"{runs}/{parent.info.run_id}/artifacts/pareto/pareto.png",

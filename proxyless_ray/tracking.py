@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch
 STRING_TAGS = {"arch": "current_arch", "phase": "phase", "derived_arch": "derived_arch"}  # string metrics -> tags
 SKIP_METRICS = ("rank", "pid")
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 # -- the tracker -------------------------------------------------------------------------------------------------
@@ -129,7 +130,9 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         try:
-            self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
+            # the UI opens a "model training" experiment on its runs table, not on the GenAI traces overview
+            self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location,
+                                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another driver created it a moment ago
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:

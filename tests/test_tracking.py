@@ -109,6 +109,8 @@ def test_search_makes_one_parent_and_one_child_with_tags_params_and_metrics(sear
     parent = next(r for r in runs if r.data.tags["role"] == "parent")
     child = next(r for r in runs if r.data.tags["role"] == "child")
     assert parent.info.run_name == "search tiny" and parent.data.tags["kind"] == "search"
+    # the UI opens the experiment on its runs table (MLflow 3 otherwise guesses the GenAI traces view)
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.info.status == child.info.status == "FINISHED"
     tags = child.data.tags
     assert tags["mlflow.parentRunId"] == parent.info.run_id
