@@ -164,3 +164,26 @@ def test_ui_command_without_a_database_says_so(tmp_path, monkeypatch, capsys):
     assert main(["ui"]) == 2
     assert "no MLflow database" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_terminating_the_ui_command_stops_the_server_it_started(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("proxyless-ray", artifact_location=(tmp_path / "mlruns").as_uri())
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", "ui", "--tracking-uri", uri],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "MLflow UI: http" not in (tmp_path / "ui.log").read_text():
+            assert proc.poll() is None, (tmp_path / "ui.log").read_text()
+            time.sleep(0.5)
+        url = re.search(r"MLflow UI: (http://127\.0\.0\.1:\d+)", (tmp_path / "ui.log").read_text()).group(1)
+        wait_healthy(url, timeout_s=10)
+        proc.send_signal(signal.SIGTERM)  # what a service manager or a script's plain kill sends
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(RuntimeError):  # nothing answers any more: the server went with the command
+            wait_healthy(url, timeout_s=3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

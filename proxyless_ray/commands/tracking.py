@@ -84,11 +84,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.background:
         print(f"pid {proc.pid}; stop it with: kill -- -{proc.pid}", flush=True)
         return 0
+    # the server lives in its own session: a SIGTERM to this command (a service manager, a script's kill) must
+    # reach it too, or the server outlives the command that started it
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
         stop_group(proc)
         return 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def stop_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
