@@ -36,12 +36,12 @@ from proxyless_ray.sweep import run_sweep
 HARDWARE = ["cpu_1thread", "pixel1", "v100_roofline"]
 
 
-def base(out: str, quick: bool, epochs: int) -> dict:
+def base(out: str, quick: bool, epochs: int, train_subset: int = 0, threads: int = 1) -> dict:
     return {
         "out_dir": out,
-        "data": {"train_subset": 3000 if quick else 12000, "heldout_size": 2000, "test_subset": 3000 if quick else 0,
-                 "batch_size": 64},
-        "train": {"epochs": epochs, "warmup_epochs": 2, "arch_lr": 0.3, "arch_update_every": 2, "threads": 1},
+        "data": {"train_subset": train_subset or (3000 if quick else 12000), "heldout_size": 2000,
+                 "test_subset": 3000 if quick else 0, "batch_size": 64},
+        "train": {"epochs": epochs, "warmup_epochs": 2, "arch_lr": 0.3, "arch_update_every": 2, "threads": threads},
         "dist": {"workers": 0},
         "tracking": {"enabled": False},
     }
@@ -59,11 +59,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="retraining budget per network")
     parser.add_argument("--random", type=int, default=10)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--lambdas", default="", help="comma-separated lambda values (default: 5, or 2 with --quick)")
+    parser.add_argument("--train-subset", type=int, default=0, help="training images (default 12000, 3000 quick)")
+    parser.add_argument("--search-epochs", type=int, default=0, help="search epochs after the 2 warm-up epochs")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="bench-quality-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    lambdas = [0.03, 1.0] if args.quick else [0.01, 0.1, 0.3, 1.0, 3.0]
-    sweep_cfg = base(out, args.quick, 3 if args.quick else 6)
+    lambdas = [float(v) for v in args.lambdas.split(",")] if args.lambdas else \
+        [0.03, 1.0] if args.quick else [0.01, 0.1, 0.3, 1.0, 3.0]
+    search_epochs = args.search_epochs or (1 if args.quick else 4)
+    sweep_cfg = base(out, args.quick, 2 + search_epochs, args.train_subset)
     sweep_cfg.update(name="search", sweep={"hardware": HARDWARE, "lambdas": lambdas, "scheduler": "fifo",
                                            "shared_warmup": True})
     sweep_cfg["dist"] = {"workers": 1}
@@ -80,7 +85,9 @@ def main() -> None:
     nets.append(("baseline", "-", mbv2))
     models = {hw: load_latency_model(hw) for hw in HARDWARE}
     rows = []
-    retrain_exp = Experiment.from_dict({**base(out, args.quick, args.epochs), "name": "retrain"})
+    # retraining runs one network at a time in this process: both cores
+    retrain_exp = Experiment.from_dict({**base(out, args.quick, args.epochs, args.train_subset, threads=2),
+                                        "name": "retrain"})
     for kind, hw, arch in nets:
         name = arch.name or f"{kind}-{len(rows)}"
         path = os.path.join(out, "archs", f"{len(rows):02d}-{name}.json")

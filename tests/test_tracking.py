@@ -329,3 +329,33 @@ def test_ray_search_logs_each_committed_epoch_from_the_train_controller(tmp_path
     assert [m.step for m in client.get_metric_history(child.info.run_id, "heldout_acc")] == [1, 2]
     assert child.data.tags["derived_arch"] == result["arch"]
     assert "plots/arch.png" in _artifacts(client, child.info.run_id)
+
+
+@requires_fmnist
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_command_takes_runs_and_models_uris_and_logs_under_the_producing_run(searched, tmp_path, capsys):
+    exp, uri, result = searched
+    client = MlflowClient(uri)
+    search_child = next(r for r in _runs(client) if r.data.tags["role"] == "child").info.run_id
+    def retrains() -> list:  # other tests of this module may have added retrain runs already
+        return [r for r in _runs(client) if r.data.tags.get("role") == "retrain"]
+
+    before = {r.info.run_id for r in retrains()}
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("# retrain\n" + yaml.safe_dump({**exp.to_dict(), "out_dir": str(tmp_path / "runs")}))
+    # runs:/<id>: through Ray Train (one worker), like the search
+    assert main(["train", "--arch", f"runs:/{search_child}", str(cfg), "--workers", "1", "--epochs", "1",
+                 "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.rindex('{\n  "arch"'):])
+    assert printed["arch"] == result["arch"] and printed["measured_cpu_latency_ms"] > 0
+    new = [r for r in retrains() if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].data.tags["mlflow.parentRunId"] == search_child
+    assert new[0].data.metrics["test_acc"] == pytest.approx(printed["test_acc"])
+    # models:/<name>/<version>: the registered network, fine-tuned in this process
+    name = next(m.name for m in client.search_registered_models())
+    assert main(["train", "--arch", f"models:/{name}/1", str(cfg), "--workers", "0", "--epochs", "1", "--finetune",
+                 "--tracking-uri", uri]) == 0
+    new = [r for r in retrains() if r.info.run_id not in before]
+    assert len(new) == 2 and all(r.data.tags["mlflow.parentRunId"] == search_child for r in new)
