@@ -27,6 +27,9 @@ def _store(args: argparse.Namespace) -> str:
     return uri
 
 
+UI_WORKERS = 2  # one person browsing; fewer server processes start sooner on a 2-core laptop (MLflow: 4)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
@@ -54,7 +57,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: floa
 
 def ui_command(uri: str, host: str, port: int) -> list[str]:
     """``mlflow ui`` on this store; a sqlite store serves its artifacts from the folder the tracker writes to."""
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", str(UI_WORKERS)]
     root = local_artifact_root(uri)
     if root is not None:
         cmd += ["--artifacts-destination", root]
