@@ -353,7 +353,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
     else:
         check_writable(sweep_dir)
         plan = SweepPlan(sweep_grid(exp))
-        for sub in (TUNE_DIR, TRIALS_DIR, "ray"):  # a fresh sweep never mixes with leftovers of an old one
+        for sub in (TUNE_DIR, TRIALS_DIR, "ray", "retrained"):  # a fresh sweep never mixes with an old one's leftovers
             shutil.rmtree(os.path.join(sweep_dir, sub), ignore_errors=True)
         for name in (SCHEDULER_STATE, SWEEP_STATE):
             if os.path.exists(os.path.join(sweep_dir, name)):
