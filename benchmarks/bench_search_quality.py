@@ -30,6 +30,7 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.latency.model import arch_latency, load_latency_model
 from proxyless_ray.pareto import hypervolume_2d, pareto_front_mask
 from proxyless_ray.retrain import run_retrain
+from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.space import SearchSpace
 from proxyless_ray.sweep import run_sweep
 
@@ -65,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="bench-quality-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    tune_allocator()  # measured latencies under the same allocator as the profiles and the CLI
     lambdas = [float(v) for v in args.lambdas.split(",")] if args.lambdas else \
         [0.03, 1.0] if args.quick else [0.01, 0.1, 0.3, 1.0, 3.0]
     search_epochs = args.search_epochs or (1 if args.quick else 4)
