@@ -25,9 +25,10 @@ import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 
 from mlflow import MlflowClient
+
+from proxyless_ray.commands.tracking import UI_START_TIMEOUT_S, wait_healthy
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -51,32 +52,26 @@ def screenshot(browser: str, url: str, path: str) -> str:
 
 
 def start_ui(uri: str, log_path: str) -> tuple[subprocess.Popen, str]:
-    """Start ``proxyless-ray ui`` and return once its address answers HTTP (the address prints before that).
+    """Start ``proxyless-ray ui`` and return once its address answers HTTP.
 
     Its output goes to a file, not a pipe: a pipe nobody reads fills up and blocks the server.
     """
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", "ui", "--tracking-uri", uri],
                             stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 180
-    base = ""
+    deadline = time.time() + UI_START_TIMEOUT_S
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"proxyless-ray ui exited with status {proc.returncode}: "
-                               + open(log_path).read()[-2000:])
         text = open(log_path).read()
-        if not base and "http://127.0.0.1:" in text:
+        if "MLflow UI: http://127.0.0.1:" in text:  # printed once the UI answers
             base = text[text.index("http://127.0.0.1:"):].split()[0]
-        if base:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        return proc, base
-            except OSError:
-                pass
+            wait_healthy(base, proc)
+            return proc, base
+        if proc.poll() is not None:
+            raise RuntimeError(f"proxyless-ray ui exited with status {proc.returncode}: {text[-2000:]}")
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGTERM)
-    raise TimeoutError(f"the MLflow UI did not answer within 180 s: {open(log_path).read()[-2000:]}")
+    raise TimeoutError(f"the MLflow UI did not start within {UI_START_TIMEOUT_S:.0f} s: "
+                       f"{open(log_path).read()[-2000:]}")
 
 
 def main() -> None:

@@ -36,15 +36,16 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     """Fine-tune every finished front network briefly from its inherited weights; measure it here."""
     from proxyless_ray.config import with_overrides
     from proxyless_ray.retrain import run_retrain
+    from proxyless_ray.sweep import RETRAINED_DIR, TRIALS_DIR
 
     epochs = exp.sweep.retrain_epochs
     rows = []
     front = table[table["on_front"] & table["finished"]]
     for _, r in front.iterrows():
-        trial_dir = os.path.join(sweep_dir, "trials", r["trial_id"])
+        trial_dir = os.path.join(sweep_dir, TRIALS_DIR, r["trial_id"])
         texp = with_overrides(exp, latency={"profile": r["hardware"]}, dist={"workers": 0},
                               tracking={"enabled": False})
-        texp = Experiment.from_dict({**texp.to_dict(), "out_dir": os.path.join(sweep_dir, "retrained"),
+        texp = Experiment.from_dict({**texp.to_dict(), "out_dir": os.path.join(sweep_dir, RETRAINED_DIR),
                                      "name": r["trial_id"]})
         res = run_retrain(texp, os.path.join(trial_dir, "network"), finetune=True, epochs=epochs,
                           lr=exp.train.lr * 0.2)

@@ -67,10 +67,10 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
     total, per_layer = arch_latency(model, arch)
     os.makedirs(out_dir, exist_ok=True)
     paths = export_network(net, os.path.join(out_dir, "network"))
-    arch_meta = {"space": exp.space.fingerprint(), "profile": model.name, "latency_ms": total,
-                 "test_acc": last.get("test_acc"),
-        "inherited_test_acc": last.get("inherited_test_acc"),  # before the optional fine-tune
-        "finetune_epochs": exp.train.finetune_epochs, "heldout_acc": last.get("heldout_acc")}
+    accuracies = {"test_acc": last.get("test_acc"),
+                  "inherited_test_acc": last.get("inherited_test_acc"),  # before the optional fine-tune
+                  "finetune_epochs": exp.train.finetune_epochs, "heldout_acc": last.get("heldout_acc")}
+    arch_meta = {"space": exp.space.fingerprint(), "profile": model.name, "latency_ms": total, **accuracies}
     derived = dataclasses.replace(arch, name=exp.name, meta={**arch.meta, **arch_meta})
     derived.save(os.path.join(out_dir, "arch.json"))
     searched.save(os.path.join(out_dir, "searched_arch.json"))
@@ -84,10 +84,7 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
         "profile": model.name,
         "latency_ms": total,
         "expected_latency_ms": last.get("expected_latency_ms"),
-        "test_acc": last.get("test_acc"),
-        "inherited_test_acc": last.get("inherited_test_acc"),  # before the optional fine-tune
-        "finetune_epochs": exp.train.finetune_epochs,
-        "heldout_acc": last.get("heldout_acc"),
+        **accuracies,
         "epochs": len(history),
         "alpha_digest": last.get("alpha_digest"),
         "per_layer_ms": [{"block": layer.block, "input": f"{layer.in_chs}x{layer.resolution}x{layer.resolution}",

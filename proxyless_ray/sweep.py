@@ -32,6 +32,7 @@ TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler_state.json"
 SWEEP_STATE = "sweep.json"
 TRIALS_DIR = "trials"
+RETRAINED_DIR = "retrained"  # the demo's fine-tuned front networks
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
     else:
         check_writable(sweep_dir)
         plan = SweepPlan(sweep_grid(exp))
-        for sub in (TUNE_DIR, TRIALS_DIR, "ray", "retrained"):  # a fresh sweep never mixes with an old one's leftovers
+        for sub in (TUNE_DIR, TRIALS_DIR, "ray", RETRAINED_DIR):  # a fresh sweep never mixes with old leftovers
             shutil.rmtree(os.path.join(sweep_dir, sub), ignore_errors=True)
         for name in (SCHEDULER_STATE, SWEEP_STATE):
             if os.path.exists(os.path.join(sweep_dir, name)):

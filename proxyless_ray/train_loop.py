@@ -183,7 +183,7 @@ class SearchLoop:
         elapsed = time.perf_counter() - t0
         loss_sum, correct, seen = self.comm.sum([loss_sum, correct, seen])
         # [3] end of epoch: the current argmax architecture, as a network with inherited weights, on held-out data
-        choices = net.set_argmax()
+        choices = net.argmax_choices()
         heldout_acc, heldout_ce = accuracy(self._inherited_child(choices), self.splits.heldout, self.comm,
                                            exp.data.eval_batch_size, device=self.device, channels_last=self.cl)
         arch = net.derive(choices)
