@@ -26,7 +26,7 @@ import pandas as pd
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.pareto import hypervolume_by_hardware, pareto_table, shared_references
-from proxyless_ray.sweep import run_sweep
+from proxyless_ray.sweep import SCHEDULER_STATE, run_sweep
 from proxyless_ray.sweep_report import monotone_latency
 
 HARDWARE = ["cpu_1thread", "v100_roofline"]
@@ -46,6 +46,17 @@ def experiment(mode: str, out: str, quick: bool, reduction_factor: float = 2) ->
                   "workers_per_trial": 1},
         "tracking": {"enabled": False},
     })
+
+
+def first_rung_decisions(sweep_dir: str) -> dict[str, dict[str, int]]:
+    """Per hardware: how many trials the Pareto scheduler continued and stopped at its first rung."""
+    with open(os.path.join(sweep_dir, SCHEDULER_STATE)) as fh:
+        records = json.load(fh)["records"]
+    out = {}
+    for hw, rungs in records.items():
+        first = rungs[min(rungs, key=float)]
+        out[hw] = {d: sum(r["decision"] == d for r in first.values()) for d in ("CONTINUE", "STOP")}
+    return out
 
 
 def main() -> None:
@@ -81,6 +92,10 @@ def main() -> None:
                               for hw in HARDWARE},
         "references": refs,
         "stopped_trials_pareto": summaries["pareto"]["stopped"],
+        # the first rung waits for every trial of a hardware: the trials that go on are paused once and restarted
+        # from their checkpoint (a restart costs start-up time, counted in the wall figures, not in worker-epochs)
+        "synchronous_first_rung": exp.sweep.synchronous_first_rung,
+        "first_rung_decisions_pareto": first_rung_decisions(os.path.join(out, "pareto")),
         "latency_monotone_in_lambda_full": monotone_latency(tables["full"]),
         "latency_by_lambda_full": {hw: part.sort_values("lam")[["lam", "expected_latency_ms", "heldout_acc"]]
                                    .to_dict("records") for hw, part in tables["full"].groupby("hardware")},

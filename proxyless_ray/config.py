@@ -110,6 +110,7 @@ class SweepConfig:
     scheduler: str = "pareto"  # fifo | asha | pareto
     grace_period: int = 1  # epochs of the search phase before the first rung
     reduction_factor: int = 2
+    synchronous_first_rung: bool = True  # pareto: a hardware's trials all reach the first rung before any goes on
     workers_per_trial: int = 1
     max_concurrent_trials: int = 0  # 0: from cluster resources
     shared_warmup: bool = True

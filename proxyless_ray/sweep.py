@@ -30,6 +30,7 @@ from proxyless_ray.latency.model import load_latency_model_for
 
 TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler_state.json"
+DRIVER_SLOT = "driver_slot"  # custom resource the Tune trials (Train drivers) hold instead of CPUs
 SWEEP_STATE = "sweep.json"
 TRIALS_DIR = "trials"
 RETRAINED_DIR = "retrained"  # the demo's fine-tuned front networks
@@ -248,9 +249,22 @@ def load_plan(sweep_dir: str) -> SweepPlan:
 # -- driver --------------------------------------------------------------------------------------------------------
 
 
-def _trainable_resources(embedded: bool) -> dict[str, float]:
-    # A Tune trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2).
-    return {"driver_slot": 1} if embedded else {"CPU": 0.01}
+def trial_resources(exp: Experiment) -> tuple[dict[str, float], int | None]:
+    """A Tune trial's resources, and ``max_concurrent_trials`` (None when the resources cap concurrency).
+
+    A trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster
+    has a ``driver_slot`` resource (the embedded one always does), each trial holds ``1/n`` of it, so at most ``n``
+    trials run at once; paused trials hold none, which a synchronous first rung needs (Tune's
+    ``max_concurrent_trials`` counts paused trials as running). Otherwise trials take a sliver of a CPU and
+    ``max_concurrent_trials`` caps them.
+    """
+    import ray
+
+    n = max_concurrent(exp)
+    slots = ray.cluster_resources().get(DRIVER_SLOT, 0.0)
+    if slots >= n:
+        return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4}, None  # Ray keeps 4 decimals of a resource
+    return {"CPU": 0.01}, n
 
 
 def max_concurrent(exp: Experiment) -> int:
@@ -311,8 +325,11 @@ def _latest_warmup_checkpoint(run_dir: str, epoch: int) -> str | None:
     return None
 
 
-def build_tune_scheduler(exp: Experiment, sweep_dir: str):
-    """FIFO, ASHA on the scalarised score, or the Pareto-aware MO-ASHA with persisted rung records."""
+def build_tune_scheduler(exp: Experiment, sweep_dir: str, group_sizes: dict[str, int] | None = None):
+    """FIFO, ASHA on the scalarised score, or the Pareto-aware MO-ASHA with persisted rung records.
+
+    ``group_sizes`` (trials per hardware) makes the Pareto scheduler's first rung synchronous.
+    """
     from proxyless_ray.schedulers import build_scheduler
 
     sw = exp.sweep
@@ -324,7 +341,7 @@ def build_tune_scheduler(exp: Experiment, sweep_dir: str):
     if sw.scheduler == "asha":
         return build_scheduler("asha", stop_last_trials=False, **common)
     return build_scheduler("pareto", group_by="trial.hardware", stop_last_trials=False,
-                           state_path=os.path.join(sweep_dir, SCHEDULER_STATE), **common)
+                           state_path=os.path.join(sweep_dir, SCHEDULER_STATE), group_sizes=group_sizes, **common)
 
 
 def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, Any]:
@@ -364,7 +381,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
 
     build_splits(exp.data, exp.space)  # bad data fails before any worker starts
     embedded = exp.dist.address is None
-    connect(exp, num_cpus=os.cpu_count(), resources={"driver_slot": 64} if embedded else None)
+    connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None)
     t0 = time.time()
     try:
         check_placeable(exp, workers=max(exp.sweep.workers_per_trial, 1))
@@ -384,7 +401,17 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             "warmup_checkpoint": plan.warmup_checkpoint,
             "parent_run_id": plan.parent_run_id,
         }
-        trainable = tune.with_resources(train_driver_fn, _trainable_resources(embedded))
+        resources, max_trials = trial_resources(exp)
+        trainable = tune.with_resources(train_driver_fn, resources)
+        group_sizes = None
+        if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung:
+            if max_trials is None:
+                group_sizes = {}
+                for spec in plan.trials:
+                    group_sizes[spec.hardware] = group_sizes.get(spec.hardware, 0) + 1
+            else:
+                print(f"[proxyless-ray] the cluster has no {DRIVER_SLOT!r} resource to cap running trials with: "
+                      f"the Pareto scheduler's first rung is asynchronous (see the README)", file=sys.stderr)
         callbacks = [TrialLogCallback(len(plan.trials))]
         if tracker is not None:
             callbacks.append(tracker.tune_callback(plan.parent_run_id))
@@ -394,8 +421,8 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
-                tune_config=tune.TuneConfig(scheduler=build_tune_scheduler(exp, sweep_dir),
-                                            max_concurrent_trials=max_concurrent(exp),
+                tune_config=tune.TuneConfig(scheduler=build_tune_scheduler(exp, sweep_dir, group_sizes),
+                                            max_concurrent_trials=max_trials,
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir, callbacks=callbacks, verbose=0),
             )
