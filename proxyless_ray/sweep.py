@@ -205,14 +205,18 @@ class ScoreReportCallback(TuneReportCallback):
 class TrialLogCallback(Callback):
     """One readable line per trial event on the Tune driver (Tune's own table is turned off)."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.time()
+    def __init__(self, total: int, epochs: int):
+        self.total, self.epochs, self.done, self.t0 = total, epochs, 0, time.time()
 
     def _key(self, trial) -> str:
         return trial.config.get("trial", {}).get("key", trial.trial_id)
 
+    def _epoch(self, trial) -> int:
+        return int((trial.last_result or {}).get("epoch") or 0)
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        print(f"[sweep {time.time() - self.t0:6.0f}s] start    {self._key(trial)}", file=sys.stderr, flush=True)
+        word = "resume  " if self._epoch(trial) else "start   "  # resumed: after a pause at the first rung
+        print(f"[sweep {time.time() - self.t0:6.0f}s] {word} {self._key(trial)}", file=sys.stderr, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         print(f"[sweep {time.time() - self.t0:6.0f}s] epoch {result.get('epoch', '?'):>2} {self._key(trial)}: "
@@ -221,7 +225,8 @@ class TrialLogCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1
-        print(f"[sweep {time.time() - self.t0:6.0f}s] finished {self._key(trial)} ({self.done}/{self.total})",
+        word = "finished" if self._epoch(trial) >= self.epochs else "stopped "  # by the scheduler, at a rung
+        print(f"[sweep {time.time() - self.t0:6.0f}s] {word} {self._key(trial)} ({self.done}/{self.total})",
               file=sys.stderr, flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -412,7 +417,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             else:
                 print(f"[proxyless-ray] the cluster has no {DRIVER_SLOT!r} resource to cap running trials with: "
                       f"the Pareto scheduler's first rung is asynchronous (see the README)", file=sys.stderr)
-        callbacks = [TrialLogCallback(len(plan.trials))]
+        callbacks = [TrialLogCallback(len(plan.trials), exp.train.epochs)]
         if tracker is not None:
             callbacks.append(tracker.tune_callback(plan.parent_run_id))
         if resume:

@@ -13,6 +13,8 @@ import psutil
 import pytest
 import yaml
 
+from proxyless_ray.config import Experiment
+
 from conftest import TINY_SPACE, requires_fmnist
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
@@ -111,3 +113,27 @@ def test_workers_per_trial_beyond_the_cluster(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 2
     assert "64 workers x 1 CPU need 64 CPU" in out.stderr
+
+
+def test_trials_hold_a_share_of_the_driver_slots(tmp_path):
+    """Running trials are capped by a resource (paused trials hold none), else by max_concurrent_trials."""
+    import ray
+
+    from proxyless_ray.sweep import trial_resources
+
+    cfg, _ = write_config(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    exp = Experiment.from_dict(data)  # max_concurrent_trials: 2
+    three = Experiment.from_dict({**data, "sweep": {**data["sweep"], "max_concurrent_trials": 3}})
+    ray.init(num_cpus=2, resources={"driver_slot": 64}, include_dashboard=False, log_to_driver=False)
+    try:
+        assert trial_resources(exp) == ({"driver_slot": 32.0}, None)
+        share, cap = trial_resources(three)
+        assert cap is None and 3 * share["driver_slot"] <= 64 < 4 * share["driver_slot"]
+    finally:
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a cluster without driver slots
+    try:
+        assert trial_resources(exp) == ({"CPU": 0.01}, 2)
+    finally:
+        ray.shutdown()
