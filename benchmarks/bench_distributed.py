@@ -25,7 +25,7 @@ import tempfile
 import ray
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.ray_trainer import ReportLog, build_trainer, read_report_log
+from proxyless_ray.ray_trainer import ReportLog, build_trainer, connect, read_report_log
 
 
 def experiment(workers: int, batch: int, steps: int, out: str) -> Experiment:
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="bench-dist-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    ray.init(address="local", num_cpus=2, configure_logging=False, log_to_driver=False)
+    connect(experiment(1, 128, args.steps, out), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
     one, two = [], []
     try:
         for _ in range(args.rounds):

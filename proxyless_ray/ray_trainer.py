@@ -85,11 +85,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 # -- driver side -------------------------------------------------------------------------------------------------
 
 
-def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, float] | None = None) -> None:
+def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, float] | None = None,
+            dashboard: bool | None = None) -> None:
     """Attach to the experiment's cluster, or start an embedded one; fail fast on an unreachable address.
 
     ``address="local"`` always starts a fresh embedded instance, so a stale cluster file left by a killed process
-    is never picked up by mistake.
+    is never picked up by mistake. The embedded instance is lean: no preemption watcher (a laptop is not preempted)
+    and, unless ``dashboard`` (default ``dist.dashboard``), no dashboard or metrics collection. Every idle Ray
+    process costs ~1 % of a core; with the dashboard the background took 21 % of a core during a 1-worker search
+    on 2 cores, without it 13 %, and that is time a worker waits for in every all-reduce.
     """
     import ray
 
@@ -97,8 +101,13 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
         return
     address = exp.dist.address
     if address is None:
+        dashboard = exp.dist.dashboard if dashboard is None else dashboard
+        # Read by the Train controller when it starts (Train propagates the variable); set for this process.
+        os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        if not dashboard:
+            os.environ.setdefault("RAY_enable_metrics_collection", "0")  # nothing would scrape them
         ray.init(address="local", num_cpus=num_cpus, resources=resources, log_to_driver=True,
-                 configure_logging=False)
+                 configure_logging=False, include_dashboard=dashboard)
         return
     if address != "auto":
         host, port = _host_port(address)

@@ -386,7 +386,8 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
 
     build_splits(exp.data, exp.space)  # bad data fails before any worker starts
     embedded = exp.dist.address is None
-    connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None)
+    # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): always on here.
+    connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None, dashboard=True)
     t0 = time.time()
     try:
         check_placeable(exp, workers=max(exp.sweep.workers_per_trial, 1))

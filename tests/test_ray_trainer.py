@@ -30,12 +30,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
 
 @pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, configure_logging=False, log_to_driver=False)
+def local_ray(tmp_path):
+    connect(tiny_experiment(tmp_path), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def test_embedded_cluster_is_lean(local_ray):
+    # no dashboard, no metrics agent work, no preemption watcher: their polling competes with 1-thread workers
+    assert not ray._private.worker.get_dashboard_url()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
 
 
 def equivalence_experiment(tmp_path, workers, batch):
