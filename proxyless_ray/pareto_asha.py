@@ -3,7 +3,7 @@
 :class:`ParetoASHAScheduler` is the stopping variant of multi-objective asynchronous successive halving (MO-ASHA):
 Schmucker, Donini, Zafar, Salinas, Archambeau, "Multi-objective Asynchronous Successive Halving",
 https://arxiv.org/abs/2106.12639 (the design of syne-tune's ``MOASHA``; Ray Tune has no multi-objective scheduler).
-It differs from syne-tune in two ways that matter for hardware-aware NAS:
+It differs from syne-tune in three ways that matter for hardware-aware NAS:
 
 * trials are compared only within their group (by default ``config["hardware"]``): a fast-GPU trial must never stop
   a phone trial, since their latencies are on different scales and their fronts are separate results;
@@ -11,7 +11,8 @@ It differs from syne-tune in two ways that matter for hardware-aware NAS:
   state: after ``Tuner.restore`` the scheduler comes back from ``tuner.pkl`` as it was before the sweep started;
 * its first rung can be synchronous (``group_sizes``): asynchronous halving lets the first trials of a group pass
   their first rung with almost nobody to be compared with, which wastes most of the saving when a sweep has few
-  trials per hardware and few concurrent slots (6 trials on 2 slots: 1 of 12 stopped in a measured sweep).
+  trials per hardware and few concurrent slots (6 trials per hardware on 2 slots: 2 of 12 stopped in a measured
+  sweep, 7 of 12 with the synchronous first rung, at the same hypervolume).
 """
 
 from __future__ import annotations
