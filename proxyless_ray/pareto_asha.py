@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from proxyless_ray.arch import atomic_write_text
@@ -32,15 +33,12 @@ from proxyless_ray.pareto import ACC_LAT_SENSES, non_dominated_ranks
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
-    from ray.tune.experiment import Trial
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 COMPLETE = "COMPLETE"  # marks a rung record made when a trial finished, not a decision
 WAIT = "WAIT"  # marks a record at a synchronous first rung, waiting for the rest of its group
-# Settings that must match between a state file and the scheduler reading it (rung keys are checked separately).
-_STATE_SETTINGS: tuple[str, ...] = ("time_attr", "acc_metric", "lat_metric", "grace_period", "reduction_factor")
 
 
 def config_value(config: Mapping[str, Any], key: str) -> Any:
@@ -281,19 +279,20 @@ class ParetoASHAScheduler(FIFOScheduler):
         return decision
 
     # ---------------------------------------------------------------- the synchronous first rung
+    def _first_rung(self, group: str) -> dict[str, dict[str, Any]]:
+        """The records of ``group`` at the first rung (empty if none yet)."""
+        return self._records.get(group, {}).get(_rung_key(self._rungs[0]), {})
+
     def _first_rung_decision(self, trial: Trial) -> str | None:
         if self._group_sizes is None:
             return None
-        recorded = self._records.get(self._group_of(trial), {}).get(_rung_key(self._rungs[0]), {})
-        return recorded.get(trial.trial_id, {}).get("decision")
+        return self._first_rung(self._group_of(trial)).get(trial.trial_id, {}).get("decision")
 
     def _group_complete(self, tune_controller: TuneController | None, group: str) -> bool:
         """Every trial of ``group`` is recorded at the first rung or has ended without reaching it."""
-        from ray.tune.experiment import Trial
-
         if tune_controller is None:
             return False
-        recorded = self._records.get(group, {}).get(_rung_key(self._rungs[0]), {})
+        recorded = self._first_rung(group)
         members = [t for t in tune_controller.get_trials() if self._group_of(t) == group]
         if len(members) < self._group_sizes.get(group, 0):
             return False  # not all of the group's trials exist yet
@@ -306,9 +305,7 @@ class ParetoASHAScheduler(FIFOScheduler):
         Paused or pending trials told to stop are stopped here; those told to continue are resumed by
         :meth:`choose_trial_to_run`. Returns ``current``'s decision, or None while the group still waits.
         """
-        from ray.tune.experiment import Trial
-
-        recorded = self._records.get(group, {}).get(_rung_key(self._rungs[0]), {})
+        recorded = self._first_rung(group)
         waiting = [i for i, rec in recorded.items() if rec.get("decision") == WAIT]
         if not waiting or not (force or self._group_complete(tune_controller, group)):
             return None
@@ -373,25 +370,20 @@ class ParetoASHAScheduler(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: TuneController) -> Trial | None:
         """PENDING trials first (every trial reaches the first rung before any is resumed), then paused trials
         whose first rung said continue; a trial still waiting for its group is never chosen."""
-        from ray.tune.experiment import Trial
-
         self._ensure_loaded()
         trials = tune_controller.get_trials()
-        held = (WAIT, TrialScheduler.STOP)
-        for t in trials:
-            if t.status == Trial.PENDING and self._first_rung_decision(t) not in held:
-                return t
-        for attempt in range(2):
-            for t in trials:
-                if t.status == Trial.PAUSED and self._first_rung_decision(t) not in held:
-                    return t
-            if attempt or self._group_sizes is None or any(t.status in (Trial.RUNNING, Trial.PENDING)
-                                                           for t in trials):
-                break
-            # Nothing runs or waits to run, yet a group waits at the first rung: decide with what is recorded.
-            for group in sorted(self._records):
-                self._settle(tune_controller, group, force=True)
-        return None
+
+        def first_runnable(status: str) -> Trial | None:
+            return next((t for t in trials if t.status == status
+                         and self._first_rung_decision(t) not in (WAIT, TrialScheduler.STOP)), None)
+
+        chosen = first_runnable(Trial.PENDING) or first_runnable(Trial.PAUSED)
+        if chosen or self._group_sizes is None or any(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials):
+            return chosen
+        # Nothing runs or waits to run, yet a group waits at the first rung: decide with what is recorded.
+        for group in sorted(self._records):
+            self._settle(tune_controller, group, force=True)
+        return first_runnable(Trial.PAUSED)
 
     def debug_string(self) -> str:
         """One line per group: trials recorded and stopped at each rung."""

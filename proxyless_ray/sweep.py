@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -412,9 +413,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         group_sizes = None
         if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung:
             if max_trials is None:
-                group_sizes = {}
-                for spec in plan.trials:
-                    group_sizes[spec.hardware] = group_sizes.get(spec.hardware, 0) + 1
+                group_sizes = dict(Counter(spec.hardware for spec in plan.trials))
             else:
                 print(f"[proxyless-ray] the cluster has no {DRIVER_SLOT!r} resource to cap running trials with: "
                       f"the Pareto scheduler's first rung is asynchronous (see the README)", file=sys.stderr)
