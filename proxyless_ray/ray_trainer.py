@@ -22,6 +22,7 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.runtime import WORKER_ENV
 
 RUN_PREFIX = "search"
+_LEAN_CLUSTER = False  # connect() started an embedded cluster without the dashboard (so without the State API)
 
 
 class ClusterError(ValueError):
@@ -93,13 +94,17 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
     is never picked up by mistake. The embedded instance is lean: no preemption watcher (a laptop is not preempted)
     and, unless ``dashboard`` (default ``dist.dashboard``), no dashboard or metrics collection. Every idle Ray
     process costs ~1 % of a core; with the dashboard the background took 21 % of a core during a 1-worker search
-    on 2 cores, without it 13 %, and that is time a worker waits for in every all-reduce.
+    on 2 cores, without it 13 %, and that is time a worker waits for in every all-reduce. Trainers built on a
+    cluster without the dashboard leave out Train's placement-group cleaner (see :func:`_trainer_class`).
     """
     import ray
+
+    global _LEAN_CLUSTER
 
     if ray.is_initialized():
         return
     address = exp.dist.address
+    _LEAN_CLUSTER = False
     if address is None:
         dashboard = exp.dist.dashboard if dashboard is None else dashboard
         # Read by the Train controller when it starts (Train propagates the variable); set for this process.
@@ -108,6 +113,7 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
             os.environ.setdefault("RAY_enable_metrics_collection", "0")  # nothing would scrape them
         ray.init(address="local", num_cpus=num_cpus, resources=resources, log_to_driver=True,
                  configure_logging=False, include_dashboard=dashboard)
+        _LEAN_CLUSTER = not dashboard
         return
     if address != "auto":
         host, port = _host_port(address)
@@ -149,18 +155,39 @@ def storage_path(exp: Experiment) -> str:
     return exp.dist.storage_path or os.path.abspath(os.path.join(exp.output_dir, "ray"))
 
 
+def _trainer_class():
+    """``TorchTrainer``, or on a lean embedded cluster a subclass without the placement-group cleaner.
+
+    Train V2 starts a detached actor per run that asks the State API every second whether the controller is alive,
+    to remove its placement group if the controller dies without cleaning up. The State API is served by the
+    dashboard, so without it every query failed and logged a warning (once a second on the driver's terminal);
+    and an embedded cluster's placement groups end with the cluster anyway.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not _LEAN_CLUSTER:
+        return TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):  # Ray 2.60's hook; on a version without it nothing changes
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return LeanTorchTrainer
+
+
 def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | None = None,
                   callbacks: list | None = None):
     """The ``TorchTrainer`` of a search (``train_driver_fn``'s body; Tune trials call it too)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     d = exp.dist
     use_gpu = d.gpus_per_worker > 0
     resources = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
     if use_gpu:
         resources["GPU"] = d.gpus_per_worker
-    return TorchTrainer(
+    return _trainer_class()(
         train_fn_per_worker,
         train_loop_config={"experiment": exp.to_dict(), **(extra_config or {})},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
