@@ -77,6 +77,11 @@ def test_two_workers_equal_one_worker_double_batch_and_ranks_agree(tmp_path, loc
         assert len(r["metrics"]) == 2
         assert r["metrics"][0]["alpha_digest"] == r["metrics"][1]["alpha_digest"]
         assert r["metrics"][0]["arch"] == r["metrics"][1]["arch"]
+    # Train's placement-group cleaner polls the State API, which a cluster without the dashboard does not serve
+    from ray._private import state
+
+    classes = {a.get("ActorClassName") for a in state.actors().values()}
+    assert "TrainController" in classes and "PlacementGroupCleaner" not in classes
 
 
 def test_worker_killed_mid_run_recovers_without_losing_or_repeating_epochs(tmp_path, local_ray):
