@@ -3,10 +3,18 @@
 The supernet is not wrapped in DDP: only the sampled path has gradients, and every rank samples the same path
 (shared per-step seed), so one flattened all-reduce of the gradients that exist is both correct and cheap, with
 none of DDP's unused-parameter bookkeeping.
+
+On CPU (gloo) a rank waits for the gradient all-reduce by polling and yielding its core rather than blocking. A
+blocked rank's idle virtual CPU halts, and the host takes milliseconds to wake it when the other rank's data
+arrives: on the 2-vCPU development VM a 540 KB all-reduce took 4.1 ms blocking and 0.7 ms polling, and two
+1-thread search workers went from 432/446 to 522/469 images/s (two interleaved rounds). Yielding leaves the core
+to any other runnable process (Ray's own, or a rank still computing on an oversubscribed node).
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -33,11 +41,15 @@ class Comm:
         """Average tensors across ranks in place with one flattened all-reduce."""
         if not self.active or not tensors:
             return
-        import time
-
         t0 = time.perf_counter()
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if flat.is_cuda:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        else:
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+            while not work.is_completed():
+                os.sched_yield()
+            work.wait()  # raises the collective's error, if any
         flat.div_(self.world)
         offset = 0
         for t in tensors:
