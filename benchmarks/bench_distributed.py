@@ -76,6 +76,8 @@ def main() -> None:
         "scaling": {"global_batch": 128, "steps_per_epoch": args.steps, "rounds": args.rounds,
                     "threads_per_worker": 1, "thr1_images_per_s": thr1, "thr2_images_per_s": thr2,
                     "efficiency": thr2 / (2 * thr1), "target_efficiency": 0.8,
+                    # each round's own ratio too: the VM's speed drifts between rounds
+                    "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, two)],
                     "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in two),
                     "runs_1w": one, "runs_2w": two},
         "load_average": os.getloadavg(),
