@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -12,12 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from proxyless_ray.comm import Comm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from proxyless_ray.commands.tracking import free_port
 
 
 def _worker(rank: int, port: int, mode: str, queue) -> None:
@@ -40,7 +34,7 @@ def _worker(rank: int, port: int, mode: str, queue) -> None:
 def _run(mode: str) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, mode, queue)) for r in range(2)]
     for p in procs:
         p.start()
