@@ -36,7 +36,8 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     """Fine-tune every finished front network briefly from its inherited weights; measure it here."""
     from proxyless_ray.config import with_overrides
     from proxyless_ray.retrain import run_retrain
-    from proxyless_ray.sweep import RETRAINED_DIR, TRIALS_DIR
+    from proxyless_ray.sweep import RETRAINED_DIR
+    from proxyless_ray.sweep_plan import TRIALS_DIR
 
     epochs = exp.sweep.retrain_epochs
     rows = []

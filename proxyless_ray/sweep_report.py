@@ -21,7 +21,7 @@ from proxyless_ray.pareto import best_within_target, hypervolume_by_hardware, pa
 
 def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
     """One row per trial from Tune's ``ResultGrid``: its spec and its last reported metrics."""
-    from proxyless_ray.sweep import TRIALS_DIR
+    from proxyless_ray.sweep_plan import TRIALS_DIR
 
     rows = []
     for result in grid:

@@ -31,7 +31,7 @@ TUNE_KEYS = frozenset({"timestamp", "time_this_iter_s", "time_total_s", "time_si
 
 def trial_experiment_of(config: dict[str, Any]) -> Experiment:
     """The experiment a sweep trial runs, rebuilt from its Tune config (base experiment + spec + sweep folder)."""
-    from proxyless_ray.sweep import TrialSpec, trial_experiment
+    from proxyless_ray.sweep_plan import TrialSpec, trial_experiment
 
     t = config["trial"]
     spec = TrialSpec(t["hardware"], t["loss"], t.get("lam"), t.get("beta"), t.get("target_ms"))

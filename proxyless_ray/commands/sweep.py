@@ -9,9 +9,11 @@ from proxyless_ray.commands.search import add_experiment_args, experiment_from_a
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
-    from proxyless_ray.sweep import run_sweep, sweep_grid
+    from proxyless_ray.sweep_plan import sweep_grid
 
-    sweep_grid(exp)  # an empty or invalid grid fails before Ray starts
+    sweep_grid(exp)  # an empty or invalid grid fails before Ray is imported or started
+    from proxyless_ray.sweep import run_sweep
+
     tracker = None
     if exp.tracking.enabled:
         from proxyless_ray.tracking import Tracker

@@ -1,9 +1,9 @@
-"""Sweep grid expansion and its bad-input errors (no Ray needed)."""
+"""The sweep plan: grid expansion and its bad-input errors, trial experiments, the saved plan (no Ray needed)."""
 
 import pytest
 
 from proxyless_ray.cli import main
-from proxyless_ray.sweep import TrialSpec, load_plan, sweep_grid, trial_experiment, warmup_key
+from proxyless_ray.sweep_plan import TrialSpec, load_plan, sweep_grid, trial_experiment, warmup_key
 
 from conftest import tiny_experiment
 
