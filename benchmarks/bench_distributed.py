@@ -4,7 +4,9 @@
    1 worker x 1 thread, the same global batch (128 = 1 x 128 = 2 x 64), the small space on Fashion-MNIST, warm-up
    phase (weight steps only). Efficiency = thr2 / (2 x thr1), target >= 0.8. Also the all-reduce share of the
    weight-step time on the 2-worker run. Each configuration runs 2 epochs of ``--steps`` steps; the second epoch
-   is measured (the first pays for start-up and allocator warm-up).
+   is measured (the first pays for start-up and allocator warm-up). The 2-worker run uses the default
+   straggler-aware batch split (:mod:`proxyless_ray.balance`); a third run with the even split
+   (``dist.balance_batches: false``) is reported beside it.
 2. Data path: JPEG decode + augment throughput of the Parquet reader against torchvision ImageFolder + PIL on the
    same images, 1 core (``benchmarks/bench_data.py``, run in a subprocess; target >= 1.5x).
 
@@ -28,27 +30,28 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.ray_trainer import ReportLog, build_trainer, connect, read_report_log
 
 
-def experiment(workers: int, batch: int, steps: int, out: str) -> Experiment:
+def experiment(workers: int, batch: int, steps: int, out: str, balance: bool = True) -> Experiment:
     return Experiment.from_dict({
         "name": f"scaling-{workers}w", "out_dir": out,
         "data": {"batch_size": batch, "heldout_size": 512, "train_subset": 0},
         "train": {"epochs": 2, "warmup_epochs": 2, "max_steps_per_epoch": steps, "threads": 1},
         "latency": {"profile": "flops"},
-        "dist": {"workers": workers, "cpus_per_worker": 1, "checkpoint_every": 0, "storage_path": out},
+        "dist": {"workers": workers, "cpus_per_worker": 1, "checkpoint_every": 0, "storage_path": out,
+                 "balance_batches": balance},
         "tracking": {"enabled": False},
     })
 
 
-def run_once(workers: int, batch: int, steps: int, out: str) -> dict:
+def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = True) -> dict:
     log = os.path.join(out, f"reports-{workers}w-{len(os.listdir(out))}.jsonl")
-    exp = experiment(workers, batch, steps, out)
+    exp = experiment(workers, batch, steps, out, balance)
     result = build_trainer(exp, f"scaling-{workers}w-{len(os.listdir(out))}", {"until_epoch": 2},
                            callbacks=[ReportLog(log)]).fit()
     if result.error is not None:
         raise result.error
     last = read_report_log(log)[-1]["metrics"]
     r0 = last[0]
-    return {"images_per_s": r0["weight_images_per_s"],
+    return {"images_per_s": r0["weight_images_per_s"], "batch_split": r0["batch_split"],
             "allreduce_share_of_weight_steps": max(m.get("allreduce_share", 0.0) * m["epoch_s"] / m["weight_step_s"]
                                                    for m in last)}
 
@@ -62,15 +65,17 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="bench-dist-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     connect(experiment(1, 128, args.steps, out), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
-    one, two = [], []
+    one, two, even = [], [], []
     try:
         for _ in range(args.rounds):
             one.append(run_once(1, 128, args.steps, out))
             two.append(run_once(2, 64, args.steps, out))
+            even.append(run_once(2, 64, args.steps, out, balance=False))
     finally:
         ray.shutdown()
     thr1 = statistics.median(r["images_per_s"] for r in one)
     thr2 = statistics.median(r["images_per_s"] for r in two)
+    thr2_even = statistics.median(r["images_per_s"] for r in even)
     report = {
         "benchmark": "distributed",
         "scaling": {"global_batch": 128, "steps_per_epoch": args.steps, "rounds": args.rounds,
@@ -79,7 +84,12 @@ def main() -> None:
                     # each round's own ratio too: the VM's speed drifts between rounds
                     "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, two)],
                     "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in two),
-                    "runs_1w": one, "runs_2w": two},
+                    "even_split": {
+                        "thr2_images_per_s": thr2_even, "efficiency": thr2_even / (2 * thr1),
+                        "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"])
+                                                 for a, b in zip(one, even)],
+                        "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in even)},
+                    "runs_1w": one, "runs_2w": two, "runs_2w_even": even},
         "load_average": os.getloadavg(),
     }
     if not args.skip_data:

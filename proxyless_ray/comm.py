@@ -39,12 +39,31 @@ class Comm:
     def active(self) -> bool:
         return self.world > 1 and dist.is_available() and dist.is_initialized()
 
-    def mean_(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Average tensors across ranks in place with one flattened all-reduce."""
+    def mean_(self, tensors: Sequence[torch.Tensor], weight: float | None = None,
+              gather: float | None = None) -> list[float] | None:
+        """Average tensors across ranks in place with one flattened all-reduce.
+
+        Args:
+            tensors: This rank's tensors (gradients), replaced by the average over ranks.
+            weight: This rank's weight in the average (the ranks' weights sum to 1, e.g. its share of the global
+                batch when ranks take uneven batches); ``None``: an even average.
+            gather: A number this rank shares with the others in the same all-reduce (its step time).
+
+        Returns:
+            Every rank's ``gather`` value, by rank, when one was given (``[gather]`` for a single worker).
+        """
         if not self.active or not tensors:
-            return
+            return None if gather is None else [float(gather)]
         t0 = time.perf_counter()
         flat = torch.cat([t.reshape(-1) for t in tensors])
+        if weight is None:
+            flat.div_(self.world)
+        else:
+            flat.mul_(weight)
+        if gather is not None:  # each rank fills its own slot; the sum hands every rank all of them
+            slots = torch.zeros(self.world, dtype=flat.dtype, device=flat.device)
+            slots[self.rank] = gather
+            flat = torch.cat([flat, slots])
         if flat.is_cuda:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         else:
@@ -52,13 +71,13 @@ class Comm:
             while not work.is_completed():
                 os.sched_yield()
             work.wait()  # raises the collective's error, if any
-        flat.div_(self.world)
         offset = 0
         for t in tensors:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
         self.allreduce_s += time.perf_counter() - t0
+        return None if gather is None else flat[offset:].tolist()
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Sum scalars across ranks (counts for accuracy)."""

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from proxyless_ray.balance import BatchBalancer
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import Splits, build_splits, iterate
@@ -110,6 +111,7 @@ class SearchLoop:
         if self.steps_per_epoch == 0:
             raise ValueError(f"training split of {len(self.splits.train)} images gives no full batch of "
                              f"{b} x {comm.world} workers; lower data.batch_size")
+        self.balancer = BatchBalancer(b * comm.world, comm.world, enabled=exp.dist.balance_batches and comm.active)
         self._heldout_plan: tuple[int, list[torch.Tensor]] = (-1, [])
         self.derived: ProxylessNet | None = None
 
@@ -142,8 +144,12 @@ class SearchLoop:
     def _epoch(self, epoch: int) -> dict[str, Any]:
         exp, t, st = self.exp, self.exp.train, self.state
         warm = epoch < t.warmup_epochs
-        plan = shard_batches(len(self.splits.train), exp.data.batch_size, self.comm.rank, self.comm.world, epoch,
-                             t.seed, max_steps=t.max_steps_per_epoch)
+        # the global batches; each rank reads its slice of each when it gets there (the balancer moves the bounds)
+        plan = shard_batches(len(self.splits.train), exp.data.batch_size * self.comm.world, 0, 1, epoch, t.seed,
+                             max_steps=t.max_steps_per_epoch)
+        rank, bal = self.comm.rank, self.balancer
+        batches = iterate(self.splits.train, (chunk[slice(*bal.bounds(rank))] for chunk in plan), train=True,
+                          seed=t.seed * 10_007 + epoch)
         net = st.net
         net.train()
         self._freeze_bn_if_asked()
@@ -154,7 +160,9 @@ class SearchLoop:
         ar0 = self.comm.allreduce_s
         bar = Progress(len(plan), f"epoch {epoch + 1}/{t.epochs} {'warm-up' if warm else 'search'}",
                        enabled=self.progress)
-        for i, (x, y) in enumerate(iterate(self.splits.train, plan, train=True, seed=t.seed * 10_007 + epoch)):
+        for i in range(len(plan)):
+            busy0 = time.perf_counter()
+            x, y = next(batches)
             x, y = to_device(x, self.device, self.cl), y.to(self.device)
             # [1] weight step on one sampled path
             ws = time.perf_counter()
@@ -165,7 +173,11 @@ class SearchLoop:
             loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
             loss.backward()
             grads = [p.grad for p in net.weight_parameters() if p.grad is not None]
-            self.comm.mean_(grads)
+            if bal.enabled and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the step time must include the queued kernels
+            # each rank's mean gradient weighted by its share of the global batch: the global batch's mean gradient
+            step_s = self.comm.mean_(grads, weight=bal.weight(rank), gather=time.perf_counter() - busy0)
+            bal.update(step_s)
             if t.grad_clip > 0:
                 nn.utils.clip_grad_norm_([p for p in net.weight_parameters() if p.grad is not None], t.grad_clip)
             st.w_opt.step()
@@ -209,6 +221,7 @@ class SearchLoop:
             "choices": choices,
             "rank": self.comm.rank,
             "alpha_digest": alpha_digest(net),  # equal on every rank: the binarization is synchronized
+            "batch_split": list(bal.counts),  # images per rank of the last global batch
         }
         for name, model in self.other_models.items():
             metrics[f"latency_{name}_ms"] = SupernetLatency(model, exp.space).of_choices(choices)

@@ -1,4 +1,5 @@
-"""Collectives between two real gloo processes: averaging in place, and a dead peer ends the wait with an error."""
+"""Collectives between two real gloo processes: averaging in place (even and weighted, with the step times riding
+along), and a dead peer ends the wait with an error."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ def _worker(rank: int, port: int, mode: str, queue) -> None:
     except RuntimeError as err:  # gloo's DistBackendError is one; the class varies with the failure
         queue.put((rank, "error", str(err)[:200]))
         return
-    queue.put((rank, "ok", (a.tolist(), b.tolist(), comm.sum([rank + 1.0]), comm.allreduce_s > 0)))
+    # uneven batches: rank 0 took a quarter of the global batch, rank 1 three quarters
+    c = torch.full((3,), float(rank + 1))
+    gathered = comm.mean_([c], weight=(0.25, 0.75)[rank], gather=10.0 + rank)
+    queue.put((rank, "ok", (a.tolist(), b.tolist(), comm.sum([rank + 1.0]), comm.allreduce_s > 0, c.tolist(),
+                            gathered)))
     dist.destroy_process_group()
 
 
@@ -54,11 +59,20 @@ def _run(mode: str) -> list:
 def test_mean_averages_every_tensor_in_place_on_both_ranks():
     results = _run("ok")
     assert [r[:2] for r in results] == [(0, "ok"), (1, "ok")]
-    for _, _, (a, b, total, timed) in results:
+    for _, _, (a, b, total, timed, c, gathered) in results:
         assert a == [[1.5] * 3] * 2  # (1 + 2) / 2
         assert b == [0.0, 1.5, 3.0, 4.5]
         assert total == [3.0]
         assert timed
+        assert c == [1.75] * 3  # 0.25 x 1 + 0.75 x 2
+        assert gathered == [10.0, 11.0]  # every rank's value, by rank
+
+
+def test_a_single_worker_keeps_its_tensors_and_gets_its_own_value_back():
+    t = torch.arange(3.0)
+    assert Comm().mean_([t], weight=1.0, gather=0.5) == [0.5]
+    assert Comm().mean_([t]) is None
+    assert t.tolist() == [0.0, 1.0, 2.0]
 
 
 @pytest.mark.slow
