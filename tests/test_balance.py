@@ -2,10 +2,10 @@
 
 import dataclasses
 import datetime
+import importlib.util
 import os
 import pathlib
 import random
-import time
 
 import pytest
 import torch
@@ -19,6 +19,12 @@ from proxyless_ray.data import build_splits
 from proxyless_ray.train_loop import SearchLoop
 
 from conftest import requires_fmnist, tiny_experiment
+
+_BENCH = importlib.util.spec_from_file_location(
+    "bench_balance", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_balance.py")
+bench_balance = importlib.util.module_from_spec(_BENCH)
+_BENCH.loader.exec_module(bench_balance)
+SlowSource = bench_balance.SlowSource  # a training split that reads slowly: the benchmark's straggler
 
 
 def _feed(bal: BatchBalancer, sec_per_image: list[float], steps: int = 20) -> None:
@@ -94,20 +100,6 @@ def test_bad_input_names_the_values():
 # -- in the search loop: two real gloo processes, one of them a straggler ------------------------------------------
 
 
-class _SlowSource:
-    """A training split that takes ``delay_s`` per image (a straggler's slower disk or core)."""
-
-    def __init__(self, source, delay_s: float):
-        self.source, self.delay_s = source, delay_s
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def get_batch(self, indices, train, generator=None):
-        time.sleep(self.delay_s * len(indices))
-        return self.source.get_batch(indices, train, generator)
-
-
 def _balance_experiment(tmp_path, workers: int, batch: int, balance: bool = True):
     return tiny_experiment(
         tmp_path,
@@ -124,7 +116,7 @@ def _straggler_worker(rank: int, port: int, tmp: str, queue) -> None:
     exp = _balance_experiment(pathlib.Path(tmp), 2, 16)
     splits = build_splits(exp.data, exp.space)
     if rank == 1:
-        splits = dataclasses.replace(splits, train=_SlowSource(splits.train, 0.004))
+        splits = dataclasses.replace(splits, train=SlowSource(splits.train, 0.004))
     reports: list[dict] = []
     loop = SearchLoop(exp, Comm(rank, 2), lambda m, f: reports.append(m), splits=splits, progress=False)
     loop.run()
