@@ -56,15 +56,17 @@ class Comm:
         if not self.active or not tensors:
             return None if gather is None else [float(gather)]
         t0 = time.perf_counter()
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        if weight is None:
-            flat.div_(self.world)
-        else:
-            flat.mul_(weight)
+        parts = [t.reshape(-1) for t in tensors]
+        n_values = sum(p.numel() for p in parts)
         if gather is not None:  # each rank fills its own slot; the sum hands every rank all of them
-            slots = torch.zeros(self.world, dtype=flat.dtype, device=flat.device)
+            slots = torch.zeros(self.world, dtype=parts[0].dtype, device=parts[0].device)
             slots[self.rank] = gather
-            flat = torch.cat([flat, slots])
+            parts.append(slots)
+        flat = torch.cat(parts)
+        if weight is None:
+            flat[:n_values].div_(self.world)
+        else:
+            flat[:n_values].mul_(weight)
         if flat.is_cuda:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         else:

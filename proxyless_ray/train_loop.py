@@ -176,8 +176,10 @@ class SearchLoop:
             if bal.enabled and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the step time must include the queued kernels
             # each rank's mean gradient weighted by its share of the global batch: the global batch's mean gradient
-            step_s = self.comm.mean_(grads, weight=bal.weight(rank), gather=time.perf_counter() - busy0)
-            bal.update(step_s)
+            step_s = self.comm.mean_(grads, weight=bal.weight(rank),
+                                     gather=time.perf_counter() - busy0 if bal.enabled else None)
+            if step_s is not None:
+                bal.update(step_s)
             if t.grad_clip > 0:
                 nn.utils.clip_grad_norm_([p for p in net.weight_parameters() if p.grad is not None], t.grad_clip)
             st.w_opt.step()
