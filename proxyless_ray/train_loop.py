@@ -166,24 +166,7 @@ class SearchLoop:
             x, y = to_device(x, self.device, self.cl), y.to(self.device)
             # [1] weight step on one sampled path
             ws = time.perf_counter()
-            self._set_lr(epoch, i)
-            net.sample_single(step_generator(t.seed, epoch, i, 0))
-            st.w_opt.zero_grad(set_to_none=True)
-            logits = net(x)
-            loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-            loss.backward()
-            grads = [p.grad for p in net.weight_parameters() if p.grad is not None]
-            if bal.enabled and self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the step time must include the queued kernels
-            # each rank's mean gradient weighted by its share of the global batch: the global batch's mean gradient
-            step_s = self.comm.mean_(grads, weight=bal.weight(rank),
-                                     gather=time.perf_counter() - busy0 if bal.enabled else None)
-            if step_s is not None:
-                bal.update(step_s)
-            if t.grad_clip > 0:
-                nn.utils.clip_grad_norm_([p for p in net.weight_parameters() if p.grad is not None], t.grad_clip)
-            st.w_opt.step()
-            st.step += 1
+            loss, logits = self.weight_step(x, y, epoch, i, data_s=ws - busy0)
             weight_s += time.perf_counter() - ws
             loss_sum += loss.item() * len(y)
             correct += float((logits.argmax(1) == y).sum())
@@ -228,6 +211,42 @@ class SearchLoop:
         for name, model in self.other_models.items():
             metrics[f"latency_{name}_ms"] = SupernetLatency(model, exp.space).of_choices(choices)
         return metrics
+
+    def weight_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int,
+                    data_s: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One weight step on the path sampled for step ``i`` of ``epoch``, on this rank's slice of the batch.
+
+        Args:
+            x: This rank's images, on the device.
+            y: Their labels.
+            epoch: Epoch (with ``i``, picks the learning rate and the path, the same on every rank).
+            i: Step within the epoch.
+            data_s: Seconds this rank spent reading the batch (the balanced split weighs it with the compute).
+
+        Returns:
+            The loss (the mean over this rank's images) and the logits.
+        """
+        t, st, net, bal, rank = self.exp.train, self.state, self.state.net, self.balancer, self.comm.rank
+        t0 = time.perf_counter()
+        self._set_lr(epoch, i)
+        net.sample_single(step_generator(t.seed, epoch, i, 0))
+        st.w_opt.zero_grad(set_to_none=True)
+        logits = net(x)
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+        loss.backward()
+        grads = [p.grad for p in net.weight_parameters() if p.grad is not None]
+        if bal.enabled and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step time must include the queued kernels
+        # each rank's mean gradient weighted by its share of the global batch: the global batch's mean gradient
+        step_s = self.comm.mean_(grads, weight=bal.weight(rank),
+                                 gather=data_s + time.perf_counter() - t0 if bal.enabled else None)
+        if step_s is not None:
+            bal.update(step_s)
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for p in net.weight_parameters() if p.grad is not None], t.grad_clip)
+        st.w_opt.step()
+        st.step += 1
+        return loss, logits
 
     def _arch_step(self, epoch: int, i: int, k: int) -> float:
         t, st, net = self.exp.train, self.state, self.state.net
