@@ -10,8 +10,14 @@
 2. Data path: JPEG decode + augment throughput of the Parquet reader against torchvision ImageFolder + PIL on the
    same images, 1 core (``benchmarks/bench_data.py``, run in a subprocess; target >= 1.5x).
 
-Usage: ``python benchmarks/bench_distributed.py [--steps 60] [--skip-data]``. The two scaling runs are
-interleaved ``--rounds`` times and the medians reported, so a busy machine hits both alike.
+Usage: ``python benchmarks/bench_distributed.py [--steps 60] [--skip-data]``. The scaling runs are interleaved
+``--rounds`` times and the medians reported, so a busy machine hits both alike. Each run is a minute or more, and on
+the shared development VM the host's load moves on that scale (rounds of one run differed by 0.6-0.9), so the same
+ratio is also measured drift-free (``interleaved``): one 2-worker Ray Train run whose workers take turns, every
+``--phase-steps`` weight steps, between rank 0 alone on the whole batch of 128 (rank 1 asleep in a barrier, as the
+second CPU is idle in a 1-worker run), both ranks on 64 each, and both ranks on the straggler-aware split, each arm
+a search of its own through the product's ``SearchLoop.weight_step`` on the same paths. Efficiency = solo seconds /
+(2 x two-worker seconds) for the same images, over the phases after the first (and per phase).
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import ray
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.ray_trainer import ReportLog, build_trainer, connect, read_report_log
+from proxyless_ray.ray_trainer import ReportLog, build_trainer, connect, quiet_worker_logs, read_report_log
+
+GLOBAL_BATCH = 128
 
 
 def experiment(workers: int, batch: int, steps: int, out: str, balance: bool = False) -> Experiment:
@@ -56,10 +65,82 @@ def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = Fal
                                                    for m in last)}
 
 
+def interleaved_worker(config: dict) -> None:
+    """Ray Train worker of the drift-free measurement: phases of ``phase_steps`` weight steps, in turn solo (rank 0
+    alone), even (both ranks, 64 each) and balanced (both ranks, the straggler-aware split)."""
+    import dataclasses
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from proxyless_ray.comm import Comm
+    from proxyless_ray.data.sharding import shard_batches
+    from proxyless_ray.evaluate import to_device
+    from proxyless_ray.train_loop import SearchLoop
+
+    quiet_worker_logs()
+    exp = Experiment.from_dict(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    even = SearchLoop(exp, Comm(rank, world), lambda m, f: None, progress=False)
+    # each arm has its own supernet, optimizer (and balancer): three searches in step, in the same processes
+    loops = {"even": even,
+             "balanced": SearchLoop(dataclasses.replace(exp, dist=dataclasses.replace(exp.dist, balance_batches=True)),
+                                    Comm(rank, world), lambda m, f: None, splits=even.splits,
+                                    latency_model=even.model, progress=False)}
+    if rank == 0:  # a 1-worker search of the whole batch
+        whole = dataclasses.replace(exp, data=dataclasses.replace(exp.data, batch_size=GLOBAL_BATCH))
+        loops["solo"] = SearchLoop(whole, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model,
+                                   progress=False)
+    plan = shard_batches(len(even.splits.train), GLOBAL_BATCH, 0, 1, 0, exp.train.seed)
+    gen = torch.Generator().manual_seed(rank)
+
+    def timed_step(loop: SearchLoop, i: int) -> float:
+        lo, hi = loop.balancer.bounds(loop.comm.rank)  # this rank's slice of the global batch (all of it, solo)
+        x, y = even.splits.train.get_batch(plan[i % len(plan)][lo:hi], True, gen)  # read outside the timing,
+        x = to_device(x, even.device, even.cl)  # as the product's weight_images_per_s leaves it out
+        t0 = time.perf_counter()
+        loop.weight_step(x, y, 0, i)  # a fresh path each step, as in a search
+        return time.perf_counter() - t0
+
+    seconds: dict[str, list[float]] = {"solo": [], "even": [], "balanced": []}
+    for p in range(config["phases"]):
+        steps = range(p * config["phase_steps"], (p + 1) * config["phase_steps"])  # the same paths in every arm
+        for arm, times in seconds.items():
+            dist.barrier()  # in the solo phase rank 1 waits at the next one, asleep
+            times.append(sum(timed_step(loops[arm], i) for i in steps) if arm in loops else 0.0)
+    ray.train.report({**{f"{arm}_s": v for arm, v in seconds.items()}, "rank": rank,
+                      "balanced_split": list(loops["balanced"].balancer.counts)})
+
+
+def run_interleaved(phases: int, phase_steps: int, out: str) -> dict:
+    exp = experiment(2, GLOBAL_BATCH // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
+    log = os.path.join(out, f"reports-interleaved-{len(os.listdir(out))}.jsonl")
+    result = build_trainer(exp, f"scaling-interleaved-{len(os.listdir(out))}",
+                           {"phases": phases, "phase_steps": phase_steps}, callbacks=[ReportLog(log)],
+                           train_fn=interleaved_worker).fit()
+    if result.error is not None:
+        raise result.error
+    r0 = read_report_log(log)[-1]["metrics"][0]
+    solo = r0["solo_s"][1:]  # the first phase of each arm pays for warm-up
+    report = {"phases": phases, "phase_steps": phase_steps,
+              "thr1_images_per_s": GLOBAL_BATCH * phase_steps * len(solo) / sum(solo)}
+    for arm in ("even", "balanced"):
+        two = r0[f"{arm}_s"][1:]
+        report[arm] = {"thr2_images_per_s": GLOBAL_BATCH * phase_steps * len(two) / sum(two),
+                       "efficiency": sum(solo) / (2 * sum(two)),
+                       "efficiency_per_phase": [a / (2 * b) for a, b in zip(solo, two)]}
+    report["balanced"]["final_split"] = r0["balanced_split"]
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--phases", type=int, default=13, help="solo/pair phases of the drift-free measurement")
+    parser.add_argument("--phase-steps", type=int, default=10)
     parser.add_argument("--skip-data", action="store_true")
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="bench-dist-")
@@ -67,10 +148,11 @@ def main() -> None:
     connect(experiment(1, 128, args.steps, out), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
     one, two, balanced = [], [], []
     try:
+        interleaved = run_interleaved(args.phases, args.phase_steps, out)
         for _ in range(args.rounds):
-            one.append(run_once(1, 128, args.steps, out))
-            two.append(run_once(2, 64, args.steps, out))
-            balanced.append(run_once(2, 64, args.steps, out, balance=True))
+            one.append(run_once(1, GLOBAL_BATCH, args.steps, out))
+            two.append(run_once(2, GLOBAL_BATCH // 2, args.steps, out))
+            balanced.append(run_once(2, GLOBAL_BATCH // 2, args.steps, out, balance=True))
     finally:
         ray.shutdown()
     thr1 = statistics.median(r["images_per_s"] for r in one)
@@ -78,7 +160,7 @@ def main() -> None:
     thr2_bal = statistics.median(r["images_per_s"] for r in balanced)
     report = {
         "benchmark": "distributed",
-        "scaling": {"global_batch": 128, "steps_per_epoch": args.steps, "rounds": args.rounds,
+        "scaling": {"global_batch": GLOBAL_BATCH, "steps_per_epoch": args.steps, "rounds": args.rounds,
                     "threads_per_worker": 1, "thr1_images_per_s": thr1, "thr2_images_per_s": thr2,
                     "efficiency": thr2 / (2 * thr1), "target_efficiency": 0.8,
                     # each round's own ratio too: the VM's speed drifts between rounds
@@ -90,7 +172,8 @@ def main() -> None:
                                                  for a, b in zip(one, balanced)],
                         "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"]
                                                                 for r in balanced)},
-                    "runs_1w": one, "runs_2w": two, "runs_2w_balanced": balanced},
+                    "runs_1w": one, "runs_2w": two, "runs_2w_balanced": balanced,
+                    "interleaved": interleaved},
         "load_average": os.getloadavg(),
     }
     if not args.skip_data:

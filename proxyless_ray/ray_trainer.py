@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ray.train import UserCallback
@@ -177,8 +178,11 @@ def _trainer_class():
 
 
 def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | None = None,
-                  callbacks: list | None = None):
-    """The ``TorchTrainer`` of a search (``train_driver_fn``'s body; Tune trials call it too)."""
+                  callbacks: list | None = None, train_fn: Callable[[dict[str, Any]], None] = train_fn_per_worker):
+    """The ``TorchTrainer`` of a search (``train_driver_fn``'s body; Tune trials call it too).
+
+    ``train_fn`` replaces the per-worker function (a benchmark's own loop over the same workers and resources).
+    """
     import ray.train
     from ray.train.torch import TorchConfig
 
@@ -188,7 +192,7 @@ def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | Non
     if use_gpu:
         resources["GPU"] = d.gpus_per_worker
     return _trainer_class()(
-        train_fn_per_worker,
+        train_fn,
         train_loop_config={"experiment": exp.to_dict(), **(extra_config or {})},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
