@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from proxyless_ray.arch import BlockSpec, parse_block
+from proxyless_ray.depthwise import DepthwiseConv2d
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.1
@@ -21,8 +22,10 @@ def conv_bn(
     in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1, act: bool = True
 ) -> nn.Sequential:
     """Conv (same padding, no bias) -> BN -> optional ReLU6."""
+    depthwise = groups > 1 and groups == in_chs == out_chs
     layers: list[nn.Module] = [
-        nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+        DepthwiseConv2d(in_chs, kernel_size, stride) if depthwise
+        else nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_chs, eps=BN_EPS, momentum=BN_MOMENTUM),
     ]
     if act:
