@@ -19,14 +19,33 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.pareto import best_within_target, hypervolume_by_hardware, pareto_table
 
 
+def written_metrics(out_dir: str) -> dict[str, Any] | None:
+    """The last epoch's metrics of a trial that wrote its outputs (``result.json`` comes last), else ``None``."""
+    try:
+        if not os.path.isfile(os.path.join(out_dir, "result.json")):
+            return None
+        with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+            lines = fh.read().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+
 def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
-    """One row per trial from Tune's ``ResultGrid``: its spec and its last reported metrics."""
+    """One row per trial from Tune's ``ResultGrid``: its spec and its last reported metrics.
+
+    A sweep killed just after a trial wrote its outputs, before Tune saved that trial's last result, resumes with
+    Tune holding an earlier epoch; the trial's own final metrics (``metrics.jsonl``) then take its place.
+    """
     from proxyless_ray.sweep_plan import TRIALS_DIR
 
     rows = []
     for result in grid:
         spec = result.config["trial"]
         m = result.metrics or {}
+        written = written_metrics(os.path.join(sweep_dir, TRIALS_DIR, spec["key"]))
+        if written and written.get("finished") and written.get("epoch", 0) > m.get("epoch", 0):
+            m = written
         row = {"trial_id": spec["key"], "hardware": spec["hardware"], "loss": spec["loss"], "lam": spec["lam"],
                "beta": spec["beta"], "target_ms": spec["target_ms"], "heldout_acc": m.get("heldout_acc"),
                "expected_latency_ms": m.get("expected_latency_ms"), "argmax_latency_ms": m.get("argmax_latency_ms"),

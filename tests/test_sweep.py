@@ -96,6 +96,8 @@ def test_sweep_killed_then_resumed_reports_the_pareto_front(tmp_path):
                                          "v100_roofline-add-lam2"]
     for hw in ("pixel1", "v100_roofline"):
         assert table[(table["hardware"] == hw) & table["on_front"]].shape[0] >= 1
+    status = dict(zip(table["trial_id"], table["status"]))
+    assert all(status[name] == "finished" for name in finished_before), status  # even if Tune missed the end
     assert {"latency_pixel1_ms", "latency_v100_roofline_ms", "latency_cpu_1thread_ms", "arch"} <= set(table.columns)
     assert (sweep_dir / "pareto.csv").is_file() and (sweep_dir / "pareto.png").is_file()
     summary = json.loads((sweep_dir / "summary.json").read_text())
