@@ -51,14 +51,18 @@ def experiment(workers: int, batch: int, steps: int, out: str, balance: bool = F
     })
 
 
-def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = False) -> dict:
-    log = os.path.join(out, f"reports-{workers}w-{len(os.listdir(out))}.jsonl")
-    exp = experiment(workers, batch, steps, out, balance)
-    result = build_trainer(exp, f"scaling-{workers}w-{len(os.listdir(out))}", {"until_epoch": 2},
-                           callbacks=[ReportLog(log)]).fit()
+def fit_and_read(exp: Experiment, tag: str, config: dict, out: str, **kwargs) -> list[dict]:
+    """Run one Ray Train run; returns every rank's metrics of its last report."""
+    n = len(os.listdir(out))
+    log = os.path.join(out, f"reports-{tag}-{n}.jsonl")
+    result = build_trainer(exp, f"scaling-{tag}-{n}", config, callbacks=[ReportLog(log)], **kwargs).fit()
     if result.error is not None:
         raise result.error
-    last = read_report_log(log)[-1]["metrics"]
+    return read_report_log(log)[-1]["metrics"]
+
+
+def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = False) -> dict:
+    last = fit_and_read(experiment(workers, batch, steps, out, balance), f"{workers}w", {"until_epoch": 2}, out)
     r0 = last[0]
     return {"images_per_s": r0["weight_images_per_s"], "batch_split": r0["batch_split"],
             "allreduce_share_of_weight_steps": max(m.get("allreduce_share", 0.0) * m["epoch_s"] / m["weight_step_s"]
@@ -116,13 +120,8 @@ def interleaved_worker(config: dict) -> None:
 
 def run_interleaved(phases: int, phase_steps: int, out: str) -> dict:
     exp = experiment(2, GLOBAL_BATCH // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
-    log = os.path.join(out, f"reports-interleaved-{len(os.listdir(out))}.jsonl")
-    result = build_trainer(exp, f"scaling-interleaved-{len(os.listdir(out))}",
-                           {"phases": phases, "phase_steps": phase_steps}, callbacks=[ReportLog(log)],
-                           train_fn=interleaved_worker).fit()
-    if result.error is not None:
-        raise result.error
-    r0 = read_report_log(log)[-1]["metrics"][0]
+    r0 = fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps}, out,
+                      train_fn=interleaved_worker)[0]
     solo = r0["solo_s"][1:]  # the first phase of each arm pays for warm-up
     report = {"phases": phases, "phase_steps": phase_steps,
               "thr1_images_per_s": GLOBAL_BATCH * phase_steps * len(solo) / sum(solo)}

@@ -43,7 +43,8 @@ def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
     for result in grid:
         spec = result.config["trial"]
         m = result.metrics or {}
-        written = written_metrics(os.path.join(sweep_dir, TRIALS_DIR, spec["key"]))
+        out_dir = os.path.join(sweep_dir, TRIALS_DIR, spec["key"])
+        written = written_metrics(out_dir)
         if written and written.get("finished") and written.get("epoch", 0) > m.get("epoch", 0):
             m = written
         row = {"trial_id": spec["key"], "hardware": spec["hardware"], "loss": spec["loss"], "lam": spec["lam"],
@@ -52,7 +53,7 @@ def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
                "arch": m.get("arch"), "epoch": m.get("epoch", 0), "search_epoch": m.get("search_epoch", 0),
                "finished": bool(m.get("finished")), "test_acc": m.get("test_acc"),
                "error": None if result.error is None else str(result.error).splitlines()[0][:200],
-               "out_dir": os.path.join(sweep_dir, TRIALS_DIR, spec["key"])}
+               "out_dir": out_dir}
         row.update({k: v for k, v in m.items() if k.startswith("latency_") and k.endswith("_ms")})
         rows.append(row)
     return rows
