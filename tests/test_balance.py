@@ -142,8 +142,11 @@ def test_a_straggler_gets_fewer_images_and_the_search_still_equals_one_worker(tm
             if p.is_alive():
                 p.kill()
     (splits0, digest0, state0), (splits1, digest1, _) = out[0], out[1]
-    # the slowed rank 1 ends each epoch with the smallest slice it may get; both ranks agree on the split
-    assert splits0 == splits1 == [[24, 8], [24, 8]]
+    # both ranks agree on the split; the slowed rank 1 gets fewer images from the first epoch on and ends on the
+    # smallest slice it may get (how far the first epoch's 4 steps move depends on the machine's load)
+    assert splits0 == splits1
+    assert all(fast + slow == 32 and slow < fast for fast, slow in splits0), splits0
+    assert splits0[-1] == [24, 8], splits0
     assert digest0 == digest1
     # the weighted gradient is the global batch's: the same weights as 1 worker x batch 32 (BN statistics frozen)
     single = SearchLoop(_balance_experiment(tmp_path / "one", 0, 32), Comm(), lambda m, f: None, progress=False)
