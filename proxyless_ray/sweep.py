@@ -34,6 +34,7 @@ from proxyless_ray.sweep_plan import (
     trial_experiment,
     warmup_key,
 )
+from proxyless_ray.sweep_report import written_metrics
 
 TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler_state.json"
@@ -57,9 +58,17 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     t = config["trial"]
     spec = TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"])
     exp = trial_experiment(base, spec, config["sweep_dir"])
+    weight = config.get("score_weight", 0.05)
+    written = written_metrics(exp.output_dir)
+    if written is not None and written.get("finished"):
+        # Restored after a kill that fell between this trial writing its outputs and Tune recording its end: the
+        # search is over, so Tune gets its final metrics instead of a restarted Train run (~30 s of start-up).
+        from ray import tune
+
+        tune.report(with_score(written, weight))
+        return
     extra = {"init_checkpoint": config.get("warmup_checkpoint"), "progress": False}
-    trainer = build_trainer(exp, f"trial-{spec.key}", extra,
-                            callbacks=[ScoreReportCallback(config.get("score_weight", 0.05))])
+    trainer = build_trainer(exp, f"trial-{spec.key}", extra, callbacks=[ScoreReportCallback(weight)])
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -83,13 +92,18 @@ class ScoreReportCallback(TuneReportCallback):
         self.weight = weight
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        from proxyless_ray.pareto import scalarised_score
-
         if metrics:
-            m = metrics[0]
-            if "heldout_acc" in m and m.get("expected_latency_ms", 0) > 0:
-                m["score"] = scalarised_score(m["heldout_acc"], m["expected_latency_ms"], self.weight)
+            with_score(metrics[0], self.weight)
         super().after_report(run_context, metrics, checkpoint)
+
+
+def with_score(m: dict[str, Any], weight: float) -> dict[str, Any]:
+    """``m`` with ``score = acc - weight * ln(latency)`` added (in place) when it holds both."""
+    from proxyless_ray.pareto import scalarised_score
+
+    if "heldout_acc" in m and m.get("expected_latency_ms", 0) > 0:
+        m["score"] = scalarised_score(m["heldout_acc"], m["expected_latency_ms"], weight)
+    return m
 
 
 # -- progress ------------------------------------------------------------------------------------------------------
