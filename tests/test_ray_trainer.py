@@ -1,4 +1,5 @@
-"""Distributed search on real Ray Train: synchronized gates, DP equivalence, recovery, multi-node, bad input."""
+"""Distributed search on real Ray Train, one embedded cluster: synchronized gates, DP equivalence, recovery, a run the
+cluster cannot place. Multi-node and cluster addresses: test_ray_cluster.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from proxyless_ray.ray_trainer import (
     check_placeable,
     connect,
     read_report_log,
-    run_ray_search,
 )
 from proxyless_ray.search_state import read_meta
 from proxyless_ray.train_loop import SearchLoop
@@ -29,9 +29,10 @@ from conftest import requires_fmnist, tiny_experiment
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
 
-@pytest.fixture
-def local_ray(tmp_path):
-    connect(tiny_experiment(tmp_path), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """The embedded cluster `proxyless-ray search` starts, once for the module (a start costs ~7 s here)."""
+    connect(tiny_experiment(tmp_path_factory.mktemp("ray")), num_cpus=2)
     try:
         yield
     finally:
@@ -114,34 +115,7 @@ def test_worker_killed_mid_run_recovers_without_losing_or_repeating_epochs(tmp_p
         assert [m["epoch"] for m in read_meta(folder)["history"]] == [1, 2, 3, 4]
 
 
-def test_two_worker_search_on_two_node_cluster(tmp_path):
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        exp = tiny_experiment(tmp_path, dist={"workers": 2, "address": cluster.address})
-        log = str(tmp_path / "reports.jsonl")
-        result = run_ray_search(exp, callbacks=[ReportLog(log)])
-        nodes = {m["node_id"] for r in read_report_log(log) for m in r["metrics"]}
-        assert len(nodes) == 2, "both nodes must have run a worker"
-        assert os.path.isfile(os.path.join(exp.output_dir, "network", "model.pt2"))
-        assert result["test_acc"] >= 0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def test_more_workers_than_the_cluster_can_place_is_refused(tmp_path, local_ray):
     exp = tiny_experiment(tmp_path, dist={"workers": 5})
     with pytest.raises(ClusterError, match="5 workers x 1 CPU need 5 CPU, but the cluster has 2"):
         check_placeable(exp)
-
-
-def test_unreachable_address_fails_fast(tmp_path):
-    exp = tiny_experiment(tmp_path, dist={"workers": 1, "address": "127.0.0.1:9", "connect_timeout_s": 5})
-    t0 = time.time()
-    with pytest.raises(ClusterError, match="127.0.0.1:9.*unreachable"):
-        connect(exp)
-    assert time.time() - t0 < 30

@@ -316,24 +316,6 @@ def test_retrain_run_is_nested_under_the_search_that_found_the_network(searched)
 @requires_fmnist
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_search_logs_each_committed_epoch_from_the_train_controller(tmp_path):
-    from proxyless_ray.ray_trainer import run_ray_search
-
-    exp, uri = _tracked(tmp_path, register_models=False)
-    exp = with_overrides(exp, dist={"workers": 1})
-    result = run_ray_search(exp)
-    client = MlflowClient(uri)
-    runs = _runs(client)
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    child = next(r for r in runs if r.data.tags["role"] == "child")
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "heldout_acc")] == [1, 2]
-    assert child.data.tags["derived_arch"] == result["arch"]
-    assert "plots/arch.png" in _artifacts(client, child.info.run_id)
-
-
-@requires_fmnist
-@pytest.mark.ray
-@pytest.mark.slow
 def test_train_command_takes_runs_and_models_uris_and_logs_under_the_producing_run(searched, tmp_path, capsys):
     exp, uri, result = searched
     client = MlflowClient(uri)
