@@ -144,7 +144,7 @@ class TrialLogCallback(Callback):
 # -- driver --------------------------------------------------------------------------------------------------------
 
 
-def trial_resources(exp: Experiment) -> tuple[dict[str, float], int | None]:
+def trial_resources(exp: Experiment, cluster: dict[str, float]) -> tuple[dict[str, float], int | None]:
     """A Tune trial's resources, and ``max_concurrent_trials`` (None when the resources cap concurrency).
 
     A trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster
@@ -152,27 +152,27 @@ def trial_resources(exp: Experiment) -> tuple[dict[str, float], int | None]:
     trials run at once; paused trials hold none, which a synchronous first rung needs (Tune's
     ``max_concurrent_trials`` counts paused trials as running). Otherwise trials take a sliver of a CPU and
     ``max_concurrent_trials`` caps them.
-    """
-    import ray
 
-    n = max_concurrent(exp)
-    slots = ray.cluster_resources().get(DRIVER_SLOT, 0.0)
+    Args:
+        exp: The sweep's experiment.
+        cluster: The cluster's total resources (``ray.cluster_resources()``).
+    """
+    n = max_concurrent(exp, cluster)
+    slots = cluster.get(DRIVER_SLOT, 0.0)
     if slots >= n:
         return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4}, None  # Ray keeps 4 decimals of a resource
     return {"CPU": 0.01}, n
 
 
-def max_concurrent(exp: Experiment) -> int:
-    """Trials that fit at once: cluster CPUs (or GPUs) divided by what one trial's workers need."""
-    import ray
-
+def max_concurrent(exp: Experiment, cluster: dict[str, float]) -> int:
+    """Trials that fit at once: ``sweep.max_concurrent_trials``, else the cluster's CPUs (or GPUs) divided by what
+    one trial's workers need."""
     if exp.sweep.max_concurrent_trials:
         return exp.sweep.max_concurrent_trials
-    total = ray.cluster_resources()
     w = max(exp.sweep.workers_per_trial, 1)
     if exp.dist.gpus_per_worker > 0:
-        return max(int(total.get("GPU", 0) // (w * exp.dist.gpus_per_worker)), 1)
-    return max(int(total.get("CPU", 1) // (w * exp.dist.cpus_per_worker)), 1)
+        return max(int(cluster.get("GPU", 0) // (w * exp.dist.gpus_per_worker)), 1)
+    return max(int(cluster.get("CPU", 1) // (w * exp.dist.cpus_per_worker)), 1)
 
 
 def run_warmup(exp: Experiment, sweep_dir: str) -> tuple[str, str]:
@@ -297,7 +297,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             "warmup_checkpoint": plan.warmup_checkpoint,
             "parent_run_id": plan.parent_run_id,
         }
-        resources, max_trials = trial_resources(exp)
+        resources, max_trials = trial_resources(exp, ray.cluster_resources())
         trainable = tune.with_resources(train_driver_fn, resources)
         group_sizes = None
         if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung:
