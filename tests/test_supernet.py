@@ -72,3 +72,23 @@ def test_entropy_falls_as_alpha_sharpens():
         for a in net.arch_parameters():
             a[0] = 10
     assert net.entropy() < 0.1 < h0
+
+
+def test_weight_parameters_are_every_parameter_but_alpha_and_follow_swapped_tensors():
+    net = SuperNet(SPACE)
+    ids = lambda ps: [id(p) for p in ps]  # noqa: E731
+    expected = [p for name, p in net.named_parameters() if not name.endswith(".alpha")]
+    assert ids(net.weight_parameters()) == ids(expected) and len(expected) > len(net.arch_parameters())
+    net.weight_parameters().clear()  # callers get a copy of the cached list
+    assert len(net.weight_parameters()) == len(expected)
+    # load_state_dict(assign=True) and conversions with overwritten parameters swap the objects: the cache follows
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    assert ids(net.weight_parameters()) == ids(p for n, p in net.named_parameters() if not n.endswith(".alpha"))
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        net.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    weights = net.weight_parameters()
+    assert ids(weights) == ids(p for n, p in net.named_parameters() if not n.endswith(".alpha"))
+    assert all(p.dtype == torch.float64 for p in weights)
