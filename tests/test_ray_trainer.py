@@ -1,5 +1,5 @@
-"""Distributed search on real Ray Train, one embedded cluster: synchronized gates, DP equivalence, recovery, a run the
-cluster cannot place. Multi-node and cluster addresses: test_ray_cluster.py."""
+"""Distributed search on real Ray Train: synchronized gates, DP equivalence, recovery, multi-node (tracked in MLflow),
+bad input."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 import torch
+from mlflow import MlflowClient
 
 from proxyless_ray.comm import Comm
 from proxyless_ray.ray_trainer import (
@@ -20,6 +21,7 @@ from proxyless_ray.ray_trainer import (
     check_placeable,
     connect,
     read_report_log,
+    run_ray_search,
 )
 from proxyless_ray.search_state import read_meta
 from proxyless_ray.train_loop import SearchLoop
@@ -29,14 +31,18 @@ from conftest import requires_fmnist, tiny_experiment
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
+def _stop_ray_after_the_module():
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
 def local_ray(tmp_path_factory):
-    """The embedded cluster `proxyless-ray search` starts, once for the module (a start costs ~7 s here)."""
+    """The embedded cluster `proxyless-ray search` starts, shared by the tests that ask for it (a start costs ~7 s
+    here): connect() leaves a running cluster alone, and the module's last test stops it."""
     connect(tiny_experiment(tmp_path_factory.mktemp("ray")), num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    yield
 
 
 def test_embedded_cluster_is_lean(local_ray):
@@ -119,3 +125,43 @@ def test_more_workers_than_the_cluster_can_place_is_refused(tmp_path, local_ray)
     exp = tiny_experiment(tmp_path, dist={"workers": 5})
     with pytest.raises(ClusterError, match="5 workers x 1 CPU need 5 CPU, but the cluster has 2"):
         check_placeable(exp)
+
+
+def test_two_worker_search_on_two_node_cluster_is_tracked_epoch_by_epoch(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the module's embedded cluster, if one runs; the next test that needs it starts it again
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        exp = tiny_experiment(tmp_path, dist={"workers": 2, "address": cluster.address},
+                              tracking={"enabled": True, "uri": uri, "register_models": False})
+        log = str(tmp_path / "reports.jsonl")
+        result = run_ray_search(exp, callbacks=[ReportLog(log)])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    nodes = {m["node_id"] for r in read_report_log(log) for m in r["metrics"]}
+    assert len(nodes) == 2, "both nodes must have run a worker"
+    assert os.path.isfile(os.path.join(exp.output_dir, "network", "model.pt2"))
+    assert result["test_acc"] >= 0
+    # MLflow: the Train controller logged each committed epoch into the child run; the driver closed both runs
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(exp.tracking.experiment)
+    runs = list(client.search_runs([found.experiment_id]))
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    child = next(r for r in runs if r.data.tags["role"] == "child")
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "heldout_acc")] == [1, 2]
+    assert child.data.tags["derived_arch"] == result["arch"]
+    assert "plots/arch.png" in {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+
+
+def test_unreachable_address_fails_fast(tmp_path):
+    ray.shutdown()  # connect() would keep a running cluster
+    exp = tiny_experiment(tmp_path, dist={"workers": 1, "address": "127.0.0.1:9", "connect_timeout_s": 5})
+    t0 = time.time()
+    with pytest.raises(ClusterError, match="127.0.0.1:9.*unreachable"):
+        connect(exp)
+    assert time.time() - t0 < 30
