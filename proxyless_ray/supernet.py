@@ -45,7 +45,6 @@ class SuperNet(nn.Module):
 
     def __init__(self, space: SearchSpace, alpha_init_std: float = 1e-3):
         super().__init__()
-        self._weights: list[nn.Parameter] | None = None  # weight_parameters(), built on first use
         self.space = space
         stem = parse_block(space.stem)
         self.stem = ConvBNAct(stem, space.in_chs)
@@ -84,24 +83,8 @@ class SuperNet(nn.Module):
         return [m.alpha for m in self.mixed_ops()]
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        """Every parameter but the architecture logits.
-
-        Cached: walking the supernet's modules takes 2 ms on the small space (554 parameters), on every weight
-        step and twice per arch step (about 1 % of a batch-64 weight step on one CPU thread). ``.to()``/``.cuda()``
-        and ``load_state_dict(assign=True)`` may swap the parameter objects, so they drop the cache.
-        """
-        if self._weights is None:
-            arch = {id(p) for p in self.arch_parameters()}
-            self._weights = [p for p in self.parameters() if id(p) not in arch]
-        return list(self._weights)
-
-    def _apply(self, fn, recurse=True):
-        self._weights = None
-        return super()._apply(fn, recurse)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._weights = None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
 
     def named_weight_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.named_parameters():

@@ -234,7 +234,9 @@ class SearchLoop:
         logits = net(x)
         loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
         loss.backward()
-        grads = [p.grad for p in net.weight_parameters() if p.grad is not None]
+        # the optimizer's parameters are the weights: no walk over the supernet's modules (2 ms) on every step
+        weights = [p for group in st.w_opt.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in weights]
         if bal.enabled and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the step time must include the queued kernels
         # each rank's mean gradient weighted by its share of the global batch: the global batch's mean gradient
@@ -243,7 +245,7 @@ class SearchLoop:
         if step_s is not None:
             bal.update(step_s)
         if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_([p for p in net.weight_parameters() if p.grad is not None], t.grad_clip)
+            nn.utils.clip_grad_norm_(weights, t.grad_clip)
         st.w_opt.step()
         st.step += 1
         return loss, logits
