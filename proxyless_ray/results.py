@@ -32,22 +32,6 @@ def check_writable(folder: str) -> None:
         raise PermissionError(f"output folder {folder!r} is not writable")
 
 
-def outputs_current(checkpoint_dir: str, out_dir: str) -> bool:
-    """Whether ``out_dir`` already holds the outputs of this finished checkpoint (same epochs, same alphas).
-
-    A sweep restored after a crash resumes trials that had finished but were not yet recorded as finished; their
-    Train run restores the final checkpoint, and the outputs written before the crash stay as they are.
-    """
-    try:
-        with open(os.path.join(out_dir, "result.json")) as fh:
-            written = json.load(fh)
-    except (OSError, ValueError):
-        return False
-    history = read_meta(checkpoint_dir)["history"]
-    return bool(history) and written.get("epochs") == len(history) \
-        and written.get("alpha_digest") == history[-1].get("alpha_digest")
-
-
 def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, model: LatencyModel,
                          other_models: dict[str, LatencyModel] | None = None) -> dict[str, Any]:
     """Export the derived network of a final checkpoint and write the result files.

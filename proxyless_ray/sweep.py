@@ -51,7 +51,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     ``config`` holds the base experiment, this trial's spec, the sweep folder and the shared warm-up checkpoint.
     """
     from proxyless_ray.ray_trainer import build_trainer
-    from proxyless_ray.results import outputs_current, write_search_outputs
+    from proxyless_ray.results import write_search_outputs
     from proxyless_ray.trainer import shipped_models
 
     base = Experiment.from_dict(config["experiment"], source="sweep config")
@@ -60,9 +60,10 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     exp = trial_experiment(base, spec, config["sweep_dir"])
     weight = config.get("score_weight", 0.05)
     written = written_metrics(exp.output_dir)
-    if written is not None and written.get("finished"):
+    if written is not None:
         # Restored after a kill that fell between this trial writing its outputs and Tune recording its end: the
-        # search is over, so Tune gets its final metrics instead of a restarted Train run (~30 s of start-up).
+        # search is over, so Tune gets its final metrics instead of a restarted Train run (~30 s of start-up), and
+        # the outputs stay as they were written.
         from ray import tune
 
         tune.report(with_score(written, weight))
@@ -75,8 +76,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     if result.checkpoint is not None and (result.metrics or {}).get("finished"):
         model = load_latency_model_for(exp.latency.profile, exp.space)
         with result.checkpoint.as_directory() as folder:
-            if not outputs_current(folder, exp.output_dir):
-                write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
+            write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
 
 
 def trial_name(trial) -> str:

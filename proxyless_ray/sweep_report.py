@@ -20,15 +20,17 @@ from proxyless_ray.pareto import best_within_target, hypervolume_by_hardware, pa
 
 
 def written_metrics(out_dir: str) -> dict[str, Any] | None:
-    """The last epoch's metrics of a trial that wrote its outputs (``result.json`` comes last), else ``None``."""
+    """The final epoch's metrics of a trial that finished and wrote its outputs (``result.json`` comes last), else
+    ``None``."""
     try:
         if not os.path.isfile(os.path.join(out_dir, "result.json")):
             return None
         with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
             lines = fh.read().splitlines()
-        return json.loads(lines[-1]) if lines else None
+        last = json.loads(lines[-1]) if lines else None
     except (OSError, ValueError):
         return None
+    return last if last and last.get("finished") else None
 
 
 def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
@@ -45,7 +47,7 @@ def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
         m = result.metrics or {}
         out_dir = os.path.join(sweep_dir, TRIALS_DIR, spec["key"])
         written = written_metrics(out_dir)
-        if written and written.get("finished") and written.get("epoch", 0) > m.get("epoch", 0):
+        if written and written.get("epoch", 0) > m.get("epoch", 0):
             m = written
         row = {"trial_id": spec["key"], "hardware": spec["hardware"], "loss": spec["loss"], "lam": spec["lam"],
                "beta": spec["beta"], "target_ms": spec["target_ms"], "heldout_acc": m.get("heldout_acc"),
