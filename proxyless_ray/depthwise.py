@@ -43,8 +43,11 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: 
                           padding: int) -> torch.Tensor:
     """The depthwise kernel's gradient, ``[C, 1, K, K]``, as one batched matrix product (see the module doc)."""
     n, c, h, w = x.shape
-    xs = x.permute(1, 0, 2, 3).reshape(c, n, h * w)  # [C, N, P]
-    gs = grad_out.permute(1, 2, 3, 0).reshape(c, -1, n)  # [C, L, N]
+    # from NCHW every channel's matrix is contiguous or transposed, which bmm hands to one strided batched GEMM; from
+    # channels-last (the search's layout on CPU) it copies each channel's matrices first, about 5 us per channel
+    # whatever the batch: 2.3 ms against 0.8 ms for 240 channels of 4x4 maps at batch 64 (1 thread)
+    xs = x.contiguous().permute(1, 0, 2, 3).reshape(c, n, h * w)  # [C, N, P]
+    gs = grad_out.contiguous().permute(1, 2, 3, 0).reshape(c, -1, n)  # [C, L, N]
     pairs = torch.bmm(gs, xs).reshape(c, -1)  # [C, L * P]
     taps = pairs.new_zeros(c, kernel_size * kernel_size + 1)
     taps.index_add_(1, tap_index(h, w, kernel_size, stride, padding), pairs)
