@@ -17,7 +17,11 @@ ratio is also measured drift-free (``interleaved``): one 2-worker Ray Train run 
 ``--phase-steps`` weight steps, between rank 0 alone on the whole batch of 128 (rank 1 asleep in a barrier, as the
 second CPU is idle in a 1-worker run), both ranks on 64 each, and both ranks on the straggler-aware split, each arm
 a search of its own through the product's ``SearchLoop.weight_step`` on the same paths. Efficiency = solo seconds /
-(2 x two-worker seconds) for the same images, over the phases after the first (and per phase).
+(2 x two-worker seconds) for the same images, over the phases after the first (and per phase). Two more arms split
+the even split's efficiency into three factors whose product it is: ``fixed_cost`` = solo 128 / (2 x solo 64) (rank 0
+alone on half the batch: what a step costs whatever its size), ``co_run`` = solo 64 / both ranks on 64 each without
+any collective (two processes sharing the machine's caches, memory and background), and ``sync`` = those unsynchronised
+steps / the even split's (the all-reduce and each step's wait for the slower rank).
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = Fal
 
 def interleaved_worker(config: dict) -> None:
     """Ray Train worker of the drift-free measurement: phases of ``phase_steps`` weight steps, in turn solo (rank 0
-    alone), even (both ranks, 64 each) and balanced (both ranks, the straggler-aware split)."""
+    alone), even (both ranks, 64 each), balanced (both ranks, the straggler-aware split), solo on half the batch and
+    both ranks on 64 each without collectives."""
     import dataclasses
 
     import ray.train
@@ -88,31 +93,36 @@ def interleaved_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     even = SearchLoop(exp, Comm(rank, world), lambda m, f: None, progress=False)
-    # each arm has its own supernet, optimizer (and balancer): three searches in step, in the same processes
+    # each arm has its own supernet, optimizer (and balancer): five searches in step, in the same processes
     loops = {"even": even,
              "balanced": SearchLoop(dataclasses.replace(exp, dist=dataclasses.replace(exp.dist, balance_batches=True)),
                                     Comm(rank, world), lambda m, f: None, splits=even.splits,
                                     latency_model=even.model, progress=False)}
-    if rank == 0:  # a 1-worker search of the whole batch
+    # both ranks on 64 images each, no collective: the same work as the even split without its synchronisation
+    loops["unsynced"] = SearchLoop(exp, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model,
+                                   progress=False)
+    if rank == 0:  # 1-worker searches of the whole batch and of half of it
         whole = dataclasses.replace(exp, data=dataclasses.replace(exp.data, batch_size=GLOBAL_BATCH))
         loops["solo"] = SearchLoop(whole, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model,
                                    progress=False)
+        loops["solo_half"] = SearchLoop(exp, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model,
+                                        progress=False)
     plan = shard_batches(len(even.splits.train), GLOBAL_BATCH, 0, 1, 0, exp.train.seed)
     gen = torch.Generator().manual_seed(rank)
 
     def timed_step(loop: SearchLoop, i: int) -> float:
-        lo, hi = loop.balancer.bounds(loop.comm.rank)  # this rank's slice of the global batch (all of it, solo)
+        lo, hi = loop.balancer.bounds(loop.comm.rank)  # this rank's slice (a 1-worker loop's: its first images)
         x, y = even.splits.train.get_batch(plan[i % len(plan)][lo:hi], True, gen)  # read outside the timing,
         x = to_device(x, even.device, even.cl)  # as the product's weight_images_per_s leaves it out
         t0 = time.perf_counter()
         loop.weight_step(x, y, 0, i)  # a fresh path each step, as in a search
         return time.perf_counter() - t0
 
-    seconds: dict[str, list[float]] = {"solo": [], "even": [], "balanced": []}
+    seconds: dict[str, list[float]] = {"solo": [], "even": [], "balanced": [], "solo_half": [], "unsynced": []}
     for p in range(config["phases"]):
         steps = range(p * config["phase_steps"], (p + 1) * config["phase_steps"])  # the same paths in every arm
         for arm, times in seconds.items():
-            dist.barrier()  # in the solo phase rank 1 waits at the next one, asleep
+            dist.barrier()  # in the solo phases rank 1 waits at the next one, asleep
             times.append(sum(timed_step(loops[arm], i) for i in steps) if arm in loops else 0.0)
     ray.train.report({**{f"{arm}_s": v for arm, v in seconds.items()}, "rank": rank,
                       "balanced_split": list(loops["balanced"].balancer.counts)})
@@ -131,6 +141,9 @@ def run_interleaved(phases: int, phase_steps: int, out: str) -> dict:
                        "efficiency": sum(solo) / (2 * sum(two)),
                        "efficiency_per_phase": [a / (2 * b) for a, b in zip(solo, two)]}
     report["balanced"]["final_split"] = r0["balanced_split"]
+    half, unsynced, even = (sum(r0[f"{arm}_s"][1:]) for arm in ("solo_half", "unsynced", "even"))
+    report["even"]["factors"] = {"fixed_cost": sum(solo) / (2 * half), "co_run": half / unsynced,
+                                 "sync": unsynced / even}
     return report
 
 
