@@ -79,9 +79,9 @@ def test_weight_parameters_are_every_parameter_but_alpha_and_follow_swapped_tens
     ids = lambda ps: [id(p) for p in ps]  # noqa: E731
     expected = [p for name, p in net.named_parameters() if not name.endswith(".alpha")]
     assert ids(net.weight_parameters()) == ids(expected) and len(expected) > len(net.arch_parameters())
-    net.weight_parameters().clear()  # callers get a copy of the cached list
+    net.weight_parameters().clear()  # callers get a list of their own
     assert len(net.weight_parameters()) == len(expected)
-    # load_state_dict(assign=True) and conversions with overwritten parameters swap the objects: the cache follows
+    # load_state_dict(assign=True) and conversions with overwritten parameters swap the objects: the walk follows
     net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
     assert ids(net.weight_parameters()) == ids(p for n, p in net.named_parameters() if not n.endswith(".alpha"))
     torch.__future__.set_overwrite_module_params_on_conversion(True)
