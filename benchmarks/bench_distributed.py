@@ -98,15 +98,16 @@ def interleaved_worker(config: dict) -> None:
              "balanced": SearchLoop(dataclasses.replace(exp, dist=dataclasses.replace(exp.dist, balance_batches=True)),
                                     Comm(rank, world), lambda m, f: None, splits=even.splits,
                                     latency_model=even.model, progress=False)}
+
+    def one_worker(e: Experiment) -> SearchLoop:  # a search without collectives, on the same data and latency model
+        return SearchLoop(e, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model, progress=False)
+
     # both ranks on 64 images each, no collective: the same work as the even split without its synchronisation
-    loops["unsynced"] = SearchLoop(exp, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model,
-                                   progress=False)
+    loops["unsynced"] = one_worker(exp)
     if rank == 0:  # 1-worker searches of the whole batch and of half of it
         whole = dataclasses.replace(exp, data=dataclasses.replace(exp.data, batch_size=GLOBAL_BATCH))
-        loops["solo"] = SearchLoop(whole, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model,
-                                   progress=False)
-        loops["solo_half"] = SearchLoop(exp, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model,
-                                        progress=False)
+        loops["solo"] = one_worker(whole)
+        loops["solo_half"] = one_worker(exp)
     plan = shard_batches(len(even.splits.train), GLOBAL_BATCH, 0, 1, 0, exp.train.seed)
     gen = torch.Generator().manual_seed(rank)
 
