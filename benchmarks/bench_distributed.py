@@ -1,27 +1,29 @@
 """Benchmark: data-parallel scaling of the supernet search on Ray Train, and the data path. Prints one JSON object.
 
 1. Scaling on this machine: supernet weight-step throughput (images/s) of 2 Ray Train workers x 1 thread against
-   1 worker x 1 thread, the same global batch (128 = 1 x 128 = 2 x 64), the small space on Fashion-MNIST, warm-up
-   phase (weight steps only). Efficiency = thr2 / (2 x thr1), target >= 0.8. Also the all-reduce share of the
-   weight-step time on the 2-worker run. Each configuration runs 2 epochs of ``--steps`` steps; the second epoch
-   is measured (the first pays for start-up and allocator warm-up). The 2-worker run uses the default even batch
-   split; a third run with the straggler-aware split (``dist.balance_batches: true``, :mod:`proxyless_ray.balance`)
-   is reported beside it.
+   1 worker x 1 thread, the same global batch, the small space on Fashion-MNIST, warm-up phase (weight steps only),
+   at each ``--global-batch`` (default 128 = 1 x 128 = 2 x 64, and 256 = 1 x 256 = 2 x 128: two workers at the
+   default ``data.batch_size`` of 128 per worker). Efficiency = thr2 / (2 x thr1), target >= 0.8. Also the
+   all-reduce share of the weight-step time on the 2-worker run. Each configuration runs 2 epochs of ``--steps``
+   steps; the second epoch is measured (the first pays for start-up and allocator warm-up). The 2-worker run uses
+   the default even batch split; a third run with the straggler-aware split (``dist.balance_batches: true``,
+   :mod:`proxyless_ray.balance`) is reported beside it.
 2. Data path: JPEG decode + augment throughput of the Parquet reader against torchvision ImageFolder + PIL on the
    same images, 1 core (``benchmarks/bench_data.py``, run in a subprocess; target >= 1.5x).
 
-Usage: ``python benchmarks/bench_distributed.py [--steps 60] [--skip-data]``. The scaling runs are interleaved
-``--rounds`` times and the medians reported, so a busy machine hits both alike. Each run is a minute or more, and on
-the shared development VM the host's load moves on that scale (rounds of one run differed by 0.6-0.9), so the same
-ratio is also measured drift-free (``interleaved``): one 2-worker Ray Train run whose workers take turns, every
-``--phase-steps`` weight steps, between rank 0 alone on the whole batch of 128 (rank 1 asleep in a barrier, as the
-second CPU is idle in a 1-worker run), both ranks on 64 each, and both ranks on the straggler-aware split, each arm
-a search of its own through the product's ``SearchLoop.weight_step`` on the same paths. Efficiency = solo seconds /
-(2 x two-worker seconds) for the same images, over the phases after the first (and per phase). Two more arms split
-the even split's efficiency into three factors whose product it is: ``fixed_cost`` = solo 128 / (2 x solo 64) (rank 0
-alone on half the batch: what a step costs whatever its size), ``co_run`` = solo 64 / both ranks on 64 each without
-any collective (two processes sharing the machine's caches, memory and background), and ``sync`` = those unsynchronised
-steps / the even split's (the all-reduce and each step's wait for the slower rank).
+Usage: ``python benchmarks/bench_distributed.py [--global-batch 128 256] [--steps 60] [--skip-data]``. The scaling
+runs are interleaved ``--rounds`` times and the medians reported, so a busy machine hits both alike. Each run is a
+minute or more, and on the shared development VM the host's load moves on that scale (rounds of one run differed by
+0.6-0.9), so the same ratio is also measured drift-free (``interleaved``): one 2-worker Ray Train run whose workers
+take turns, every ``--phase-steps`` weight steps, between rank 0 alone on the whole global batch (rank 1 asleep in a
+barrier, as the second CPU is idle in a 1-worker run), both ranks on half of it each, and both ranks on the
+straggler-aware split, each arm a search of its own through the product's ``SearchLoop.weight_step`` on the same
+paths. Efficiency = solo seconds / (2 x two-worker seconds) for the same images, over the phases after the first
+(and per phase). Two more arms split the even split's efficiency into three factors whose product it is:
+``fixed_cost`` = solo whole / (2 x solo half) (rank 0 alone on half the batch: what a step costs whatever its
+size), ``co_run`` = solo half / both ranks on half each without any collective (two processes sharing the
+machine's caches, memory and background), and ``sync`` = those unsynchronised steps / the even split's (the
+all-reduce and each step's wait for the slower rank).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import ray
 from proxyless_ray.config import Experiment
 from proxyless_ray.ray_trainer import ReportLog, build_trainer, connect, quiet_worker_logs, read_report_log
 
-GLOBAL_BATCH = 128
+GLOBAL_BATCHES = (128, 256)  # default --global-batch
 
 
 def experiment(workers: int, batch: int, steps: int, out: str, balance: bool = False) -> Experiment:
@@ -75,8 +77,8 @@ def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = Fal
 
 def interleaved_worker(config: dict) -> None:
     """Ray Train worker of the drift-free measurement: phases of ``phase_steps`` weight steps, in turn solo (rank 0
-    alone), even (both ranks, 64 each), balanced (both ranks, the straggler-aware split), solo on half the batch and
-    both ranks on 64 each without collectives."""
+    alone), even (both ranks, half the global batch each), balanced (both ranks, the straggler-aware split), solo on
+    half the batch and both ranks on half each without collectives."""
     import dataclasses
 
     import ray.train
@@ -92,6 +94,7 @@ def interleaved_worker(config: dict) -> None:
     exp = Experiment.from_dict(config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    global_batch = config["global_batch"]
     even = SearchLoop(exp, Comm(rank, world), lambda m, f: None, progress=False)
     # each arm has its own supernet, optimizer (and balancer): five searches in step, in the same processes
     loops = {"even": even,
@@ -102,13 +105,13 @@ def interleaved_worker(config: dict) -> None:
     def one_worker(e: Experiment) -> SearchLoop:  # a search without collectives, on the same data and latency model
         return SearchLoop(e, Comm(), lambda m, f: None, splits=even.splits, latency_model=even.model, progress=False)
 
-    # both ranks on 64 images each, no collective: the same work as the even split without its synchronisation
+    # both ranks on half the global batch each, no collective: the even split's work without its synchronisation
     loops["unsynced"] = one_worker(exp)
     if rank == 0:  # 1-worker searches of the whole batch and of half of it
-        whole = dataclasses.replace(exp, data=dataclasses.replace(exp.data, batch_size=GLOBAL_BATCH))
+        whole = dataclasses.replace(exp, data=dataclasses.replace(exp.data, batch_size=global_batch))
         loops["solo"] = one_worker(whole)
         loops["solo_half"] = one_worker(exp)
-    plan = shard_batches(len(even.splits.train), GLOBAL_BATCH, 0, 1, 0, exp.train.seed)
+    plan = shard_batches(len(even.splits.train), global_batch, 0, 1, 0, exp.train.seed)
     gen = torch.Generator().manual_seed(rank)
 
     def timed_step(loop: SearchLoop, i: int) -> float:
@@ -129,16 +132,16 @@ def interleaved_worker(config: dict) -> None:
                       "balanced_split": list(loops["balanced"].balancer.counts)})
 
 
-def run_interleaved(phases: int, phase_steps: int, out: str) -> dict:
-    exp = experiment(2, GLOBAL_BATCH // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
-    r0 = fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps}, out,
-                      train_fn=interleaved_worker)[0]
+def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str) -> dict:
+    exp = experiment(2, global_batch // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
+    r0 = fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps, "global_batch": global_batch},
+                      out, train_fn=interleaved_worker)[0]
     solo = r0["solo_s"][1:]  # the first phase of each arm pays for warm-up
     report = {"phases": phases, "phase_steps": phase_steps,
-              "thr1_images_per_s": GLOBAL_BATCH * phase_steps * len(solo) / sum(solo)}
+              "thr1_images_per_s": global_batch * phase_steps * len(solo) / sum(solo)}
     for arm in ("even", "balanced"):
         two = r0[f"{arm}_s"][1:]
-        report[arm] = {"thr2_images_per_s": GLOBAL_BATCH * phase_steps * len(two) / sum(two),
+        report[arm] = {"thr2_images_per_s": global_batch * phase_steps * len(two) / sum(two),
                        "efficiency": sum(solo) / (2 * sum(two)),
                        "efficiency_per_phase": [a / (2 * b) for a, b in zip(solo, two)]}
     report["balanced"]["final_split"] = r0["balanced_split"]
@@ -148,47 +151,52 @@ def run_interleaved(phases: int, phase_steps: int, out: str) -> dict:
     return report
 
 
+def scaling(global_batch: int, args: argparse.Namespace, out: str) -> dict:
+    """Both scaling measurements at one global batch (1 x ``global_batch`` against 2 x half of it)."""
+    interleaved = run_interleaved(global_batch, args.phases, args.phase_steps, out)
+    one, two, balanced = [], [], []
+    for _ in range(args.rounds):
+        one.append(run_once(1, global_batch, args.steps, out))
+        two.append(run_once(2, global_batch // 2, args.steps, out))
+        balanced.append(run_once(2, global_batch // 2, args.steps, out, balance=True))
+    thr1 = statistics.median(r["images_per_s"] for r in one)
+    thr2 = statistics.median(r["images_per_s"] for r in two)
+    thr2_bal = statistics.median(r["images_per_s"] for r in balanced)
+    return {"global_batch": global_batch, "steps_per_epoch": args.steps, "rounds": args.rounds,
+            "threads_per_worker": 1, "thr1_images_per_s": thr1, "thr2_images_per_s": thr2,
+            "efficiency": thr2 / (2 * thr1), "target_efficiency": 0.8,
+            # each round's own ratio too: the VM's speed drifts between rounds
+            "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, two)],
+            "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in two),
+            "balanced_split": {
+                "thr2_images_per_s": thr2_bal, "efficiency": thr2_bal / (2 * thr1),
+                "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, balanced)],
+                "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in balanced)},
+            "runs_1w": one, "runs_2w": two, "runs_2w_balanced": balanced,
+            "interleaved": interleaved}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--global-batch", type=int, nargs="+", default=list(GLOBAL_BATCHES),
+                        help="global batches to measure at, each split 2 x half against 1 x all")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--phases", type=int, default=13, help="solo/pair phases of the drift-free measurement")
     parser.add_argument("--phase-steps", type=int, default=10)
     parser.add_argument("--skip-data", action="store_true")
     args = parser.parse_args()
+    bad = [g for g in args.global_batch if g < 2 or g % 2]
+    if bad:
+        parser.error(f"--global-batch {bad[0]}: expected an even number of images, at least 2")
     out = tempfile.mkdtemp(prefix="bench-dist-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     connect(experiment(1, 128, args.steps, out), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
-    one, two, balanced = [], [], []
     try:
-        interleaved = run_interleaved(args.phases, args.phase_steps, out)
-        for _ in range(args.rounds):
-            one.append(run_once(1, GLOBAL_BATCH, args.steps, out))
-            two.append(run_once(2, GLOBAL_BATCH // 2, args.steps, out))
-            balanced.append(run_once(2, GLOBAL_BATCH // 2, args.steps, out, balance=True))
+        results = [scaling(g, args, out) for g in args.global_batch]
     finally:
         ray.shutdown()
-    thr1 = statistics.median(r["images_per_s"] for r in one)
-    thr2 = statistics.median(r["images_per_s"] for r in two)
-    thr2_bal = statistics.median(r["images_per_s"] for r in balanced)
-    report = {
-        "benchmark": "distributed",
-        "scaling": {"global_batch": GLOBAL_BATCH, "steps_per_epoch": args.steps, "rounds": args.rounds,
-                    "threads_per_worker": 1, "thr1_images_per_s": thr1, "thr2_images_per_s": thr2,
-                    "efficiency": thr2 / (2 * thr1), "target_efficiency": 0.8,
-                    # each round's own ratio too: the VM's speed drifts between rounds
-                    "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, two)],
-                    "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in two),
-                    "balanced_split": {
-                        "thr2_images_per_s": thr2_bal, "efficiency": thr2_bal / (2 * thr1),
-                        "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"])
-                                                 for a, b in zip(one, balanced)],
-                        "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"]
-                                                                for r in balanced)},
-                    "runs_1w": one, "runs_2w": two, "runs_2w_balanced": balanced,
-                    "interleaved": interleaved},
-        "load_average": os.getloadavg(),
-    }
+    report = {"benchmark": "distributed", "scaling": results, "load_average": os.getloadavg()}
     if not args.skip_data:
         here = os.path.dirname(os.path.abspath(__file__))
         data = subprocess.run([sys.executable, os.path.join(here, "bench_data.py")], capture_output=True, text=True,
