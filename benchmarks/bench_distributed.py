@@ -94,7 +94,7 @@ def interleaved_worker(config: dict) -> None:
     exp = Experiment.from_dict(config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    global_batch = config["global_batch"]
+    global_batch = exp.data.batch_size * world  # the even split's: half each
     even = SearchLoop(exp, Comm(rank, world), lambda m, f: None, progress=False)
     # each arm has its own supernet, optimizer (and balancer): five searches in step, in the same processes
     loops = {"even": even,
@@ -134,8 +134,8 @@ def interleaved_worker(config: dict) -> None:
 
 def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str) -> dict:
     exp = experiment(2, global_batch // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
-    r0 = fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps, "global_batch": global_batch},
-                      out, train_fn=interleaved_worker)[0]
+    r0 = fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps}, out,
+                      train_fn=interleaved_worker)[0]
     solo = r0["solo_s"][1:]  # the first phase of each arm pays for warm-up
     report = {"phases": phases, "phase_steps": phase_steps,
               "thr1_images_per_s": global_batch * phase_steps * len(solo) / sum(solo)}
