@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -15,6 +16,7 @@ from mlflow import MlflowClient
 
 from proxyless_ray.comm import Comm
 from proxyless_ray.ray_trainer import (
+    LEAN_ENV,
     ClusterError,
     ReportLog,
     build_trainer,
@@ -49,6 +51,12 @@ def test_embedded_cluster_is_lean(local_ray):
     # no dashboard, no metrics agent work, no preemption watcher: their polling competes with 1-thread workers
     assert not ray._private.worker.get_dashboard_url()
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    # the processes Ray started read the lean settings from the environment they inherited
+    log_monitor = next(p for p in ray._private.worker._global_node.all_processes[
+        ray._private.ray_constants.PROCESS_TYPE_LOG_MONITOR])
+    environ = psutil.Process(log_monitor.process.pid).environ()
+    for key, value in LEAN_ENV.items():
+        assert environ[key] == value, key
 
 
 def equivalence_experiment(tmp_path, workers, batch):
@@ -89,6 +97,8 @@ def test_two_workers_equal_one_worker_double_batch_and_ranks_agree(tmp_path, loc
 
     classes = {a.get("ActorClassName") for a in state.actors().values()}
     assert "TrainController" in classes and "PlacementGroupCleaner" not in classes
+    # nor the dataset manager: the search reads its own shards, not Ray Datasets
+    assert "DatasetManager" not in classes
 
 
 def test_worker_killed_mid_run_recovers_without_losing_or_repeating_epochs(tmp_path, local_ray):
