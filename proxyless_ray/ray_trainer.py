@@ -32,6 +32,7 @@ LEAN_ENV = {
     "REPORTER_UPDATE_INTERVAL_MS": "60000",  # the dashboard agent's node and worker statistics: every minute, not 5 s
 }
 _LEAN_CLUSTER = False  # connect() started an embedded cluster without the dashboard (so without the State API)
+_LEAN_SET: set[str] = set()  # the LEAN_ENV variables connect() set (not the user)
 
 
 class ClusterError(ValueError):
@@ -121,9 +122,13 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
         dashboard = exp.dist.dashboard if dashboard is None else dashboard
         # Read by the Train controller when it starts (Train propagates the variable); set for this process.
         os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        if not dashboard:
-            for key, value in LEAN_ENV.items():
-                os.environ.setdefault(key, value)
+        for key, value in LEAN_ENV.items():
+            if not dashboard and key not in os.environ:
+                os.environ[key] = value
+                _LEAN_SET.add(key)
+            elif dashboard and key in _LEAN_SET:  # a later cluster with the dashboard gets Ray's defaults back
+                os.environ.pop(key, None)
+                _LEAN_SET.discard(key)
         ray.init(address="local", num_cpus=num_cpus, resources=resources, log_to_driver=True,
                  configure_logging=False, include_dashboard=dashboard)
         _LEAN_CLUSTER = not dashboard

@@ -14,6 +14,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
+from proxyless_ray import ray_trainer
 from proxyless_ray.comm import Comm
 from proxyless_ray.ray_trainer import (
     LEAN_ENV,
@@ -57,6 +58,24 @@ def test_embedded_cluster_is_lean(local_ray):
     environ = psutil.Process(log_monitor.process.pid).environ()
     for key, value in LEAN_ENV.items():
         assert environ[key] == value, key
+
+
+def test_lean_settings_are_the_users_to_override_and_leave_with_the_lean_cluster(tmp_path, monkeypatch):
+    # connect()'s own handling of the environment, around a stand-in for ray.init (clusters are the other tests')
+    started = []
+    monkeypatch.setattr(ray_trainer, "_LEAN_CLUSTER", ray_trainer._LEAN_CLUSTER)  # the running cluster's, restored
+    monkeypatch.setattr(ray_trainer, "_LEAN_SET", set())
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: started.append({k: os.environ.get(k) for k in LEAN_ENV}))
+    for key in LEAN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("REPORTER_UPDATE_INTERVAL_MS", "1000")  # the user's choice stands
+    exp = tiny_experiment(tmp_path)
+    connect(exp, dashboard=False)
+    connect(exp, dashboard=True)  # a sweep's cluster, later in the same process
+    lean, full = started
+    assert lean == {**LEAN_ENV, "REPORTER_UPDATE_INTERVAL_MS": "1000"}
+    assert full == {**{k: None for k in LEAN_ENV}, "REPORTER_UPDATE_INTERVAL_MS": "1000"}
 
 
 def equivalence_experiment(tmp_path, workers, batch):
