@@ -160,18 +160,17 @@ def scaling(global_batch: int, args: argparse.Namespace, out: str) -> dict:
         two.append(run_once(2, global_batch // 2, args.steps, out))
         balanced.append(run_once(2, global_batch // 2, args.steps, out, balance=True))
     thr1 = statistics.median(r["images_per_s"] for r in one)
-    thr2 = statistics.median(r["images_per_s"] for r in two)
-    thr2_bal = statistics.median(r["images_per_s"] for r in balanced)
+
+    def two_workers(runs: list[dict]) -> dict:  # the 2-worker runs of one split against the 1-worker runs
+        thr2 = statistics.median(r["images_per_s"] for r in runs)
+        return {"thr2_images_per_s": thr2, "efficiency": thr2 / (2 * thr1),
+                # each round's own ratio too: the VM's speed drifts between rounds
+                "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, runs)],
+                "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in runs)}
+
     return {"global_batch": global_batch, "steps_per_epoch": args.steps, "rounds": args.rounds,
-            "threads_per_worker": 1, "thr1_images_per_s": thr1, "thr2_images_per_s": thr2,
-            "efficiency": thr2 / (2 * thr1), "target_efficiency": 0.8,
-            # each round's own ratio too: the VM's speed drifts between rounds
-            "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, two)],
-            "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in two),
-            "balanced_split": {
-                "thr2_images_per_s": thr2_bal, "efficiency": thr2_bal / (2 * thr1),
-                "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, balanced)],
-                "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in balanced)},
+            "threads_per_worker": 1, "thr1_images_per_s": thr1, **two_workers(two), "target_efficiency": 0.8,
+            "balanced_split": two_workers(balanced),
             "runs_1w": one, "runs_2w": two, "runs_2w_balanced": balanced,
             "interleaved": interleaved}
 
