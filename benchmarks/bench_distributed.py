@@ -23,7 +23,9 @@ paths. Efficiency = solo seconds / (2 x two-worker seconds) for the same images,
 ``fixed_cost`` = solo whole / (2 x solo half) (rank 0 alone on half the batch: what a step costs whatever its
 size), ``co_run`` = solo half / both ranks on half each without any collective (two processes sharing the
 machine's caches, memory and background), and ``sync`` = those unsynchronised steps / the even split's (the
-all-reduce and each step's wait for the slower rank).
+all-reduce and each step's wait for the slower rank). Beside them, per rank and arm, ``cpu_wait_share``: the share of
+the training thread's time that it was ready to run but waiting for a CPU (Linux ``/proc/thread-self/schedstat``;
+absent elsewhere), which is what the co-run factor loses to Ray's own processes and the host.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = Fal
                                                    for m in last)}
 
 
+def thread_cpu_ns() -> tuple[int, int] | None:
+    """This thread's nanoseconds on a CPU and runnable but waiting for one (Linux schedstat); ``None`` elsewhere."""
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            run, wait = fh.read().split()[:2]
+        return int(run), int(wait)
+    except (OSError, ValueError):
+        return None
+
+
 def interleaved_worker(config: dict) -> None:
     """Ray Train worker of the drift-free measurement: phases of ``phase_steps`` weight steps, in turn solo (rank 0
     alone), even (both ranks, half the global batch each), balanced (both ranks, the straggler-aware split), solo on
@@ -123,19 +135,29 @@ def interleaved_worker(config: dict) -> None:
         return time.perf_counter() - t0
 
     seconds: dict[str, list[float]] = {"solo": [], "even": [], "balanced": [], "solo_half": [], "unsynced": []}
+    run_wait = {arm: [0, 0] for arm in loops}  # the training thread's ns on a CPU and waiting for one, after phase 0
     for p in range(config["phases"]):
         steps = range(p * config["phase_steps"], (p + 1) * config["phase_steps"])  # the same paths in every arm
         for arm, times in seconds.items():
             dist.barrier()  # in the solo phases rank 1 waits at the next one, asleep
-            times.append(sum(timed_step(loops[arm], i) for i in steps) if arm in loops else 0.0)
+            if arm not in loops:
+                times.append(0.0)
+                continue
+            before = thread_cpu_ns()
+            times.append(sum(timed_step(loops[arm], i) for i in steps))
+            after = thread_cpu_ns()
+            if p and before and after:
+                run_wait[arm] = [total + b - a for total, a, b in zip(run_wait[arm], before, after)]
+    wait_share = {arm: w / (r + w) for arm, (r, w) in run_wait.items() if r + w}
     ray.train.report({**{f"{arm}_s": v for arm, v in seconds.items()}, "rank": rank,
-                      "balanced_split": list(loops["balanced"].balancer.counts)})
+                      "balanced_split": list(loops["balanced"].balancer.counts), "cpu_wait_share": wait_share})
 
 
 def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str) -> dict:
     exp = experiment(2, global_batch // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
-    r0 = fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps}, out,
-                      train_fn=interleaved_worker)[0]
+    ranks = sorted(fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps}, out,
+                                train_fn=interleaved_worker), key=lambda m: m["rank"])
+    r0 = ranks[0]
     solo = r0["solo_s"][1:]  # the first phase of each arm pays for warm-up
     report = {"phases": phases, "phase_steps": phase_steps,
               "thr1_images_per_s": global_batch * phase_steps * len(solo) / sum(solo)}
@@ -148,6 +170,8 @@ def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str) 
     half, unsynced, even = (sum(r0[f"{arm}_s"][1:]) for arm in ("solo_half", "unsynced", "even"))
     report["even"]["factors"] = {"fixed_cost": sum(solo) / (2 * half), "co_run": half / unsynced,
                                  "sync": unsynced / even}
+    if all(m["cpu_wait_share"] for m in ranks):  # Linux
+        report["cpu_wait_share"] = [m["cpu_wait_share"] for m in ranks]
     return report
 
 
