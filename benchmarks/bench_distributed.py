@@ -25,14 +25,19 @@ size), ``co_run`` = solo half / both ranks on half each without any collective (
 machine's caches, memory and background), and ``sync`` = those unsynchronised steps / the even split's (the
 all-reduce and each step's wait for the slower rank). Beside them, per rank and arm, ``cpu_wait_share``: the share of
 the training thread's time that it was ready to run but waiting for a CPU (Linux ``/proc/thread-self/schedstat``;
-absent elsewhere), which is what the co-run factor loses to Ray's own processes and the host.
+absent elsewhere), which is what the co-run factor loses to Ray's own processes and the host. The same drift-free
+arms also run, before Ray starts, in two plain processes (``torch.multiprocessing`` and gloo over loopback, the same
+``SearchLoop``; ``interleaved_without_ray``, leave out with ``--skip-plain``): the efficiency the search loop reaches
+on these two vCPUs when no Ray process shares them, against which the Ray figures show what Ray's own processes cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import queue as queue_module
 import statistics
 import subprocess
 import sys
@@ -87,13 +92,13 @@ def thread_cpu_ns() -> tuple[int, int] | None:
         return None
 
 
-def interleaved_worker(config: dict) -> None:
-    """Ray Train worker of the drift-free measurement: phases of ``phase_steps`` weight steps, in turn solo (rank 0
-    alone), even (both ranks, half the global batch each), balanced (both ranks, the straggler-aware split), solo on
-    half the batch and both ranks on half each without collectives."""
+def interleaved_arms(exp: Experiment, rank: int, world: int, phases: int, phase_steps: int) -> dict:
+    """One rank of the drift-free measurement, in an initialised process group: phases of ``phase_steps`` weight
+    steps, in turn solo (rank 0 alone), even (both ranks, half the global batch each), balanced (both ranks, the
+    straggler-aware split), solo on half the batch and both ranks on half each without collectives. Returns this
+    rank's seconds per arm and phase, its balanced split and its CPU-wait shares."""
     import dataclasses
 
-    import ray.train
     import torch
     import torch.distributed as dist
 
@@ -102,10 +107,6 @@ def interleaved_worker(config: dict) -> None:
     from proxyless_ray.evaluate import to_device
     from proxyless_ray.train_loop import SearchLoop
 
-    quiet_worker_logs()
-    exp = Experiment.from_dict(config["experiment"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     global_batch = exp.data.batch_size * world  # the even split's: half each
     even = SearchLoop(exp, Comm(rank, world), lambda m, f: None, progress=False)
     # each arm has its own supernet, optimizer (and balancer): five searches in step, in the same processes
@@ -136,8 +137,8 @@ def interleaved_worker(config: dict) -> None:
 
     seconds: dict[str, list[float]] = {"solo": [], "even": [], "balanced": [], "solo_half": [], "unsynced": []}
     run_wait = {arm: [0, 0] for arm in loops}  # the training thread's ns on a CPU and waiting for one, after phase 0
-    for p in range(config["phases"]):
-        steps = range(p * config["phase_steps"], (p + 1) * config["phase_steps"])  # the same paths in every arm
+    for p in range(phases):
+        steps = range(p * phase_steps, (p + 1) * phase_steps)  # the same paths in every arm
         for arm, times in seconds.items():
             dist.barrier()  # in the solo phases rank 1 waits at the next one, asleep
             if arm not in loops:
@@ -149,14 +150,44 @@ def interleaved_worker(config: dict) -> None:
             if p and before and after:
                 run_wait[arm] = [total + b - a for total, a, b in zip(run_wait[arm], before, after)]
     wait_share = {arm: w / (r + w) for arm, (r, w) in run_wait.items() if r + w}
-    ray.train.report({**{f"{arm}_s": v for arm, v in seconds.items()}, "rank": rank,
-                      "balanced_split": list(loops["balanced"].balancer.counts), "cpu_wait_share": wait_share})
+    return {**{f"{arm}_s": v for arm, v in seconds.items()}, "rank": rank,
+            "balanced_split": list(loops["balanced"].balancer.counts), "cpu_wait_share": wait_share}
 
 
-def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str) -> dict:
+def interleaved_worker(config: dict) -> None:
+    """Ray Train worker of the drift-free measurement."""
+    import ray.train
+
+    quiet_worker_logs()
+    ctx = ray.train.get_context()
+    ray.train.report(interleaved_arms(Experiment.from_dict(config["experiment"]), ctx.get_world_rank(),
+                                      ctx.get_world_size(), config["phases"], config["phase_steps"]))
+
+
+def plain_worker(rank: int, port: int, exp: Experiment, phases: int, phase_steps: int, queue) -> None:
+    """The drift-free measurement's rank in a plain process: gloo over loopback, no Ray anywhere."""
+    import torch.distributed as dist
+
+    from proxyless_ray.runtime import apply_process_defaults
+
+    apply_process_defaults()  # what Ray's workers get from the driver's environment
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        queue.put(interleaved_arms(exp, rank, 2, phases, phase_steps))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str, plain: bool = False) -> dict:
+    """The drift-free measurement on Ray Train, or (``plain``) in two plain processes without Ray running."""
     exp = experiment(2, global_batch // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
-    ranks = sorted(fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps}, out,
-                                train_fn=interleaved_worker), key=lambda m: m["rank"])
+    if plain:
+        ranks = run_plain(exp, phases, phase_steps)
+    else:
+        ranks = fit_and_read(exp, "interleaved", {"phases": phases, "phase_steps": phase_steps}, out,
+                             train_fn=interleaved_worker)
+    ranks = sorted(ranks, key=lambda m: m["rank"])
     r0 = ranks[0]
     solo = r0["solo_s"][1:]  # the first phase of each arm pays for warm-up
     report = {"phases": phases, "phase_steps": phase_steps,
@@ -175,7 +206,34 @@ def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str) 
     return report
 
 
-def scaling(global_batch: int, args: argparse.Namespace, out: str) -> dict:
+def run_plain(exp: Experiment, phases: int, phase_steps: int) -> list[dict]:
+    """Both ranks of the drift-free measurement as two spawned processes; every rank's report."""
+    from proxyless_ray.commands.tracking import free_port
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=plain_worker, args=(rank, port, exp, phases, phase_steps, queue)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    ranks: list[dict] = []
+    try:
+        while len(ranks) < len(procs):
+            try:
+                ranks.append(queue.get(timeout=5))
+            except queue_module.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed:
+                    raise RuntimeError(f"a plain-process rank exited with code {failed[0]}") from None
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    return ranks
+
+
+def scaling(global_batch: int, args: argparse.Namespace, out: str, plain: dict | None = None) -> dict:
     """Both scaling measurements at one global batch (1 x ``global_batch`` against 2 x half of it)."""
     interleaved = run_interleaved(global_batch, args.phases, args.phase_steps, out)
     one, two, balanced = [], [], []
@@ -196,7 +254,7 @@ def scaling(global_batch: int, args: argparse.Namespace, out: str) -> dict:
             "threads_per_worker": 1, "thr1_images_per_s": thr1, **two_workers(two), "target_efficiency": 0.8,
             "balanced_split": two_workers(balanced),
             "runs_1w": one, "runs_2w": two, "runs_2w_balanced": balanced,
-            "interleaved": interleaved}
+            "interleaved": interleaved, **({"interleaved_without_ray": plain} if plain else {})}
 
 
 def main() -> None:
@@ -208,15 +266,19 @@ def main() -> None:
     parser.add_argument("--phases", type=int, default=13, help="solo/pair phases of the drift-free measurement")
     parser.add_argument("--phase-steps", type=int, default=10)
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--skip-plain", action="store_true", help="leave out the drift-free run without Ray")
     args = parser.parse_args()
     bad = [g for g in args.global_batch if g < 2 or g % 2]
     if bad:
         parser.error(f"--global-batch {bad[0]}: expected an even number of images, at least 2")
     out = tempfile.mkdtemp(prefix="bench-dist-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # before Ray starts, so that none of its processes run beside the plain ones
+    plain = {} if args.skip_plain else {g: run_interleaved(g, args.phases, args.phase_steps, out, plain=True)
+                                        for g in args.global_batch}
     connect(experiment(1, 128, args.steps, out), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
     try:
-        results = [scaling(g, args, out) for g in args.global_batch]
+        results = [scaling(g, args, out, plain.get(g)) for g in args.global_batch]
     finally:
         ray.shutdown()
     report = {"benchmark": "distributed", "scaling": results, "load_average": os.getloadavg()}
