@@ -165,14 +165,11 @@ def interleaved_worker(config: dict) -> None:
 
 
 def plain_worker(rank: int, port: int, exp: Experiment, phases: int, phase_steps: int, queue) -> None:
-    """The drift-free measurement's rank in a plain process: gloo over loopback, no Ray anywhere."""
+    """The drift-free measurement's rank in a plain process: gloo over loopback, no Ray anywhere. It inherits the
+    driver's OMP_WAIT_POLICY, and its ``SearchLoop`` tunes the allocator as in a Ray worker."""
     import torch.distributed as dist
 
-    from proxyless_ray.runtime import apply_process_defaults
-
-    apply_process_defaults()  # what Ray's workers get from the driver's environment
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         queue.put(interleaved_arms(exp, rank, 2, phases, phase_steps))
     finally:
