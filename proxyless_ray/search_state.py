@@ -45,7 +45,8 @@ class SearchState:
 def new_state(exp: Experiment, device: torch.device | str = "cpu") -> SearchState:
     """A fresh supernet (seeded) with the paper's optimizers."""
     torch.manual_seed(exp.train.seed)
-    net = SuperNet(exp.space, alpha_init_std=exp.train.alpha_init_std).to(device)
+    net = SuperNet(exp.space, alpha_init_std=exp.train.alpha_init_std,
+                   weight_sharing=exp.train.weight_sharing).to(device)
     t = exp.train
     # No weight decay on BN and biases, as the original code does with `no_decay_keys`.
     decay, no_decay = [], []
