@@ -54,6 +54,9 @@ class TrainConfig:
     # ends, alpha stays frozen for up to half of the search epochs, then the search decides anyway and says so.
     ready_acc: float = 0.0
     ready_samples: int = 4  # random sub-networks whose mean held-out accuracy measures readiness (0: don't measure)
+    # An architecture step whose sampled path is zero still reads the other candidates' gate gradients, so the loss
+    # can argue for keeping a layer that zero would remove (the paper skips such layers; see proxyless_ray.mixed_op).
+    zero_gradient: bool = True
     lr: float = 0.05  # weight SGD, cosine per batch (paper: 0.025 at batch 256 on ImageNet)
     warmup_lr: float = 0.05  # paper: hard-coded lr_max 0.05 for warm-up
     momentum: float = 0.9

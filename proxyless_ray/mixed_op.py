@@ -18,7 +18,11 @@ are the centre of the largest, smaller expansions its first channels), so every 
 candidates use. Either way one candidate runs per path.
 
 Zero-op semantics follow the paper's code: when zero is the active path the layer is skipped (the block returns
-its input) and the layer's alpha gets no gradient on that step.
+its input) and the layer's alpha gets no gradient on that step. That makes zero self-reinforcing: the likelier zero
+is, the more often its layer escapes the loss's judgement while the latency term keeps pushing towards it. With
+``zero_gradient`` on, an architecture step whose active path is zero still reads the other sampled candidates'
+gate gradients (their outputs, run without a graph, times the gradient at the layer's output), so the loss can argue
+for keeping the layer; the forward output is unchanged (the zero path's, plus the shortcut).
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class MixedOp(nn.Module):
         self.pair: tuple[int, int] = (0, 0)  # (active, inactive) in two mode
         self.pair_alpha_before: tuple[float, float] = (0.0, 0.0)
         self.forward_mode = Forward.SINGLE
+        self.zero_gradient = False  # architecture gradient also when zero is the active path (module docstring)
         self.gates: torch.Tensor | None = None  # binary gates of the last arch forward, with their grad
 
     # -- sampling ----------------------------------------------------------------------------------------------
@@ -139,6 +144,13 @@ class MixedOp(nn.Module):
     def active_is_zero(self) -> bool:
         return self.active == self.zero_index
 
+    @property
+    def skips_layer(self) -> bool:
+        """The block returns its input without running the op (zero active, and no gate gradient wanted)."""
+        if self.forward_mode == Forward.ALL or not self.active_is_zero:
+            return False
+        return self.forward_mode == Forward.SINGLE or not self.zero_gradient
+
     # -- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +179,7 @@ class MixedOp(nn.Module):
 
     def set_alpha_grad_from_gates(self, mode: GateMode) -> None:
         """Turn the gates' gradient into alpha's gradient (BinaryConnect rule); see the module docstring."""
-        if self.active_is_zero or self.gates is None or self.gates.grad is None:
+        if (self.active_is_zero and not self.zero_gradient) or self.gates is None or self.gates.grad is None:
             self.alpha.grad = None  # paper: zero active -> layer skipped, no architecture gradient this step
             self.gates = None
             return

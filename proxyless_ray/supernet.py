@@ -30,7 +30,7 @@ class MixedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mixed
-        if m.forward_mode != Forward.ALL and m.active_is_zero:
+        if m.skips_layer:
             return x  # zero op + identity shortcut: the layer is skipped
         out = m(x)
         return out + x if self.shortcut else out

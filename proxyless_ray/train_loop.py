@@ -99,6 +99,8 @@ class SearchLoop:
                                  "keep the per-worker BatchNorm statistics (train.sync_bn: false)")
             # Safe with path binarization: every rank runs the same sampled path, so the same BN layers sync.
             self.state.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.state.net)
+        for m in self.state.net.mixed_ops():
+            m.zero_gradient = exp.train.zero_gradient
         self.cl = exp.train.channels_last
         if self.cl:
             self.state.net.to(memory_format=torch.channels_last)

@@ -173,3 +173,26 @@ def test_nested_rejects_candidates_of_different_widths():
 
     with pytest.raises(ValueError, match="one width and stride"):
         MixedOp(("mb_k3_e3_c8_s1", "mb_k3_e3_c16_s1"), in_chs=8, sharing="nested")
+
+
+def test_zero_gradient_lets_the_loss_argue_for_a_layer_that_zero_removes():
+    net = SuperNet(SearchSpace(widths=(8, 8), depths=(2, 1), strides=(1, 1), feature_mix_chs=0))
+    block = [b for b in net.blocks if b.mixed.zero_index >= 0][0]
+    m = block.mixed
+    m.zero_gradient = True
+    x = torch.randn(2, 8, 14, 14, requires_grad=True)
+    w = torch.randn(2, 8, 14, 14)
+    for mode, gate in ((Forward.TWO, GateMode.TWO), (Forward.FULL_V2, GateMode.FULL_V2)):
+        m.alpha.grad = None
+        m.forward_mode = mode
+        m.active, m.pair = m.zero_index, (m.zero_index, 0)
+        out = block(x)
+        torch.testing.assert_close(out, x)  # the forward is still the skipped layer's
+        (out * w).sum().backward()
+        with torch.no_grad():
+            g_other = (m.ops[0](x) * w).sum()  # dL/dg of the other sampled candidate: <o, dL/dout>
+        torch.testing.assert_close(m.gates.grad[0], g_other, rtol=1e-4, atol=1e-4)
+        m.set_alpha_grad_from_gates(gate)
+        assert m.alpha.grad is not None and m.alpha.grad[0] != 0 and m.alpha.grad[m.zero_index] != 0
+    m.forward_mode = Forward.SINGLE  # weight steps and evaluation still skip the layer
+    assert m.skips_layer
