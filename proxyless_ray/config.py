@@ -138,6 +138,7 @@ class SweepConfig:
     max_concurrent_trials: int = 0  # 0: from cluster resources
     shared_warmup: bool = True
     retrain_epochs: int = 0  # retrain Pareto-front networks briefly after the sweep (0: skip)
+    retrain_subset: int = 0  # training images of that retraining (0: the search's data.train_subset)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,8 @@ def validate(exp: Experiment) -> None:
     if d.warmup_subset and d.train_subset and d.warmup_subset < d.train_subset:
         raise ValueError(f"data.warmup_subset {d.warmup_subset} must be 0 or >= data.train_subset "
                          f"{d.train_subset} (the warm-up reads a superset of the search's images)")
+    if exp.sweep.retrain_subset < 0:
+        raise ValueError(f"sweep.retrain_subset must be >= 0, got {exp.sweep.retrain_subset}")
     if exp.sweep.scheduler not in SCHEDULERS:
         raise ValueError(f"sweep.scheduler {exp.sweep.scheduler!r} does not exist; expected one of {list(SCHEDULERS)}")
 

@@ -44,8 +44,9 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     front = table[table["on_front"] & table["finished"]]
     for _, r in front.iterrows():
         trial_dir = os.path.join(sweep_dir, TRIALS_DIR, r["trial_id"])
+        data = {"train_subset": exp.sweep.retrain_subset, "warmup_subset": 0} if exp.sweep.retrain_subset else {}
         texp = with_overrides(exp, latency={"profile": r["hardware"]}, dist={"workers": 0},
-                              tracking={"enabled": False})
+                              tracking={"enabled": False}, data=data)
         texp = Experiment.from_dict({**texp.to_dict(), "out_dir": os.path.join(sweep_dir, RETRAINED_DIR),
                                      "name": r["trial_id"]})
         res = run_retrain(texp, os.path.join(trial_dir, "network"), finetune=True, epochs=epochs,
