@@ -75,6 +75,9 @@ def test_checkpoint_from_other_space_refused(tmp_path):
     other = tiny_experiment(tmp_path, space={"kernel_sizes": [3]})
     with pytest.raises(ValueError, match="written for search space .* refusing to load"):
         load_checkpoint(new_state(other), latest_checkpoint(exp.output_dir), other)
+    separate = tiny_experiment(tmp_path, train={"weight_sharing": "separate"})
+    with pytest.raises(ValueError, match="holds a supernet with 'nested' weights.*weight_sharing: nested"):
+        load_checkpoint(new_state(separate), latest_checkpoint(exp.output_dir), separate)
 
 
 def test_finetune_after_search_is_reported_apart(tmp_path):
