@@ -70,8 +70,8 @@ def run_method(spec: str, args: argparse.Namespace) -> dict:
     steps_per_epoch = max(1, args.passes // (args.epochs * passes_per_step))
     overrides = [f"train.weight_sharing={sharing}", f"train.warmup_method={method}", f"train.epochs={args.epochs}",
                  f"train.warmup_epochs={args.epochs}", f"train.max_steps_per_epoch={steps_per_epoch}",
-                 f"train.threads={args.threads}", "train.ready_samples=0", f"data.train_subset={args.train_subset}",
-                 f"train.warmup_lr={args.lr}"]
+                 f"train.threads={args.threads}", "train.ready_samples=0", "train.ready_acc=0",
+                 f"data.train_subset={args.train_subset}", "data.warmup_subset=0", f"train.warmup_lr={args.lr}"]
     exp = load_experiment(args.experiment, overrides)
     loop = SearchLoop(exp, Comm(), lambda m, c: None, progress=False)
     x, y = loop.splits.train.get_batch(torch.arange(exp.data.batch_size), True)
