@@ -41,6 +41,7 @@ from proxyless_ray.network import ProxylessNet
 from proxyless_ray.objective import latency_objective, reward
 from proxyless_ray.path_sampling import StepPaths, uniform_choices, warmup_paths
 from proxyless_ray.progress import Progress
+from proxyless_ray.readiness import readiness_summary, searching
 from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.search_state import (
     DERIVED_DIR,
@@ -152,7 +153,7 @@ class SearchLoop:
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         exp, t, st = self.exp, self.exp.train, self.state
-        warm = not self._searching(epoch)
+        warm = not searching(self.state.history, epoch, t, self._say)
         self._frozen_alpha = warm
         source = self.warmup_source if epoch < t.warmup_epochs else self.splits.train
         # the global batches; each rank reads its slice of each when it gets there (the balancer moves the bounds)
@@ -227,37 +228,6 @@ class SearchLoop:
             if t.ready_acc > 0:
                 metrics["supernet_ready"] = metrics["subnet_heldout_acc"] >= t.ready_acc
         return metrics
-
-    def _searching(self, epoch: int) -> bool:
-        """Whether ``epoch`` runs architecture steps: after the warm-up, once sampled sub-networks are good enough
-        (``train.ready_acc``), or, if they never get there, after half of the search epochs, with a message."""
-        t = self.exp.train
-        if epoch < t.warmup_epochs:
-            return False
-        prev = self.state.history[-1] if self.state.history else {}
-        if t.ready_acc <= 0 or prev.get("searching") or prev.get("supernet_ready", True):
-            return True
-        acc = prev.get("subnet_heldout_acc", float("nan"))
-        limit = t.warmup_epochs + (t.epochs - t.warmup_epochs) // 2
-        if epoch >= limit:
-            self._say(f"the supernet is still not ready after {epoch} epochs (sampled sub-networks reach "
-                      f"{acc:.3f} held-out accuracy, train.ready_acc {t.ready_acc}): the architecture steps start "
-                      f"now, on weights that may not rank candidates yet; raise train.warmup_epochs or "
-                      f"data.warmup_subset, or lower train.ready_acc")
-            return True
-        self._say(f"the supernet is not ready (sampled sub-networks reach {acc:.3f} held-out accuracy, "
-                  f"train.ready_acc {t.ready_acc}): epoch {epoch + 1} keeps alpha frozen and trains the weights")
-        return False
-
-    def _readiness_summary(self) -> dict[str, Any]:
-        """How trained the supernet was when alpha started to learn (the last frozen epoch's measurement)."""
-        frozen = [h for h in self.state.history if not h.get("searching", True) and "subnet_heldout_acc" in h]
-        if not frozen:
-            return {}
-        out: dict[str, Any] = {"ready_subnet_acc": frozen[-1]["subnet_heldout_acc"]}
-        if self.exp.train.ready_acc > 0:
-            out["supernet_ready"] = frozen[-1]["subnet_heldout_acc"] >= self.exp.train.ready_acc
-        return out
 
     def _say(self, text: str) -> None:
         if self.comm.rank == 0:
@@ -392,7 +362,7 @@ class SearchLoop:
         data, t = self.exp.data, self.exp.train
         inherited_acc, _ = accuracy(child, self.splits.test, self.comm, data.eval_batch_size, device=self.device,
                                     channels_last=self.cl)
-        out = {"inherited_test_acc": inherited_acc, **self._readiness_summary()}
+        out = {"inherited_test_acc": inherited_acc, **readiness_summary(self.state.history, t.ready_acc)}
         if t.finetune_epochs > 0:
             from proxyless_ray.retrain import RetrainLoop
 
