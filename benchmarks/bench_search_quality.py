@@ -31,7 +31,7 @@ import tempfile
 import pandas as pd
 
 from proxyless_ray.arch import Arch
-from proxyless_ray.config import Experiment
+from proxyless_ray.config import Experiment, load_experiment
 from proxyless_ray.latency.model import arch_latency, load_latency_model
 from proxyless_ray.pareto import hypervolume_2d, pareto_front_mask
 from proxyless_ray.retrain import run_retrain
@@ -67,11 +67,14 @@ def matched_random(space: SearchSpace, model, target_ms: float, n: int, rng: ran
 
 
 def base(out: str, quick: bool, epochs: int, train_subset: int = 0, threads: int = 1) -> dict:
+    """The demo's search settings (warm-up, readiness, arch learning rate) with this benchmark's data and budget."""
+    demo = load_experiment("experiments/demo.yaml").to_dict()
+    subset = train_subset or (3000 if quick else 12000)
     return {
         "out_dir": out,
-        "data": {"train_subset": train_subset or (3000 if quick else 12000), "heldout_size": 2000,
-                 "test_subset": 3000 if quick else 0, "batch_size": 64},
-        "train": {"epochs": epochs, "warmup_epochs": 2, "arch_lr": 0.3, "arch_update_every": 2, "threads": threads},
+        "data": {**demo["data"], "train_subset": subset, "warmup_subset": max(demo["data"]["warmup_subset"], subset),
+                 "test_subset": 3000 if quick else 0},
+        "train": {**demo["train"], "epochs": epochs, "threads": threads},
         "dist": {"workers": 0},
         "tracking": {"enabled": False},
     }
@@ -127,8 +130,10 @@ def main() -> None:
                                              m.dropout, f"matched-{hw}-{arch.name}-{j}")))
     rows = []
     # retraining runs one network at a time in this process: both cores
-    retrain_exp = Experiment.from_dict({**base(out, args.quick, args.epochs, args.train_subset, threads=2),
-                                        "name": "retrain"})
+    cfg = base(out, args.quick, args.epochs, args.train_subset, threads=2)
+    cfg["train"].update(warmup_epochs=0, ready_acc=0.0)  # plain training from scratch: no warm-up to wait for
+    cfg["data"]["warmup_subset"] = 0
+    retrain_exp = Experiment.from_dict({**cfg, "name": "retrain"})
     for kind, hw, arch in nets:
         name = arch.name or f"{kind}-{len(rows)}"
         path = os.path.join(out, "archs", f"{len(rows):02d}-{name}.json")
