@@ -104,11 +104,36 @@ def main() -> None:
     p.add_argument("--train-subset", type=int, default=40000)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", default="", help="also draw the curves into this PNG")
     args = p.parse_args()
     out = {"passes": args.passes, "experiment": args.experiment, "torch": torch.__version__, "methods": {}}
     for spec in args.methods.split(","):
         out["methods"][spec] = run_method(spec, args)
+    if args.plot:
+        draw(out, args.plot)
     print(json.dumps(out, indent=1))
+
+
+def draw(out: dict, path: str) -> None:
+    """Mean held-out accuracy of sampled sub-networks (band: min-max) against forward-backward passes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for spec, res in out["methods"].items():
+        xs = [0] + [pt["passes"] for pt in res["curve"]]
+        line = ax.plot(xs, [0.1] + [pt["mean"] for pt in res["curve"]], marker="o", label=spec)[0]
+        ax.fill_between(xs[1:], [pt["min"] for pt in res["curve"]], [pt["max"] for pt in res["curve"]],
+                        color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("forward-backward passes (batch 64)")
+    ax.set_ylabel("held-out accuracy of sampled sub-networks")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
