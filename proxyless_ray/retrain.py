@@ -26,10 +26,10 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.data import check_shapes, iterate, load_splits
 from proxyless_ray.data.sharding import shard_batches
 from proxyless_ray.evaluate import accuracy, to_device
-from proxyless_ray.network import ProxylessNet, export_network
+from proxyless_ray.network import ProxylessNet, export_network, load_network, load_tensors
 from proxyless_ray.progress import Progress
 from proxyless_ray.runtime import tune_allocator
-from proxyless_ray.search_state import cosine_lr
+from proxyless_ray.search_state import check_finite_loss, cosine_lr
 
 
 @dataclass
@@ -75,6 +75,10 @@ def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
 
 
 def _from_path(path: str, label: str) -> ArchSource:
+    if os.path.isdir(path):
+        from proxyless_ray.tracking_registry import network_files
+
+        path = network_files(path) or path  # an MLflow model folder keeps them under extra_files/
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     arch_path = os.path.join(path, "arch.json") if os.path.isdir(path) else path
     if not os.path.exists(arch_path):
@@ -83,7 +87,7 @@ def _from_path(path: str, label: str) -> ArchSource:
     state = None
     for candidate in (os.path.join(folder, "state_dict.pt"), os.path.join(folder, "network", "state_dict.pt")):
         if os.path.isfile(candidate):
-            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            state = load_tensors(candidate)  # weights only: a file beside an arch.json is not trusted to run code
             break
     run_id = arch.meta.get("mlflow_run_id")
     return ArchSource(arch, state, run_id, label)
@@ -172,6 +176,7 @@ class RetrainLoop:
                 bar.update(1, loss=loss.item())
             bar.close()
             seen, correct, loss_sum = self.comm.sum([seen, correct, loss_sum])
+            check_finite_loss(loss_sum, e + 1, exp, "retraining")  # NaN weights: stop before anything is exported
             test_acc, test_ce = accuracy(self.net, self.splits.test, self.comm, exp.data.eval_batch_size,
                                          device=self.device, channels_last=self.cl)
             self.epoch = e + 1
@@ -319,9 +324,7 @@ def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[Proxyle
         if result.error is not None:
             raise result.error
         with result.checkpoint.as_directory() as folder:
-            net = ProxylessNet(Arch.load(os.path.join(folder, "arch.json")))
-            net.load_state_dict(torch.load(os.path.join(folder, "state_dict.pt"), map_location="cpu",
-                                           weights_only=True))
+            net = load_network(folder)
             with open(os.path.join(folder, "metrics.json")) as fh:
                 metrics = json.load(fh)
         return net, metrics

@@ -19,7 +19,7 @@ import torch
 
 from proxyless_ray.arch import atomic_write_text
 from proxyless_ray.config import Experiment
-from proxyless_ray.network import ProxylessNet
+from proxyless_ray.network import ProxylessNet, load_tensors
 from proxyless_ray.supernet import SuperNet
 
 STATE_FILE = "state.pt"
@@ -121,7 +121,7 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
             f"checkpoint {folder!r} was written for search space {meta.get('space_fingerprint')!r}, but this "
             f"experiment's space is {want!r}; refusing to load it (start a new run or use the matching experiment)"
         )
-    payload = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    payload = load_tensors(os.path.join(folder, STATE_FILE))
     state.net.load_state_dict(payload["model"])
     if weights_only:
         return state
@@ -135,6 +135,23 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
     state.history = list(meta.get("history", []))
     state.alpha_history = list(meta.get("alpha_history", []))
     return state
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite: the run stops and writes no result."""
+
+
+def check_finite_loss(loss_sum: float, epoch: int, exp: Experiment, what: str = "search") -> None:
+    """Stop a run whose summed training loss of an epoch is not finite (a sum over all ranks: every rank agrees).
+
+    Raises:
+        TrainingDiverged: naming the epoch and the learning rates to lower.
+    """
+    if not math.isfinite(loss_sum):
+        t = exp.train
+        raise TrainingDiverged(f"the {what} diverged: training loss is {loss_sum} in epoch {epoch}; stopped without "
+                               f"writing an architecture or network; lower train.lr ({t.lr:g}) or train.warmup_lr "
+                               f"({t.warmup_lr:g}), or set train.grad_clip")
 
 
 def save_derived(net: ProxylessNet, folder: str) -> None:

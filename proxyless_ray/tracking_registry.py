@@ -1,14 +1,19 @@
 """Model registry: derived networks as versions of ``proxyless-<hardware>``, and loading them back.
 
-Networks are logged with ``mlflow.pytorch.log_model`` in ``pickle`` format: MLflow's default (``pt2``, torch.export)
-freezes one traced path, and pickling needs the class importable, which :class:`proxyless_ray.network.ProxylessNet`
-is. Pip requirements are given, because inferring them costs 5-15 s per model.
+Nothing loaded from the registry is unpickled: a model file can come from anyone who can write to the store, and a
+pickle runs code when it is loaded. A network is logged with ``mlflow.pytorch.log_model`` in MLflow's ``pt2`` format
+(a ``torch.export`` program; a derived network has no Python control flow to freeze, unlike the supernet) with
+``arch.json`` and ``state_dict.pt`` as extra files, and is loaded back here from those two alone: the architecture
+from JSON, the weights with ``torch.load(weights_only=True)``; ``mlflow.pytorch.load_model`` is never called (it gives
+a graph without the architecture). Pip requirements are given, because inferring them costs 5-15 s per model.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 MODEL_PREFIX = "proxyless-"
+EXTRA_DIR = "extra_files"  # where log_model puts extra files inside the model's artifacts
 
 
 def registered_name(hardware: str) -> str:
@@ -75,13 +81,25 @@ def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: 
     with torch.no_grad():
         output = net(torch.from_numpy(example)).numpy()
     name = registered_name(hardware)
-    with _fluent_uri(uri):
-        info = mlflow.pytorch.log_model(
-            net, name="model", run_id=run_id, serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], input_example=example,
-            signature=infer_signature(example, output), registered_model_name=name)
-    version = int(info.registered_model_version)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # The logged model belongs to the run's experiment, so its files go beside the store like the run's. Left to
+    # itself, log_model files it under the fluent API's default experiment, whose artifact root is ./mlruns of
+    # whatever folder the store was created from.
+    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
+                                        source_run_id=run_id)
+    folder = tempfile.mkdtemp(prefix="proxyless-model-")
+    try:
+        net.arch.save(os.path.join(folder, "arch.json"))
+        torch.save(net.state_dict(), os.path.join(folder, "state_dict.pt"))
+        with _fluent_uri(uri):
+            info = mlflow.pytorch.log_model(
+                net, name="model", run_id=run_id, model_id=logged.model_id, serialization_format="pt2",
+                extra_files=[os.path.join(folder, "arch.json"), os.path.join(folder, "state_dict.pt")],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], input_example=example,
+                signature=infer_signature(example, output), registered_model_name=name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    version = int(info.registered_model_version)
     version_tags = {"acc": f"{acc:.6g}", "latency_ms": f"{latency_ms:.6g}", "run_id": run_id, "hardware": hardware,
                     "arch": net.arch.arch_string(), **{k: str(v) for k, v in (tags or {}).items()}}
     for key, value in version_tags.items():
@@ -92,14 +110,41 @@ def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: 
 def load_registered(uri: str, model_uri: str) -> nn.Module:
     """Load a registered network (``models:/proxyless-pixel1/3``, ``runs:/<id>/model``...) in eval mode.
 
+    The network is rebuilt from the model's ``arch.json`` and its weights-only ``state_dict.pt``; nothing is
+    unpickled.
+
     Args:
         uri: Tracking (and registry) URI.
         model_uri: Any MLflow model URI.
-    """
-    import mlflow.pytorch
 
-    with _fluent_uri(uri):
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    Raises:
+        ValueError: naming the URI or the file: the model has no ``arch.json`` / ``state_dict.pt`` (a model logged
+            in pickle format, which is never loaded), or its weights file holds anything but tensors.
+    """
+    import mlflow.artifacts
+
+    from proxyless_ray.network import load_network
+
+    folder = tempfile.mkdtemp(prefix="proxyless-model-")
+    try:
+        with _fluent_uri(uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=folder, tracking_uri=uri)
+        files = network_files(local)
+        if files is None:
+            raise ValueError(f"model {model_uri} has no arch.json and state_dict.pt (a model logged in pickle format "
+                             f"is never loaded: unpickling can run code); register it again with this version")
+        return load_network(files)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def network_files(folder: str) -> str | None:
+    """The folder holding ``arch.json`` + ``state_dict.pt`` in a downloaded model or network, else None."""
+    for candidate in (folder, os.path.join(folder, EXTRA_DIR), os.path.join(folder, "network")):
+        if os.path.isfile(os.path.join(candidate, "arch.json")) and os.path.isfile(
+                os.path.join(candidate, "state_dict.pt")):
+            return candidate
+    return None
 
 
 def model_versions(uri: str, hardware: str) -> list[Any]:

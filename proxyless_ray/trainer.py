@@ -12,6 +12,7 @@ import shutil
 import sys
 from typing import Any
 
+from proxyless_ray.arch import umask_mode
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
@@ -50,6 +51,7 @@ class LocalReporter:
         tmp = dest + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(checkpoint_dir, tmp)
+        os.chmod(tmp, umask_mode(folder=True))  # the loop's checkpoint comes from mkdtemp (0700)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         self.latest = dest
