@@ -271,7 +271,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
                                     callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
             result = trainer.fit()
             if result.error is not None:
-                raise result.error
+                raise_train_error(result.error)
             if result.checkpoint is None:
                 raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
             with result.checkpoint.as_directory() as folder:
@@ -281,6 +281,29 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
         ray.shutdown()
     print(json.dumps({k: res[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
     return res
+
+
+def raise_train_error(err: BaseException) -> None:
+    """Re-raise a Ray Train run's error; a worker's diverged loss as the one-line error it is.
+
+    A worker's exception comes back wrapped (a ``RayTaskError`` subclass of the original type, inside Train's
+    failure); a diverged loss is an input problem (a learning rate too high) that the CLI reports in one line.
+    """
+    from proxyless_ray.search_state import TrainingDiverged
+
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [err]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, TrainingDiverged):
+            raise TrainingDiverged(str(e).strip().splitlines()[-1].split("TrainingDiverged: ")[-1]) from None
+        failures = getattr(e, "worker_failures", None)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None),
+                 *(failures.values() if isinstance(failures, dict) else [])]
+    raise err
 
 
 class ReportLog(UserCallback):

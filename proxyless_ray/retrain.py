@@ -8,6 +8,7 @@ for ``dist.workers == 0``, else Ray Train workers with the same sharding and gra
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -53,7 +54,9 @@ def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
         from mlflow.exceptions import MlflowException
 
         from proxyless_ray.tracking_registry import load_registered
+        from proxyless_ray.tracking_store import check_existing_store
 
+        check_existing_store(tracking_uri or mlflow.get_tracking_uri())  # a lookup never creates a store
         try:
             if spec.startswith("models:/"):
                 model = load_registered(tracking_uri or mlflow.get_tracking_uri(), spec)
@@ -253,11 +256,16 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     from proxyless_ray.latency.model import arch_latency, load_latency_model
     from proxyless_ray.results import check_writable
 
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr!r}")
     tracking_uri = None
     if exp.tracking.enabled:
-        from proxyless_ray.tracking import resolve_uri
+        from proxyless_ray.tracking import check_reachable, resolve_uri
 
         tracking_uri = resolve_uri(exp.tracking)
+        check_reachable(tracking_uri)  # before training, not after it: the run is logged at the end
     source = resolve_arch(spec, tracking_uri)
     arch = source.arch
     if finetune and source.state_dict is None:
@@ -298,7 +306,7 @@ def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[Proxyle
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from proxyless_ray.ray_trainer import EpochLogCallback, check_placeable, connect, storage_path
+    from proxyless_ray.ray_trainer import EpochLogCallback, check_placeable, connect, raise_train_error, storage_path
 
     d = exp.dist
     connect(exp, num_cpus=os.cpu_count())
@@ -322,7 +330,7 @@ def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[Proxyle
         )
         result = trainer.fit()
         if result.error is not None:
-            raise result.error
+            raise_train_error(result.error)
         with result.checkpoint.as_directory() as folder:
             net = load_network(folder)
             with open(os.path.join(folder, "metrics.json")) as fh:

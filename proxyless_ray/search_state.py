@@ -98,8 +98,14 @@ def read_meta(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, META_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder!r} is not a search checkpoint: {META_FILE} is missing")
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path!r} is truncated or not JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path!r} is not a checkpoint's meta.json (got {type(meta).__name__})")
+    return meta
 
 
 def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_only: bool = False) -> SearchState:

@@ -68,6 +68,29 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return os.path.join(folder, done[-1]) if done else None
 
 
+def restore_newest_intact(loop: SearchLoop, out_dir: str) -> str:
+    """Restore ``loop`` from the newest checkpoint that loads, saying which damaged ones were passed over.
+
+    Raises:
+        ValueError: no checkpoint loads; names the newest one and why.
+    """
+    folder = os.path.join(out_dir, CHECKPOINTS_DIR)
+    found = sorted((d for d in os.listdir(folder) if d.startswith("epoch-") and not d.endswith(".tmp")),
+                   reverse=True)
+    first_error = None
+    for name in found:
+        path = os.path.join(folder, name)
+        try:
+            loop.restore(path)
+        except (ValueError, FileNotFoundError) as err:
+            first_error = first_error or err
+            print(f"--resume: skipping checkpoint {path}: {err}", file=sys.stderr)
+            continue
+        return path
+    raise ValueError(f"--resume: no checkpoint under {folder!r} loads: {first_error}; start the run again "
+                     f"without --resume")
+
+
 def shipped_models(exclude: str | None = None) -> dict[str, LatencyModel]:
     """Every profile in ``hardware_profiles/`` (for per-epoch latency on all platforms); empty if none ship."""
     try:
@@ -94,10 +117,11 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
         tracking.log_epoch(metrics)
 
     loop = SearchLoop(exp, Comm(), report, latency_model=model, other_models=others)
-    if resume:
-        if reporter.latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(out, CHECKPOINTS_DIR)!r}")
-        loop.restore(reporter.latest)
+    if resume and reporter.latest is None:
+        print(f"--resume: no checkpoint under {os.path.join(out, CHECKPOINTS_DIR)!r} (the run stopped before its "
+              f"first one); starting from scratch", file=sys.stderr)
+    elif resume:
+        reporter.latest = restore_newest_intact(loop, out)
         print(f"resuming from {reporter.latest} (epoch {loop.state.epoch})", file=sys.stderr)
     elif reporter.latest is not None:
         shutil.rmtree(os.path.join(out, CHECKPOINTS_DIR))  # a fresh run does not mix with an old one
