@@ -284,11 +284,12 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
 
 
 def raise_train_error(err: BaseException) -> None:
-    """Re-raise a Ray Train run's error; a worker's diverged loss as the one-line error it is.
+    """Re-raise a Ray Train run's error; a worker's diverged loss or damaged shard as the one-line error it is.
 
     A worker's exception comes back wrapped (a ``RayTaskError`` subclass of the original type, inside Train's
     failure); a diverged loss is an input problem (a learning rate too high) that the CLI reports in one line.
     """
+    from proxyless_ray.data.parquet import DamagedShard
     from proxyless_ray.search_state import TrainingDiverged
 
     seen: list[BaseException] = []
@@ -298,8 +299,9 @@ def raise_train_error(err: BaseException) -> None:
         if not isinstance(e, BaseException) or any(e is s for s in seen):
             continue
         seen.append(e)
-        if isinstance(e, TrainingDiverged):
-            raise TrainingDiverged(str(e).strip().splitlines()[-1].split("TrainingDiverged: ")[-1]) from None
+        for kind in (TrainingDiverged, DamagedShard):
+            if isinstance(e, kind):
+                raise kind(str(e).strip().splitlines()[-1].split(f"{kind.__name__}: ")[-1]) from None
         failures = getattr(e, "worker_failures", None)
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None),
                  *(failures.values() if isinstance(failures, dict) else [])]
