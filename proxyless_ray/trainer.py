@@ -16,7 +16,7 @@ from proxyless_ray.arch import umask_mode
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
-from proxyless_ray.results import check_writable, write_search_outputs
+from proxyless_ray.results import check_writable, interrupted, write_search_outputs
 from proxyless_ray.train_loop import SearchLoop
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -127,7 +127,10 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
         shutil.rmtree(os.path.join(out, CHECKPOINTS_DIR))  # a fresh run does not mix with an old one
         reporter.latest = None
     with tracking.active():  # MLflow parent + child runs; marked FAILED if anything below raises
-        loop.run()
+        try:
+            loop.run()
+        except KeyboardInterrupt:
+            raise interrupted(out, reporter.latest) from None
         if reporter.latest is None:
             raise RuntimeError("the search finished without a final checkpoint")
         result = write_search_outputs(exp, reporter.latest, out, model, others)

@@ -319,3 +319,71 @@ def test_read_only_commands_never_create_a_store(case, capsys):
                          "tracking.enabled=true", "--tracking-uri", f"sqlite:///{missing}")
     assert code == 2 and "nowhere.db" in line and not missing.exists()
 
+# -- interrupts --------------------------------------------------------------------------------------------------
+
+
+@requires_fmnist
+@pytest.mark.parametrize("after_checkpoint", [True, False])
+def test_ctrl_c_says_where_to_resume_from(case, capsys, monkeypatch, after_checkpoint):
+    """A real SIGINT to this process during the in-process search, after or before the first checkpoint."""
+    import signal
+
+    from proxyless_ray.trainer import LocalReporter
+
+    tmp, exp = case
+    original = LocalReporter.__call__
+
+    def report_then_sigint(self, metrics, checkpoint_dir):
+        if after_checkpoint:
+            original(self, metrics, checkpoint_dir)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(LocalReporter, "__call__", report_then_sigint)
+    code, line = main(["search", str(exp)]), capsys.readouterr().err
+    out = tmp / "runs" / "tiny"
+    assert code == 130
+    lines = [x for x in line.splitlines() if "interrupted" in x]
+    assert len(lines) == 1 and "SIGINT" in lines[0] and f"proxyless-ray search {exp} --resume" in lines[0]
+    if after_checkpoint:
+        assert str(out / "checkpoints" / "epoch-0001") in lines[0]
+    else:
+        assert "starts from scratch" in lines[0]
+    assert (out / "INCOMPLETE").exists() and not (out / "arch.json").exists()
+    monkeypatch.setattr(LocalReporter, "__call__", original)
+    assert main(["search", str(exp), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert ("resuming from" if after_checkpoint else "starting from scratch") in err
+    assert (out / "arch.json").exists() and not (out / "INCOMPLETE").exists()
+
+
+@requires_fmnist
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ctrl_c_to_a_ray_search_process_group(tmp_path):
+    """Ctrl-C at a terminal reaches the whole process group; Ray Train's own handler would exit 1 saying nothing."""
+    import signal
+    import subprocess
+    import sys
+
+    d = tiny_experiment(tmp_path, train={"epochs": 6}, dist={"workers": 1}).to_dict()
+    exp = tmp_path / "e.yaml"
+    exp.write_text("# t\n" + yaml.safe_dump(d))
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", "search", str(exp)], stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True, cwd=tmp_path)
+    try:
+        for line in proc.stderr:
+            if "epoch   1 " in line:  # the controller's line for epoch 1: its checkpoint is committed
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = [x for x in rest.splitlines() if "interrupted" in x]
+    assert code == 130 and len(last) == 1, rest[-2000:]
+    assert "checkpoint_" in last[0] and "--resume" in last[0] and "SIGINT" in last[0]
+    assert (tmp_path / "runs" / "tiny" / "INCOMPLETE").exists()
+    assert not (tmp_path / "runs" / "tiny" / "arch.json").exists()
