@@ -317,13 +317,13 @@ def latest_ray_checkpoint(run_dir: str) -> str | None:
 
 
 def raise_train_error(err: BaseException) -> None:
-    """Re-raise a Ray Train run's error; a worker's diverged loss or damaged shard as the one-line error it is.
+    """Re-raise a Ray Train run's error; a worker's diverged loss, damaged shard or checkpoint as a one-line error.
 
     A worker's exception comes back wrapped (a ``RayTaskError`` subclass of the original type, inside Train's
     failure); a diverged loss is an input problem (a learning rate too high) that the CLI reports in one line.
     """
     from proxyless_ray.data.parquet import DamagedShard
-    from proxyless_ray.search_state import TrainingDiverged
+    from proxyless_ray.search_state import DamagedCheckpoint, TrainingDiverged
 
     seen: list[BaseException] = []
     todo: list[BaseException] = [err]
@@ -332,7 +332,7 @@ def raise_train_error(err: BaseException) -> None:
         if not isinstance(e, BaseException) or any(e is s for s in seen):
             continue
         seen.append(e)
-        for kind in (TrainingDiverged, DamagedShard):
+        for kind in (TrainingDiverged, DamagedShard, DamagedCheckpoint):
             if isinstance(e, kind):
                 raise kind(str(e).strip().splitlines()[-1].split(f"{kind.__name__}: ")[-1]) from None
         failures = getattr(e, "worker_failures", None)

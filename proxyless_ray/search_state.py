@@ -27,6 +27,10 @@ META_FILE = "meta.json"
 DERIVED_DIR = "derived"  # final checkpoint only: the derived network (arch.json + state_dict.pt)
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's ``state.pt`` or ``meta.json`` cannot be loaded (truncated, foreign, or holding pickles)."""
+
+
 @dataclass
 class SearchState:
     """Supernet, optimizers and counters of a running search."""
@@ -120,14 +124,20 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
     Raises:
         ValueError: the checkpoint comes from a different search space.
     """
-    meta = read_meta(folder)
+    try:
+        meta = read_meta(folder)
+    except ValueError as err:
+        raise DamagedCheckpoint(str(err)) from None
     want = exp.space.fingerprint()
     if meta.get("space_fingerprint") != want:
         raise ValueError(
             f"checkpoint {folder!r} was written for search space {meta.get('space_fingerprint')!r}, but this "
             f"experiment's space is {want!r}; refusing to load it (start a new run or use the matching experiment)"
         )
-    payload = load_tensors(os.path.join(folder, STATE_FILE))
+    try:
+        payload = load_tensors(os.path.join(folder, STATE_FILE))
+    except ValueError as err:
+        raise DamagedCheckpoint(f"{err}; delete that checkpoint folder to resume from the one before it") from None
     state.net.load_state_dict(payload["model"])
     if weights_only:
         return state

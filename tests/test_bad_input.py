@@ -307,6 +307,18 @@ def test_train_checks_the_tracking_store_before_training(case, capsys):
     assert not (tmp / "runs").exists()
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+def test_read_only_sqlite_file_is_refused_before_training(case):
+    from proxyless_ray.tracking_store import TrackingUnavailable, check_reachable
+
+    tmp, _ = case
+    db = tmp / "ro.db"
+    db.write_bytes(b"SQLite format 3\x00" + bytes(100))
+    os.chmod(db, 0o444)
+    with pytest.raises(TrackingUnavailable, match="ro.db.*read-only|read-only.*ro.db"):
+        check_reachable(f"sqlite:///{db}")
+
+
 def test_read_only_commands_never_create_a_store(case, capsys):
     tmp, exp = case
     missing = tmp / "nowhere.db"
