@@ -234,8 +234,8 @@ def _check_ranges(exp: Experiment) -> None:
             check_range(key, v, interval)
     for hw, targets in exp.sweep.targets_ms.items():
         for v in targets if isinstance(targets, (list, tuple)) else [targets]:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"sweep.targets_ms.{hw} must be a list of numbers > 0, got {targets!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):  # > 0: sweep_grid
+                raise ValueError(f"sweep.targets_ms.{hw} must be a list of finite numbers, got {targets!r}")
 
 
 def _shown(section: str, name: str) -> str:

@@ -74,3 +74,25 @@ def test_missing_and_malformed_files(tmp_path):
     p = write(tmp_path, "!!python/object/apply:os.system ['true']\n")
     with pytest.raises(ValueError):  # safe_load refuses arbitrary objects
         load_experiment(p)
+
+
+def test_every_numeric_field_has_a_range():
+    """A new numeric field needs an entry in RANGES (or a check of its own in validate / SearchSpace)."""
+    from dataclasses import fields
+
+    from proxyless_ray.config import _SECTIONS, RANGES, Experiment
+
+    checked_elsewhere = {"latency.lam", "latency.ref_ms", "latency.target_ms", "latency.beta", "space.widths",
+                         "space.depths", "space.strides", "space.kernel_sizes", "space.exp_ratios",
+                         "space.feature_mix_chs", "sweep.betas", "sweep.targets_ms"}
+    exp = Experiment()
+    missing = []
+    for section in _SECTIONS:
+        for f in fields(getattr(exp, section)):
+            value = getattr(getattr(exp, section), f.name)
+            sample = next(iter(value.values() if isinstance(value, dict) else value), 0.0) \
+                if isinstance(value, (tuple, dict)) else value
+            numeric = "float" in str(f.type) or "int" in str(f.type)
+            if numeric and not isinstance(sample, bool) and f"{section}.{f.name}" not in RANGES:
+                missing.append(f"{section}.{f.name}")
+    assert sorted(set(missing) - checked_elsewhere) == []
