@@ -134,7 +134,12 @@ class RetrainLoop:
         torch.manual_seed(exp.train.seed)
         self.net = ProxylessNet(arch).to(self.device)
         if state_dict is not None:
-            self.net.load_state_dict(state_dict)
+            try:
+                self.net.load_state_dict(state_dict)
+            except RuntimeError as err:
+                reason = str(err).splitlines()[0].rstrip(":. \t")
+                raise ValueError(f"the weights that come with {arch.name or 'the architecture'} do not fit it "
+                                 f"({reason})") from None
         comm.broadcast_([p.data for p in self.net.parameters()])
         self.cl = exp.train.channels_last
         if self.cl:
