@@ -167,6 +167,12 @@ def test_network_folder_with_a_pickle_is_refused(case, capsys):
     (net / "state_dict.pt").write_bytes(b"PK\x03\x04 truncated")
     code, line = run_cli(capsys, "train", "--arch", net, exp, "--finetune", "--epochs", "1")
     assert code == 2 and "state_dict.pt" in line and "truncated" in line
+    # weights of another network
+    other = Arch("conv_k3_c16_s2", (("mb_k3_e1_c16_s1",),), None, 10, 28, 1)
+    torch.save(ProxylessNet(other).state_dict(), net / "state_dict.pt")
+    code, line = run_cli(capsys, "train", "--arch", net, exp, "--finetune", "--epochs", "1")
+    assert code == 2 and "do not fit" in line
+    assert not (tmp / "runs").exists()
 
 
 @requires_fmnist
