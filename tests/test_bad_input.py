@@ -93,6 +93,31 @@ def test_python_tag_in_an_override_runs_nothing(case, capsys):
     assert files_under(tmp) == {"e.yaml"}
 
 
+def test_cases_that_already_held(case, capsys):
+    """A python tag in the file, an unreachable tracking server, a closed Ray port: still one line, nothing written."""
+    tmp, exp = case
+    (tmp / "tag.yaml").write_text(f"train: !!python/object/apply:os.system ['touch {tmp}/x']\n")
+    code, line = run_cli(capsys, "search", tmp / "tag.yaml")
+    assert code == 2 and "tag.yaml" in line
+    code, line = run_cli(capsys, "search", exp, "--set", "tracking.enabled=true", "--tracking-uri",
+                         "http://127.0.0.1:9")
+    assert code == 2 and "http://127.0.0.1:9" in line
+    code, line = run_cli(capsys, "search", exp, "--workers", "1", "--address", "127.0.0.1:9")
+    assert code == 2 and "127.0.0.1:9" in line
+    assert files_under(tmp) == {"e.yaml", "tag.yaml"}
+
+
+@requires_fmnist
+def test_foreign_checkpoint_is_refused(case, capsys):
+    tmp, exp_path = case
+    exp = load_experiment(exp_path)
+    other = load_experiment(exp_path, ["space.kernel_sizes=[3]"])
+    save_checkpoint(new_state(other), str(tmp / "runs" / exp.name / "checkpoints" / "epoch-0001"), other)
+    code, line = run_cli(capsys, "search", exp_path, "--resume")
+    assert code == 2 and "epoch-0001" in line and "search space" in line
+    assert not (tmp / "runs" / exp.name / "arch.json").exists()
+
+
 def test_path_flags_stay_strings(case):
     _, exp = case
     args = build_parser().parse_args(["search", str(exp), "--out", "123", "--data", "7"])
