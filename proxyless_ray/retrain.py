@@ -81,7 +81,7 @@ def _from_path(path: str, label: str) -> ArchSource:
     if os.path.isdir(path):
         from proxyless_ray.tracking_registry import network_files
 
-        path = network_files(path) or path  # an MLflow model folder keeps them under extra_files/
+        path = network_files(path) or path  # a run's artifacts keep them under network/
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     arch_path = os.path.join(path, "arch.json") if os.path.isdir(path) else path
     if not os.path.exists(arch_path):

@@ -270,14 +270,30 @@ def test_registered_model_with_a_pickle_runs_nothing(case, capsys):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
     # the model's files went beside the store, not into ./mlruns of the working folder
     stored = files_under(tmp / "store" / "mlruns")
-    assert any(f.endswith("extra_files/state_dict.pt") for f in stored) and not (tmp / "mlruns").exists()
-    # plant pickles where the weights and MLflow's own model file are
+    assert any(f.endswith("/state_dict.pt") for f in stored) and not (tmp / "mlruns").exists()
+    # plant pickles where the weights and the exported program are
     for rel in stored:
-        if rel.endswith(("extra_files/state_dict.pt", "data/model.pt2")):
+        if rel.endswith(("/state_dict.pt", "/model.pt2")):
             plant_pickle(tmp / "store" / "mlruns" / rel, tmp / "pwned")
     code, line = run_cli(capsys, "train", "--arch", model_uri, exp, "--set", "tracking.enabled=true",
                          "--tracking-uri", uri, "--epochs", "1", "--finetune")
     assert code == 2 and "state_dict.pt" in line and "pickled Python objects" in line
+    assert not (tmp / "pwned").exists() and not (tmp / "runs").exists()
+    # the reproduction: a version logged in MLflow's pickle format, its data/model.pth replaced
+    import mlflow.pytorch
+
+    from proxyless_ray.tracking_registry import _fluent_uri
+
+    with _fluent_uri(uri):
+        info = mlflow.pytorch.log_model(net, name="model", run_id=run_id, serialization_format="pickle",
+                                        pip_requirements=["torch"], registered_model_name="proxyless-old")
+    planted = [rel for rel in files_under(tmp) if rel.endswith("data/model.pth")]
+    assert planted
+    for rel in planted:
+        plant_pickle(tmp / rel, tmp / "pwned")
+    code, line = run_cli(capsys, "train", "--arch", f"models:/proxyless-old/{info.registered_model_version}", exp,
+                         "--set", "tracking.enabled=true", "--tracking-uri", uri, "--epochs", "1")
+    assert code == 2 and "proxyless-old" in line and "pickle format" in line
     assert not (tmp / "pwned").exists() and not (tmp / "runs").exists()
 
 
