@@ -88,6 +88,9 @@ class Profile:
         for k in ("batch_size", "threads"):
             if not isinstance(md[k], int) or isinstance(md[k], bool) or md[k] < 1:
                 raise ValueError(f"{src}: metadata {k} must be an integer >= 1, got {md[k]!r}")
+        if "fingerprint" in md and not isinstance(md["fingerprint"], Mapping):
+            raise ValueError(f"{src}: metadata fingerprint must be a mapping (see hardware_profiles/README.md), got "
+                             f"{md['fingerprint']!r}")
         pred_batch = getattr(self.predictor, "batch_size", None)
         if pred_batch is not None and pred_batch != md["batch_size"]:
             raise ValueError(f"{src}: predictor batch_size {pred_batch} differs from metadata batch_size "
