@@ -245,7 +245,7 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     Returns:
         The ``result.json`` content: test top-1, measured and predicted latency, files.
     """
-    from proxyless_ray.latency.model import arch_latency, load_latency_model
+    from proxyless_ray.latency.model import arch_latency, load_latency_model_for
     from proxyless_ray.results import check_writable
 
     tracking_uri = None
@@ -258,7 +258,7 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     if finetune and source.state_dict is None:
         raise ValueError(f"--finetune: {spec!r} comes without weights (no state_dict.pt beside it)")
     build_splits_for(exp, arch)  # shape / data errors before any worker starts
-    model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
     out = os.path.join(exp.output_dir, "retrained", arch.name or "network")
     check_writable(out)
     state = source.state_dict if finetune else None

@@ -199,8 +199,11 @@ def machine_note(profile: Any, here: Mapping[str, Any] | None = None, where: str
 
 
 def check_machine(profile: Any, strict: bool = False, here: Mapping[str, Any] | None = None,
-                  where: str = "this machine", stream: Any = None) -> str | None:
+                  where: str = "this machine", stream: Any = None, unmeasured: bool = True) -> str | None:
     """Warn in one line (on ``stream``, stderr by default) when a measured profile was measured elsewhere.
+
+    ``unmeasured=False`` keeps quiet about analytic and imported profiles (a Ray worker leaves that to the driver,
+    which says it once).
 
     Raises:
         FingerprintMismatch: in ``strict`` mode, when the fingerprints differ (analytic/imported profiles pass:
@@ -210,6 +213,8 @@ def check_machine(profile: Any, strict: bool = False, here: Mapping[str, Any] | 
     if note is None:
         return None
     measured = getattr(profile, "metadata", {}).get("method") == "measured"
+    if not measured and not unmeasured:
+        return None
     if strict and measured:
         raise FingerprintMismatch(f"latency.strict: {note}; re-measure it here (proxyless-ray profile) or "
                                   f"turn strict mode off")
