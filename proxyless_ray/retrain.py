@@ -91,7 +91,8 @@ def _from_path(path: str, label: str) -> ArchSource:
 
 def measure_latency_ms(net: nn.Module, arch: Arch, batch: int = 1, threads: int = 1, min_time_s: float = 1.0,
                        repeats: int = 30) -> dict[str, float]:
-    """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up."""
+    """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up (the median is the
+    statistic ``cpu_local`` profiles record, so the two compare)."""
     tune_allocator()  # as the profiles were measured
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -277,15 +278,42 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
         net, final = _fit_on_ray(exp, arch, state, epochs, lr)
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
     files = export_network(net, os.path.join(out, "network"))
-    measured = measure_latency_ms(net, arch)
+    md = getattr(model, "metadata", None) or {}
+    measured = measure_latency_ms(net, arch, threads=int(md.get("threads", 1)) if md.get("device") == "cpu" else 1)
     predicted = arch_latency(model, arch)[0]
+    compare = latency_comparison(model, predicted, measured)
+    log(f"[train] latency: predicted {predicted:.3f} ms on {model.name}, measured {measured['median_ms']:.3f} ms "
+        f"on this machine's CPU ({measured['threads']} thread(s), median)"
+        + (f", predicted/measured {compare['latency_ratio']:.2f}" if compare["latency_ratio"] is not None
+           else f" ({compare['latency_note']})"))
     result = {"arch": arch.arch_string(), "source": source.label, "finetune": finetune, "test_acc": final["test_acc"],
               "train_acc": final["train_acc"], "epochs": final["epoch"], "profile": model.name,
               "predicted_latency_ms": predicted, "measured_cpu_latency_ms": measured["median_ms"],
-              "measured": measured, "producing_run_id": source.run_id, "files": files}
+              **compare, "measured": measured, "producing_run_id": source.run_id, "files": files}
     atomic_write_text(os.path.join(out, "result.json"), json.dumps(result, indent=2) + "\n")
     result["out_dir"] = out
     return result
+
+
+def latency_comparison(model: Any, predicted_ms: float, measured: dict[str, float]) -> dict[str, Any]:
+    """``latency_ratio`` (predicted / measured here) where the target is this machine's CPU, else ``None`` and a
+    ``latency_note`` saying why the CPU time here says nothing about the target.
+
+    The target is this CPU when it is a measured CPU profile whose fingerprint matches this machine (``cpu_local``
+    always does).
+    """
+    from proxyless_ray.latency.fingerprint import machine_note
+
+    md = getattr(model, "metadata", None) or {}
+    name = getattr(model, "name", "?")
+    if md.get("device") != "cpu":
+        why = (f"{name} is {md.get('device_name', 'a FLOPs count')}: a time measured on this CPU says nothing about "
+               f"that target")
+    elif md.get("method") != "measured" or machine_note(model) is not None:
+        why = f"{name} was not measured on this CPU: the ratio would compare two machines"
+    else:
+        return {"latency_ratio": predicted_ms / measured["median_ms"], "latency_note": None}
+    return {"latency_ratio": None, "latency_note": why}
 
 
 def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[ProxylessNet, dict[str, Any]]:
