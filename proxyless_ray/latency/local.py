@@ -135,7 +135,7 @@ def local_profile(spec: str, space: SearchSpace | None, strict: bool = False, pr
             print(f"[proxyless-ray] {spec}: measuring this CPU ({describe(here)}) for space {space.fingerprint()} "
                   f"in quick mode, once; cached in {path}", file=out, flush=True)
             prof = profile_spaces([space], settings or quick_settings(threads), spec, progress=progress, stream=out)
-            prof.save(path)
+            prof = read_profile(prof.save(path))  # as later uses will read it (entries rounded in the file)
     return replace(prof, name=spec, strict=strict)
 
 
