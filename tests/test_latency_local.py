@@ -316,3 +316,27 @@ def test_demo_table_shows_predicted_and_measured():
     assert "1.200" in cpu and "1.000" in cpu and cpu.split()[-2] == "1.20" and "9.9" not in text
     assert "31.500" in pix and "1.100" in pix and pix.split()[-2] == "1.100"  # no ratio for a mobile target
     assert "measured on this machine's CPU" in text and "says nothing about the target" in text
+
+
+def test_gpu_fingerprint_from_device_properties(tmp_path, monkeypatch):
+    """The CUDA path on logic (no GPU here): name, capability, driver and CUDA come from torch and the driver file."""
+    import types
+
+    import torch
+
+    from proxyless_ray.latency import fingerprint as fpm
+
+    props = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=141 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  Thu Jan 9 2025\n")
+    assert fpm.nvidia_driver(str(driver)) == "570.86.15"
+    assert fpm.nvidia_driver(str(tmp_path / "absent")) == "unknown"
+    real = fpm.nvidia_driver
+    monkeypatch.setattr(fpm, "nvidia_driver", lambda: real(str(driver)))
+    fp = fpm.machine_fingerprint("cuda:0")
+    assert (fp["device"], fp["gpu_name"], fp["compute_capability"], fp["driver"]) == ("gpu", "NVIDIA H200", "9.0",
+                                                                                       "570.86.15")
+    assert fp["cuda"] == str(torch.version.cuda) and fp["torch"] == str(torch.__version__)
+    assert "NVIDIA H200 (driver 570.86.15" in fpm.describe(fp)
+    assert fpm.differences(fp, {**fp, "gpu_name": "NVIDIA A100"}) == ["gpu_name: 'NVIDIA H200' -> 'NVIDIA A100'"]

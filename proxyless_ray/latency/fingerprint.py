@@ -97,10 +97,10 @@ def gpu_fingerprint(device: str = "cuda") -> dict[str, Any]:
     }
 
 
-def nvidia_driver() -> str:
-    """The NVIDIA kernel driver's version (``/proc/driver/nvidia/version``), or ``unknown``."""
+def nvidia_driver(path: str = "/proc/driver/nvidia/version") -> str:
+    """The NVIDIA kernel driver's version (from ``/proc/driver/nvidia/version``), or ``unknown``."""
     try:
-        with open("/proc/driver/nvidia/version") as fh:
+        with open(path) as fh:
             first = fh.readline()
     except OSError:
         return "unknown"
