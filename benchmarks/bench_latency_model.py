@@ -158,7 +158,8 @@ def local_check(n: int, seed: int, threads: int, full: ProfilerSettings, measure
     agree = np.abs(pq - pf) / pf * 100
     q = fit(pq)
     return {
-        "space": "small", "n": n, "threads": threads, "machine": describe(machine_fingerprint("cpu", threads)),
+        "space": "small", "n": n, "threads": threads, "clock": measure.clock,
+        "machine": describe(machine_fingerprint("cpu", threads)),
         "quick_profile_s": round(quick_s, 1), "full_profile_s": round(full_s, 1),
         "quick_settings": {k: v for k, v in vars(quick_settings(threads)).items() if k not in ("device",)},
         "full_settings": {k: v for k, v in vars(full).items() if k not in ("device",)},
@@ -233,15 +234,18 @@ def main() -> None:
     big = ProfilerSettings(threads=threads, warmup=2, repeats=20, min_time_s=2.0, rounds=5, statistic=statistic,
                            clock=clock)
     lt = args.local_threads
-    full_local = ProfilerSettings(threads=lt, warmup=10, repeats=100, min_time_s=2.0, rounds=5, statistic="median")
-    measure_local = ProfilerSettings(threads=lt, warmup=5, repeats=40, min_time_s=1.0, rounds=5, statistic="median")
+    lclock = quick_settings(lt).clock  # the full profile and the networks are timed on the quick profile's clock
+    full_local = ProfilerSettings(threads=lt, warmup=10, repeats=100, min_time_s=2.0, rounds=5, statistic="median",
+                                  clock=lclock)
+    measure_local = ProfilerSettings(threads=lt, warmup=5, repeats=40, min_time_s=1.0, rounds=5, statistic="median",
+                                     clock=lclock)
     n_small, n_big, n_local = args.n_small, args.n_imagenet, args.n_local
     if args.quick:
         n_small, n_big, n_local = 5, 2, 5
         small = ProfilerSettings(threads=threads, warmup=1, repeats=3, min_time_s=0.0, statistic=statistic,
                                  clock=clock)
         big = small
-        full_local = measure_local = ProfilerSettings(threads=lt, warmup=1, repeats=3, min_time_s=0.0)
+        full_local = measure_local = ProfilerSettings(threads=lt, warmup=1, repeats=3, min_time_s=0.0, clock=lclock)
     load_before = os.getloadavg()
     t0 = time.time()
     result = {

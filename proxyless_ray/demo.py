@@ -54,9 +54,11 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
             tracker.log_retrain(res, trial_key=r["trial_id"])
         rows.append({"trial_id": r["trial_id"], "retrained_test_acc": res["test_acc"],
                      "measured_cpu_ms": res["measured_cpu_latency_ms"], "measured_threads": res["measured"]["threads"],
+                     "measured_clock": res["measured"].get("clock", "wall"),
                      "predicted_ms": res["predicted_latency_ms"], "latency_ratio": res["latency_ratio"]})
     return table.merge(pd.DataFrame(rows, columns=["trial_id", "retrained_test_acc", "measured_cpu_ms",
-                                                   "measured_threads", "predicted_ms", "latency_ratio"]),
+                                                   "measured_threads", "measured_clock", "predicted_ms",
+                                                   "latency_ratio"]),
                        on="trial_id", how="left")
 
 
@@ -80,9 +82,12 @@ def format_demo_table(table: pd.DataFrame) -> str:
                          f"{_num(r.get('latency_ratio'), '.2f'):>9}  {r['arch']}")
     if "measured_cpu_ms" in table.columns and table["measured_cpu_ms"].notna().any():
         threads = sorted({int(t) for t in table["measured_threads"].dropna()}) if "measured_threads" in table else []
+        clocks = sorted(set(table["measured_clock"].dropna())) if "measured_clock" in table else []
+        clock = " and ".join("CPU time of the thread" if c == "thread" else "wall clock" for c in clocks)
         lines.append(f"\n* CPU ms: measured on this machine's CPU ({'/'.join(map(str, threads)) or '?'} thread(s), "
-                     f"median of end-to-end runs). For mobile and GPU targets it says nothing about the target; "
-                     f"pred/meas is given only where the target is this CPU (cpu_local).")
+                     f"median of end-to-end runs, {clock or 'wall clock'}, as the target's profile was timed). "
+                     f"For mobile and GPU targets it says nothing about the target; pred/meas is given only where "
+                     f"the target is this CPU (cpu_local).")
     return "\n".join(lines)
 
 

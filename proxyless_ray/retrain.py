@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -90,29 +89,15 @@ def _from_path(path: str, label: str) -> ArchSource:
 
 
 def measure_latency_ms(net: nn.Module, arch: Arch, batch: int = 1, threads: int = 1, min_time_s: float = 1.0,
-                       repeats: int = 30) -> dict[str, float]:
-    """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up (the median is the
-    statistic ``cpu_local`` profiles record, so the two compare)."""
-    tune_allocator()  # as the profiles were measured
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        net = net.eval()
-        x = torch.randn(batch, arch.in_chs, arch.resolution, arch.resolution)
-        samples: list[float] = []
-        with torch.inference_mode():
-            for _ in range(5):
-                net(x)
-            t_end = time.perf_counter() + min_time_s
-            while len(samples) < repeats or time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                net(x)
-                samples.append((time.perf_counter() - t0) * 1000)
-        q = statistics.quantiles(samples, n=4)
-        return {"median_ms": statistics.median(samples), "iqr_ms": q[2] - q[0], "count": len(samples),
-                "threads": threads, "batch": batch}
-    finally:
-        torch.set_num_threads(old)
+                       repeats: int = 30, clock: str = "wall") -> dict[str, float]:
+    """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up, timed as profiles are
+    (tuned allocator, pinned threads; ``clock`` as the target profile's, see
+    :func:`proxyless_ray.latency.check.measure_network`)."""
+    from proxyless_ray.latency.check import measure_network
+
+    m = measure_network(arch, "cpu", threads, batch, "median", min_time_s, repeats, clock=clock, net=net)
+    return {"median_ms": m["ms"], "iqr_ms": m["spread_ms"] * 1.349, "count": m["count"], "threads": threads,
+            "batch": batch, "clock": clock}
 
 
 class RetrainLoop:
@@ -279,11 +264,13 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
     files = export_network(net, os.path.join(out, "network"))
     md = getattr(model, "metadata", None) or {}
-    measured = measure_latency_ms(net, arch, threads=int(md.get("threads", 1)) if md.get("device") == "cpu" else 1)
+    on_cpu = md.get("device") == "cpu"  # time it as the CPU profile was timed; else 1 thread, wall clock
+    measured = measure_latency_ms(net, arch, threads=int(md.get("threads", 1)) if on_cpu else 1,
+                                  clock=str(md.get("clock", "wall")) if on_cpu else "wall")
     predicted = arch_latency(model, arch)[0]
     compare = latency_comparison(model, predicted, measured)
     log(f"[train] latency: predicted {predicted:.3f} ms on {model.name}, measured {measured['median_ms']:.3f} ms "
-        f"on this machine's CPU ({measured['threads']} thread(s), median)"
+        f"on this machine's CPU ({measured['threads']} thread(s), median, {measured['clock']} clock)"
         + (f", predicted/measured {compare['latency_ratio']:.2f}" if compare["latency_ratio"] is not None
            else f" ({compare['latency_note']})"))
     result = {"arch": arch.arch_string(), "source": source.label, "finetune": finetune, "test_acc": final["test_acc"],

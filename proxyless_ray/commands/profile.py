@@ -204,7 +204,8 @@ def _run_check(args: argparse.Namespace, profile: Profile, archs: list[Arch], ou
                                         "ratio": r.ratio, "count": r.count} for r in rows],
                           "calibration": None if fit is None else vars(fit)}, indent=2))
     else:
-        print(f"profile {profile.name} vs this machine: {md.get('statistic', 'median')} of end-to-end runs, "
+        print(f"profile {profile.name} vs this machine: {md.get('statistic', 'median')} of end-to-end runs "
+              f"({md.get('clock', 'wall')} clock), "
               f"{md['threads']} thread(s), batch {md['batch_size']}")
         print(f"{'network':<28} {'predicted ms':>12} {'measured ms':>12} {'pred/meas':>9}")
         for r in rows:

@@ -27,12 +27,13 @@ from proxyless_ray.latency.profiler import check_device, robust_stats
 
 def measure_network(arch: Arch, device: str = "cpu", threads: int = 1, batch_size: int = 1,
                     statistic: str = "median", min_time_s: float = 1.0, repeats: int = 30,
-                    warmup: int = 5) -> dict[str, Any]:
-    """End-to-end forward latency of ``arch`` (random weights, eval mode) on this machine.
+                    warmup: int = 5, clock: str = "wall", net: Any = None) -> dict[str, Any]:
+    """End-to-end forward latency of ``arch`` (``net`` when given, else random weights; eval mode) on this machine.
 
     The allocator is tuned and the thread count pinned as when profiles are measured; on CUDA the stream is
-    synchronised after every run. ``ms`` is ``statistic`` of the runs (:func:`robust_stats`), so it compares with a
-    profile measured with the same statistic.
+    synchronised after every run. ``ms`` is ``statistic`` of the runs (:func:`robust_stats`) on ``clock``
+    (``wall``, or ``thread``: this thread's CPU time, 1 CPU thread only), so it compares with a profile measured
+    the same way.
 
     Returns:
         ``{"ms", "spread_ms", "count", "statistic", "threads", "batch_size", "device"}``.
@@ -43,12 +44,15 @@ def measure_network(arch: Arch, device: str = "cpu", threads: int = 1, batch_siz
     from proxyless_ray.runtime import tune_allocator
 
     check_device(device)
+    if clock == "thread" and (device != "cpu" or threads != 1):
+        raise ValueError(f"clock 'thread' needs device 'cpu' and 1 thread, got {device!r} and {threads}")
+    now = time.thread_time if clock == "thread" else time.perf_counter
     tune_allocator()
     dev = torch.device(device)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        net = ProxylessNet(arch.without_zeros()).to(dev).eval()
+        net = (net if net is not None else ProxylessNet(arch.without_zeros())).to(dev).eval()
         x = torch.randn(batch_size, arch.in_chs, arch.resolution, arch.resolution, device=dev)
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
         samples: list[float] = []
@@ -58,15 +62,15 @@ def measure_network(arch: Arch, device: str = "cpu", threads: int = 1, batch_siz
             sync()
             t_end = time.perf_counter() + min_time_s
             while len(samples) < repeats or time.perf_counter() < t_end:
-                t0 = time.perf_counter()
+                t0 = now()
                 net(x)
                 sync()
-                samples.append((time.perf_counter() - t0) * 1e3)
+                samples.append((now() - t0) * 1e3)
     finally:
         torch.set_num_threads(old)
     ms, spread = robust_stats(samples, statistic)
-    return {"ms": ms, "spread_ms": spread, "count": len(samples), "statistic": statistic, "threads": threads,
-            "batch_size": batch_size, "device": device}
+    return {"ms": ms, "spread_ms": spread, "count": len(samples), "statistic": statistic, "clock": clock,
+            "threads": threads, "batch_size": batch_size, "device": device}
 
 
 def profile_device(profile: Profile) -> str:
@@ -107,14 +111,17 @@ class CheckRow:
 
 def check_profile(profile: Profile, archs: Sequence[Arch], min_time_s: float = 1.0, repeats: int = 30,
                   names: Sequence[str] | None = None) -> list[CheckRow]:
-    """Predict and measure every network of ``archs`` with ``profile``'s device, threads, batch and statistic."""
+    """Predict and measure every network of ``archs`` with ``profile``'s device, threads, batch, statistic and
+    clock."""
     md = profile.metadata
     device = profile_device(profile)
     stat = str(md.get("statistic") or "median")
+    clock = str(md.get("clock") or "wall")
     rows = []
     for i, arch in enumerate(archs):
         predicted = arch_latency(profile, arch)[0]
-        m = measure_network(arch, device, int(md["threads"]), int(md["batch_size"]), stat, min_time_s, repeats)
+        m = measure_network(arch, device, int(md["threads"]), int(md["batch_size"]), stat, min_time_s, repeats,
+                            clock=clock)
         label = (names[i] if names else None) or arch.name or f"arch{i}"
         rows.append(CheckRow(label, predicted, m["ms"], m["spread_ms"], m["count"]))
     return rows
