@@ -194,8 +194,8 @@ def test_profile_quick_fills_the_cache_and_latency_reads_it(cache, tmp_path, cap
                      "--rounds", "1", "--repeats", "3"]) == 0
     assert "cpu_local" in capsys.readouterr().out
     written = read_profile(local.cache_path(cpu_fingerprint(1), TINY, 1))
-    assert written.metadata["statistic"] == "median" and written.metadata["settings"]["warmup"] == local.QUICK[
-        "warmup"]
+    md = written.metadata
+    assert md["statistic"] == "median" and md["settings"]["warmup"] == local.QUICK["warmup"] and md["clock"] == "thread"
     monkeypatch.setattr(local, "profile_spaces", lambda *a, **k: pytest.fail("measured again"))
     arch = tmp_path / "a.json"
     TINY.arch_from_choices([0, 1], name="a").save(arch)

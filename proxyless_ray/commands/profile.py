@@ -61,16 +61,17 @@ def _json_mapping(text: str | None, option: str) -> dict[str, float] | None:
 
 def _settings(args: argparse.Namespace):
     """Profiler settings from the options; ``--quick`` fills every timing option the user did not give."""
-    from proxyless_ray.latency.local import QUICK
+    from proxyless_ray.latency.local import quick_settings
     from proxyless_ray.latency.profiler import ProfilerSettings
 
-    full = {"warmup": 10, "repeats": 30, "min_time_s": 0.1, "rounds": 1, "statistic": "median"}
-    base = QUICK if args.quick else full
+    full = {"warmup": 10, "repeats": 30, "min_time_s": 0.1, "rounds": 1, "statistic": "median", "clock": "wall"}
+    if args.quick:
+        q = quick_settings(args.threads, args.device)
+        full = {k: getattr(q, k) for k in full}
     given = {"warmup": args.warmup, "repeats": args.repeats, "min_time_s": args.min_time, "rounds": args.rounds,
-             "statistic": args.statistic}
-    timing = {k: base[k] if v is None else v for k, v in given.items()}
-    return ProfilerSettings(args.device, args.threads, args.batch_size, context=args.context, clock=args.clock,
-                            **timing)
+             "statistic": args.statistic, "clock": args.clock}
+    timing = {k: full[k] if v is None else v for k, v in given.items()}
+    return ProfilerSettings(args.device, args.threads, args.batch_size, context=args.context, **timing)
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -269,9 +270,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                                               "a drifting, shared machine; default 1)")
     p.add_argument("--context", default="network", choices=("network", "isolated"),
                    help="time layers inside cover networks of the space (default) or each layer alone")
-    p.add_argument("--clock", default="wall", choices=("wall", "thread"),
-                   help="wall clock (default) or the timing thread's CPU time (1 CPU thread only: ignores other "
-                        "processes on a shared machine)")
+    p.add_argument("--clock", choices=("wall", "thread"),
+                   help="wall clock (default; --quick on 1 CPU thread: thread) or the timing thread's CPU time (1 CPU "
+                        "thread only: ignores other processes on a shared machine)")
     p.add_argument("--statistic", help="median (default), min or pNN, e.g. p10 (each the mean "
                                                          "of the 5 %% of runs around it); use min on a shared machine")
     p.add_argument("--ray-resources", help="measure in a Ray actor requesting these resources, e.g. "

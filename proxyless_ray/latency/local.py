@@ -28,12 +28,13 @@ from proxyless_ray.space import SearchSpace
 
 LOCAL_CPU = "cpu_local"
 _LOCAL_RE = re.compile(r"^cpu_local(?:_(\d+)threads?)?$")
-# Quick mode: the median over ~0.2 s of runs per cover network in each of 3 rounds (the full mode shipped
-# profiles use spends 10x that); the median, not the minimum, because networks are then timed by their median.
+# Quick mode: the median over ~0.6 s of runs per cover network in each of 4 rounds (the full mode shipped
+# profiles use spends ~1 s per round, 5 rounds, after twice the warm-up); the median, not the minimum, because
+# networks are then timed by their median.
 # On one thread the clock is the timing thread's CPU time: other processes on the machine (a browser, a second
 # search) then lengthen neither the profile nor the networks checked against it; it equals wall time when the CPU
 # is free. Several threads are timed by the wall clock (CPU time would add the threads up).
-QUICK = {"warmup": 5, "repeats": 20, "min_time_s": 0.6, "rounds": 3, "statistic": "median"}
+QUICK = {"warmup": 5, "repeats": 40, "min_time_s": 2.4, "rounds": 4, "statistic": "median"}
 
 
 def local_threads(spec: str) -> int | None:
