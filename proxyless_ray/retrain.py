@@ -231,6 +231,7 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     Returns:
         The ``result.json`` content: test top-1, measured and predicted latency, files.
     """
+    from proxyless_ray.latency.local import quick_settings
     from proxyless_ray.latency.model import arch_latency, load_latency_model_for
     from proxyless_ray.results import check_writable
 
@@ -264,9 +265,10 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
     files = export_network(net, os.path.join(out, "network"))
     md = getattr(model, "metadata", None) or {}
-    on_cpu = md.get("device") == "cpu"  # time it as the CPU profile was timed; else 1 thread, wall clock
+    # Timed as the CPU profile was timed; for another target as cpu_local times it, so one network gets one figure
+    on_cpu = md.get("device") == "cpu"
     measured = measure_latency_ms(net, arch, threads=int(md.get("threads", 1)) if on_cpu else 1,
-                                  clock=str(md.get("clock", "wall")) if on_cpu else "wall")
+                                  clock=str(md.get("clock", "wall")) if on_cpu else quick_settings(1).clock)
     predicted = arch_latency(model, arch)[0]
     compare = latency_comparison(model, predicted, measured)
     log(f"[train] latency: predicted {predicted:.3f} ms on {model.name}, measured {measured['median_ms']:.3f} ms "
