@@ -218,7 +218,9 @@ def check_machine(profile: Any, strict: bool = False, here: Mapping[str, Any] | 
     if strict and measured:
         raise FingerprintMismatch(f"latency.strict: {note}; re-measure it here (proxyless-ray profile) or "
                                   f"turn strict mode off")
-    print(f"[proxyless-ray] {note}", file=stream or sys.stderr, flush=True)
+    out = stream or sys.stderr
+    out.write(f"[proxyless-ray] {note}\n")  # not print(): Ray Train workers patch it to log each line twice
+    out.flush()
     return note
 
 
