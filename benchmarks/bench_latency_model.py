@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from proxyless_ray.arch import Arch
+from proxyless_ray.latency.check import measure_network
 from proxyless_ray.latency.fingerprint import describe, machine_fingerprint
 from proxyless_ray.latency.local import quick_settings
 from proxyless_ray.latency.model import arch_latency
@@ -138,17 +139,28 @@ def cpu_check(profile_name: str, preset: str, n: int, seed: int, settings: Profi
 def local_check(n: int, seed: int, threads: int, full: ProfilerSettings, measure: ProfilerSettings) -> dict:
     """Quick and full local profiles of the ``small`` space, then ``n`` random networks measured here (medians)."""
     space = space_from_preset("small")
+    rng = random.Random(seed)
+    archs = [space.sample(rng, name=f"small_{i}") for i in range(n)]
+    # A drifting shared machine shifts whole phases: one reference network timed before each phase shows by how much
+    ref = space.sample(random.Random(seed + 1), name="reference")
+    drift = {}
+
+    def reference(phase: str) -> None:
+        drift[phase] = round(measure_network(ref, threads=threads, min_time_s=1.0, clock=measure.clock)["ms"], 3)
+
+    reference("before_quick_profile")
     t0 = time.perf_counter()
     quick = profile_spaces([space], quick_settings(threads), "cpu_local", progress=False)
     quick_s = time.perf_counter() - t0
+    reference("before_full_profile")
     t0 = time.perf_counter()
     fullp = profile_spaces([space], full, "cpu_local_full", progress=False)
     full_s = time.perf_counter() - t0
-    rng = random.Random(seed)
-    archs = [space.sample(rng, name=f"small_{i}") for i in range(n)]
     pq = np.array([arch_latency(quick, a)[0] for a in archs])
     pf = np.array([arch_latency(fullp, a)[0] for a in archs])
+    reference("before_networks")
     med = np.array([m["median_ms"] for m in measure_networks(archs, replace(measure, statistic="median"))])
+    reference("after_networks")
 
     def fit(pred: np.ndarray) -> dict:
         return {"spearman": round(spearman(pred, med), 4),
@@ -167,6 +179,7 @@ def local_check(n: int, seed: int, threads: int, full: ProfilerSettings, measure
         "quick_vs_full_mean_abs_pct": round(float(agree.mean()), 2),
         "quick_vs_full_max_abs_pct": round(float(agree.max()), 2),
         "measured_median_ms_range": [round(float(med.min()), 3), round(float(med.max()), 3)],
+        "reference_network_ms": drift,
         "pass": bool(q["spearman"] >= 0.9 and q["mape_pct"] <= 15.0 and quick_s <= 90 and agree.max() <= 10.0),
         "networks": [{"quick_ms": round(float(a), 3), "full_ms": round(float(b), 3), "median_ms": round(float(c), 3)}
                      for a, b, c in zip(pq, pf, med)],
