@@ -23,7 +23,7 @@ from proxyless_ray.latency.fingerprint import (
     fingerprint_id,
     machine_note,
 )
-from proxyless_ray.latency.profile import Profile, load_profile, profile_from_text, read_profile
+from proxyless_ray.latency.profile import Entry, Profile, load_profile, profile_from_text, read_profile
 from proxyless_ray.latency.profiler import ProfilerSettings, profile_spaces
 from proxyless_ray.space import SearchSpace
 
@@ -73,6 +73,13 @@ def test_fingerprint_compare_names_what_differs():
            "torch_build": "b"}
     assert differences(gpu, {**gpu, "driver": "560.2"}) == ["driver: '550.1' -> '560.2'"]
     assert differences(gpu, here) == ["device: gpu -> cpu"]
+    md = {"device": "gpu", "device_name": "NVIDIA H200", "runtime": "pytorch-eager", "runtime_version": "2.14",
+          "batch_size": 8, "threads": 1, "dtype": "float32", "date": "d", "method": "measured", "source": "s",
+          "fingerprint": gpu}
+    gpu_profile = Profile("h200", md, {"conv_k3_c8_s1@1x8x8": Entry(0.1)})
+    with pytest.MonkeyPatch.context() as mp:  # a CPU-only machine: the GPU profile differs in device
+        mp.setattr("torch.cuda.is_available", lambda: False)
+        assert "device: gpu -> cpu" in machine_note(gpu_profile)
 
 
 def test_measured_profiles_record_the_machine(tiny_profile):

@@ -111,8 +111,14 @@ def nvidia_driver(path: str = "/proc/driver/nvidia/version") -> str:
 
 
 def machine_fingerprint(device: str = "cpu", threads: int = 1) -> dict[str, Any]:
-    """The fingerprint of ``device`` (``cpu``, ``cuda``, ``cuda:N``) on this machine."""
-    return gpu_fingerprint(device) if device.startswith("cuda") else cpu_fingerprint(threads)
+    """The fingerprint of ``device`` (``cpu``, ``cuda``, ``cuda:N``) on this machine; the CPU's when CUDA is asked
+    for on a machine without it (a GPU profile then differs in ``device``)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return gpu_fingerprint(device)
+    return cpu_fingerprint(threads)
 
 
 def fingerprint_id(fp: Mapping[str, Any]) -> str:
