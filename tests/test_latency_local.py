@@ -347,3 +347,12 @@ def test_gpu_fingerprint_from_device_properties(tmp_path, monkeypatch):
     assert fp["cuda"] == str(torch.version.cuda) and fp["torch"] == str(torch.__version__)
     assert "NVIDIA H200 (driver 570.86.15" in fpm.describe(fp)
     assert fpm.differences(fp, {**fp, "gpu_name": "NVIDIA A100"}) == ["gpu_name: 'NVIDIA H200' -> 'NVIDIA A100'"]
+
+
+def test_tracking_names_cpu_local_without_measuring(cache, monkeypatch):
+    from proxyless_ray.tracking_tags import profile_info
+
+    monkeypatch.setattr(local, "profile_spaces", lambda *a, **k: pytest.fail("tagging a run measured the CPU"))
+    info = profile_info("cpu_local_2threads")
+    assert info["hardware"] == "cpu_local_2threads" and info["device"] == "cpu"
+    assert cpu_fingerprint(2)["model"] in info["platform"]
