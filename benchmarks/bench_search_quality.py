@@ -10,9 +10,14 @@ On Fashion-MNIST with the small space and one fixed training budget for every ne
 4. per hardware, the hypervolume (test accuracy up, predicted latency down) of the searched front against the
    random front, under the same reference point; target: searched above random for every hardware;
 5. the cross-hardware matrix: each hardware's searched networks priced on every profile; target: the network
-   searched for a platform is the fastest on that platform among networks of similar accuracy (within 1 point).
+   searched for a platform is the fastest on that platform among networks of similar accuracy (within 1 point);
+6. matched latency: for every searched network, ``--matched`` random architectures whose predicted latency on the
+   same hardware lies within 5 % of it, retrained alike, each network with ``--seeds`` seeds; target per hardware:
+   searched >= mean(random) + 1 std.
 
-Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick]`` (hours on 2 cores without --quick).
+Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick | --reduced]`` (hours on 2 cores without
+either; ``--reduced``: the demo's search at its middle lambda for each hardware, 8 matched random networks, 2 seeds,
+one retraining epoch from scratch on the demo's 6,000 images; with ``--out runs`` it reuses the demo's warm-up).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import tempfile
 import pandas as pd
 
 from proxyless_ray.arch import Arch
-from proxyless_ray.config import Experiment
+from proxyless_ray.config import Experiment, load_experiment
 from proxyless_ray.latency.model import arch_latency, load_latency_model
 from proxyless_ray.pareto import hypervolume_2d, pareto_front_mask
 from proxyless_ray.retrain import run_retrain
@@ -35,14 +40,41 @@ from proxyless_ray.space import SearchSpace
 from proxyless_ray.sweep import run_sweep
 
 HARDWARE = ["cpu_1thread", "pixel1", "v100_roofline"]
+MATCH_TOLERANCE = 0.05
+
+
+def matched_random(space: SearchSpace, model, target_ms: float, n: int, rng: random.Random,
+                   max_draws: int = 200_000) -> list[Arch]:
+    """``n`` random architectures whose predicted latency on ``model`` is within 5 % of ``target_ms``.
+
+    Each draw first picks how likely a layer is to be zero (uniform in [0, 1]), then every layer's candidate, so
+    shallow and deep networks are both reachable; uniform per-layer draws alone rarely land on a front's extremes.
+    """
+    out: list[Arch] = []
+    slots = space.slots()
+    for _ in range(max_draws):
+        p_zero = rng.random()
+        blocks = []
+        for s in slots:
+            real = [c for c in s.candidates if c != "zero"]
+            blocks.append("zero" if s.has_zero and rng.random() < p_zero else rng.choice(real))
+        arch = space.arch_from_blocks(blocks)
+        if abs(arch_latency(model, arch)[0] / target_ms - 1) <= MATCH_TOLERANCE:
+            out.append(arch.without_zeros())
+            if len(out) == n:
+                break
+    return out
 
 
 def base(out: str, quick: bool, epochs: int, train_subset: int = 0, threads: int = 1) -> dict:
+    """The demo's search settings (warm-up, readiness, arch learning rate) with this benchmark's data and budget."""
+    demo = load_experiment("experiments/demo.yaml").to_dict()
+    subset = train_subset or (3000 if quick else 12000)
     return {
         "out_dir": out,
-        "data": {"train_subset": train_subset or (3000 if quick else 12000), "heldout_size": 2000,
-                 "test_subset": 3000 if quick else 0, "batch_size": 64},
-        "train": {"epochs": epochs, "warmup_epochs": 2, "arch_lr": 0.3, "arch_update_every": 2, "threads": threads},
+        "data": {**demo["data"], "train_subset": subset, "warmup_subset": max(demo["data"]["warmup_subset"], subset),
+                 "test_subset": 3000 if quick else 0},
+        "train": {**demo["train"], "epochs": epochs, "threads": threads},
         "dist": {"workers": 0},
         "tracking": {"enabled": False},
     }
@@ -59,6 +91,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=3, help="retraining budget per network")
     parser.add_argument("--random", type=int, default=10)
+    parser.add_argument("--matched", type=int, default=8, help="random networks per searched one, latency within 5 %")
+    parser.add_argument("--seeds", type=int, default=2, help="retraining seeds per network")
+    parser.add_argument("--reduced", action="store_true", help="the setting that fits in 30 minutes on 2 cores")
     parser.add_argument("--out", default=None)
     parser.add_argument("--lambdas", default="", help="comma-separated lambda values (default: 5, or 2 with --quick)")
     parser.add_argument("--train-subset", type=int, default=0, help="training images (default 12000, 3000 quick)")
@@ -67,10 +102,15 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="bench-quality-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     tune_allocator()  # measured latencies under the same allocator as the profiles and the CLI
+    if args.reduced:
+        args.quick, args.epochs, args.random = True, 1, 0
     lambdas = [float(v) for v in args.lambdas.split(",")] if args.lambdas else \
-        [0.03, 1.0] if args.quick else [0.01, 0.1, 0.3, 1.0, 3.0]
+        [0.1] if args.reduced else [0.03, 1.0] if args.quick else [0.01, 0.1, 0.3, 1.0, 3.0]
     search_epochs = args.search_epochs or (1 if args.quick else 4)
     sweep_cfg = base(out, args.quick, 2 + search_epochs, args.train_subset)
+    if args.reduced:  # the demo's search itself (its warm-up cache is reused when --out is the demo's output root)
+        sweep_cfg = {**load_experiment("experiments/demo.yaml").to_dict(), "out_dir": out,
+                     "tracking": {"enabled": False}}
     sweep_cfg.update(name="search", sweep={"hardware": HARDWARE, "lambdas": lambdas, "scheduler": "fifo",
                                            "shared_warmup": True})
     sweep_cfg["dist"] = {"workers": 1}
@@ -86,10 +126,17 @@ def main() -> None:
     mbv2 = space.arch_from_blocks([f"mb_k3_e6_c{s.out_chs}_s{s.stride}" for s in space.slots()], name="mbv2_k3e6")
     nets.append(("baseline", "-", mbv2))
     models = {hw: load_latency_model(hw) for hw in HARDWARE}
+    for _kind, hw, arch in [n for n in nets if n[0] == "searched"]:
+        target = arch_latency(models[hw], arch)[0]
+        for j, m in enumerate(matched_random(space, models[hw], target, args.matched, rng)):
+            nets.append(("matched", hw, Arch(m.stem, m.stages, m.feature_mix, m.num_classes, m.resolution, m.in_chs,
+                                             m.dropout, f"matched-{hw}-{arch.name}-{j}")))
     rows = []
     # retraining runs one network at a time in this process: both cores
-    retrain_exp = Experiment.from_dict({**base(out, args.quick, args.epochs, args.train_subset, threads=2),
-                                        "name": "retrain"})
+    cfg = base(out, args.quick, args.epochs, args.train_subset, threads=2)
+    cfg["train"].update(warmup_epochs=0, ready_acc=0.0)  # plain training from scratch: no warm-up to wait for
+    cfg["data"]["warmup_subset"] = 0
+    retrain_exp = Experiment.from_dict({**cfg, "name": "retrain"})
     for kind, hw, arch in nets:
         name = arch.name or f"{kind}-{len(rows)}"
         path = os.path.join(out, "archs", f"{len(rows):02d}-{name}.json")
@@ -97,9 +144,15 @@ def main() -> None:
         arch = Arch(arch.stem, arch.stages, arch.feature_mix, arch.num_classes, arch.resolution, arch.in_chs,
                     arch.dropout, f"{len(rows):02d}-{name}")
         arch.save(path)
-        res = run_retrain(retrain_exp, path, epochs=args.epochs)
+        accs = []
+        for seed in range(args.seeds):
+            seeded = Experiment.from_dict({**retrain_exp.to_dict(), "train": {**retrain_exp.to_dict()["train"],
+                                                                              "seed": seed}})
+            res = run_retrain(seeded, path, epochs=args.epochs)
+            accs.append(res["test_acc"])
         row = {"kind": kind, "searched_for": hw, "name": arch.name, "arch": arch.arch_string(),
-               "test_acc": res["test_acc"], "measured_cpu_ms": res["measured_cpu_latency_ms"]}
+               "test_acc": sum(accs) / len(accs), "test_acc_seeds": accs,
+               "measured_cpu_ms": res["measured_cpu_latency_ms"]}
         row.update({f"pred_{h}_ms": arch_latency(m, arch)[0] for h, m in models.items()})
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -119,10 +172,21 @@ def main() -> None:
             fastest[hw] = {"searched_net": best["name"].iloc[0], "its_ms": float(best[col].iloc[0]),
                            "fastest_similar": similar.sort_values(col).iloc[0]["name"],
                            "is_fastest": similar.sort_values(col).iloc[0]["name"] == best["name"].iloc[0]}
+    matched = {}
+    for hw in HARDWARE:
+        for _, srow in df[(df["kind"] == "searched") & (df["searched_for"] == hw)].iterrows():
+            rand = df[(df["kind"] == "matched") & df["name"].str.startswith(f"matched-{hw}-{srow['name']}-")]
+            if len(rand) < 2:
+                continue
+            mean, std = float(rand["test_acc"].mean()), float(rand["test_acc"].std())
+            matched.setdefault(hw, []).append({
+                "searched": srow["name"], "searched_acc": float(srow["test_acc"]), "random_mean": mean,
+                "random_std": std, "random_n": len(rand), "margin_in_std": (srow["test_acc"] - mean) / max(std, 1e-9),
+                "searched_beats_mean_plus_std": bool(srow["test_acc"] >= mean + std)})
     cross = {hw: df[(df["kind"] == "searched") & (df["searched_for"] == hw)]
              [[f"pred_{h}_ms" for h in HARDWARE] + ["test_acc"]].mean().to_dict() for hw in HARDWARE}
     print(json.dumps({"benchmark": "search_quality", "retrain_epochs": args.epochs, "networks": rows,
-                      "hypervolume": hv, "fastest_among_similar_accuracy": fastest,
+                      "hypervolume": hv, "fastest_among_similar_accuracy": fastest, "matched_latency": matched,
                       "cross_hardware_mean_predicted_ms": cross, "out": out}, default=float))
 
 

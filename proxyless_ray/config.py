@@ -24,6 +24,9 @@ class DataConfig:
     path: str | None = None  # None: Debian's /usr/share/datasets/fashion-mnist for fashion_mnist
     heldout_size: int = 5000  # images carved from train for architecture steps (deterministic)
     train_subset: int = 0  # use only this many training images (0: all); for quick demos
+    # fashion_mnist: the warm-up epochs read this many training images (a superset of the search's train_subset;
+    # 0: the same split). A sweep's warm-up is paid once for every trial, so it can afford far more data.
+    warmup_subset: int = 0
     test_subset: int = 0  # evaluate on this many test images (0: all)
     batch_size: int = 128  # per worker
     eval_batch_size: int = 512
@@ -40,7 +43,20 @@ class TrainConfig:
     """Search loop (ProxylessNAS defaults unless noted; all tunable)."""
 
     epochs: int = 6  # total epochs, warm-up included
-    warmup_epochs: int = 2  # weights only, alpha frozen, paths sampled uniformly from softmax(alpha)
+    warmup_epochs: int = 2  # weights only, alpha frozen, paths picked by warmup_method
+    # nested: a layer's MBConv candidates share one elastic set of weights (kernels centred in the largest,
+    # expansions as its first channels), so sampled sub-networks learn as fast as one network; separate: the
+    # paper's weights per candidate, which need thousands of steps before sampled paths can be ranked.
+    weight_sharing: str = "nested"
+    warmup_method: str = "uniform"  # uniform | fair | sandwich | largest_first (proxyless_ray.path_sampling)
+    # Architecture steps start only once sampled sub-networks reach this held-out accuracy (0: right after the
+    # warm-up, the paper's schedule). Checked at the end of every warm-up epoch; if it is not met when the warm-up
+    # ends, alpha stays frozen for up to half of the search epochs, then the search decides anyway and says so.
+    ready_acc: float = 0.0
+    ready_samples: int = 4  # random sub-networks whose mean held-out accuracy measures readiness (0: don't measure)
+    # An architecture step whose sampled path is zero still reads the other candidates' gate gradients, so the loss
+    # can argue for keeping a layer that zero would remove (the paper skips such layers; see proxyless_ray.mixed_op).
+    zero_gradient: bool = True
     lr: float = 0.05  # weight SGD, cosine per batch (paper: 0.025 at batch 256 on ImageNet)
     warmup_lr: float = 0.05  # paper: hard-coded lr_max 0.05 for warm-up
     momentum: float = 0.9
@@ -122,6 +138,7 @@ class SweepConfig:
     max_concurrent_trials: int = 0  # 0: from cluster resources
     shared_warmup: bool = True
     retrain_epochs: int = 0  # retrain Pareto-front networks briefly after the sweep (0: skip)
+    retrain_subset: int = 0  # training images of that retraining (0: the search's data.train_subset)
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,8 @@ _SECTIONS = {"space": SearchSpace, "data": DataConfig, "train": TrainConfig, "la
              "dist": DistConfig, "sweep": SweepConfig, "tracking": TrackingConfig}
 _ALIASES = {("latency", "lambda"): "lam"}
 GATE_MODES = ("two", "full_v2", "reinforce")
+WEIGHT_SHARING = ("nested", "separate")
+WARMUP_METHODS = ("uniform", "fair", "sandwich", "largest_first")
 LOSSES = ("add", "mul_log", "none")
 SCHEDULERS = ("fifo", "asha", "pareto")
 
@@ -200,6 +219,30 @@ def validate(exp: Experiment) -> None:
                          f"{d.heldout_size}")
     if exp.dist.workers < 0:
         raise ValueError(f"dist.workers must be >= 0, got {exp.dist.workers}")
+    if t.weight_sharing not in WEIGHT_SHARING:
+        raise ValueError(f"train.weight_sharing {t.weight_sharing!r} is unknown; expected one of "
+                         f"{list(WEIGHT_SHARING)}")
+    if t.warmup_method not in WARMUP_METHODS:
+        raise ValueError(f"train.warmup_method {t.warmup_method!r} is unknown; expected one of "
+                         f"{list(WARMUP_METHODS)}")
+    if not 0 <= t.ready_acc < 1:
+        raise ValueError(f"train.ready_acc must be within [0, 1) (a held-out accuracy; 0: off), got {t.ready_acc}")
+    if t.ready_samples < 0:
+        raise ValueError(f"train.ready_samples must be >= 0, got {t.ready_samples}")
+    if t.ready_acc > 0 and t.ready_samples == 0:
+        raise ValueError("train.ready_acc needs train.ready_samples >= 1 to measure readiness")
+    if t.sync_bn and t.weight_sharing == "nested":
+        raise ValueError("train.sync_bn works with train.weight_sharing: separate only (the nested op's BatchNorm "
+                         "slices its channels, which SyncBatchNorm cannot)")
+    if d.warmup_subset < 0:
+        raise ValueError(f"data.warmup_subset must be >= 0, got {d.warmup_subset}")
+    if d.warmup_subset and d.name != "fashion_mnist":
+        raise ValueError(f"data.warmup_subset applies to fashion_mnist; data.name is {d.name!r}")
+    if d.warmup_subset and d.train_subset and d.warmup_subset < d.train_subset:
+        raise ValueError(f"data.warmup_subset {d.warmup_subset} must be 0 or >= data.train_subset "
+                         f"{d.train_subset} (the warm-up reads a superset of the search's images)")
+    if exp.sweep.retrain_subset < 0:
+        raise ValueError(f"sweep.retrain_subset must be >= 0, got {exp.sweep.retrain_subset}")
     if exp.sweep.scheduler not in SCHEDULERS:
         raise ValueError(f"sweep.scheduler {exp.sweep.scheduler!r} does not exist; expected one of {list(SCHEDULERS)}")
 

@@ -74,6 +74,11 @@ class _SmallMapDepthwise(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """A depthwise conv whose weight gradient is :func:`depthwise_weight_grad` (callers check the map size)."""
+    return _SmallMapDepthwise.apply(x, weight, stride, padding)
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """A depthwise ``nn.Conv2d`` (square kernel, same padding, no bias): the same parameters and state-dict keys.
 
@@ -88,5 +93,5 @@ class DepthwiseConv2d(nn.Conv2d):
         k = self.kernel_size[0]
         if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
                 and x.shape[-2] * x.shape[-1] <= k * k):
-            return _SmallMapDepthwise.apply(x, self.weight, self.stride[0], self.padding[0])
+            return small_map_depthwise(x, self.weight, self.stride[0], self.padding[0])
         return super().forward(x)

@@ -12,8 +12,17 @@ memory. Architecture gradients, chosen by :class:`GateMode` (an argument, never 
 * ``reinforce``: the score-function estimator ``-(R - b) grad log p(path)`` with a moving-average baseline ``b``,
   for rewards that are not differentiable.
 
+Candidate weights (:class:`WeightSharing`): ``separate`` gives every candidate its own weights (the paper);
+``nested`` holds all MBConv candidates of a layer in one :class:`~proxyless_ray.ops.ElasticMBConv` (smaller kernels
+are the centre of the largest, smaller expansions its first channels), so every step trains weights that all
+candidates use. Either way one candidate runs per path.
+
 Zero-op semantics follow the paper's code: when zero is the active path the layer is skipped (the block returns
-its input) and the layer's alpha gets no gradient on that step.
+its input) and the layer's alpha gets no gradient on that step. That makes zero self-reinforcing: the likelier zero
+is, the more often its layer escapes the loss's judgement while the latency term keeps pushing towards it. With
+``zero_gradient`` on, an architecture step whose active path is zero still reads the other sampled candidates'
+gate gradients (their outputs, run without a graph, times the gradient at the layer's output), so the loss can argue
+for keeping the layer; the forward output is unchanged (the zero path's, plus the shortcut).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import torch
 from torch import nn
 
 from proxyless_ray.arch import ZERO, parse_block
-from proxyless_ray.ops import build_op
+from proxyless_ray.ops import CandidateView, ElasticMBConv, build_op
 
 
 class GateMode(str, Enum):
@@ -35,6 +44,13 @@ class GateMode(str, Enum):
     TWO = "two"
     FULL_V2 = "full_v2"
     REINFORCE = "reinforce"
+
+
+class WeightSharing(str, Enum):
+    """Whether the candidates of a mixed layer hold their own weights or share one elastic set."""
+
+    SEPARATE = "separate"  # the paper: one set of weights per candidate
+    NESTED = "nested"  # Single-Path NAS / Once-for-All: kernels and expansions nested in the largest candidate
 
 
 class Forward(str, Enum):
@@ -52,9 +68,11 @@ class MixedOp(nn.Module):
     Args:
         candidates: Block strings, e.g. from :func:`proxyless_ray.space.candidate_blocks`.
         in_chs: Input channels.
+        sharing: Separate weights per candidate, or all MBConv candidates nested in one elastic op.
     """
 
-    def __init__(self, candidates: Sequence[str], in_chs: int):
+    def __init__(self, candidates: Sequence[str], in_chs: int,
+                 sharing: WeightSharing | str = WeightSharing.SEPARATE):
         super().__init__()
         if len(candidates) < 1:
             raise ValueError("a mixed op needs at least one candidate")
@@ -70,13 +88,27 @@ class MixedOp(nn.Module):
                 f"zero is only allowed where stride is 1 and in_chs == out_chs"
             )
         self.in_chs = in_chs
-        self.ops = nn.ModuleList([build_op(s, in_chs) for s in specs])
+        self.sharing = WeightSharing(sharing)
+        self.elastic: ElasticMBConv | None = None
+        if self.sharing == WeightSharing.NESTED and real:
+            if len({(s.out_chs, s.stride) for s in real}) != 1:
+                raise ValueError(f"nested weight sharing needs candidates of one width and stride, got "
+                                 f"{list(self.candidates)}")
+            self.elastic = ElasticMBConv(in_chs, real[0].out_chs, real[0].stride,
+                                         tuple(sorted({s.kernel_size for s in real})),
+                                         tuple(sorted({s.exp_ratio for s in real})))
+            # views, not modules: the weights live once, in the elastic op
+            self.ops: Sequence = [build_op(s, in_chs) if s.is_zero else CandidateView(self.elastic, s.kernel_size,
+                                                                                       s.exp_ratio) for s in specs]
+        else:
+            self.ops = nn.ModuleList([build_op(s, in_chs) for s in specs])
         self.alpha = nn.Parameter(torch.zeros(len(self.candidates)))
         self.zero_index = self.candidates.index(ZERO) if ZERO in self.candidates else -1
         self.active = 0  # index of the active path
         self.pair: tuple[int, int] = (0, 0)  # (active, inactive) in two mode
         self.pair_alpha_before: tuple[float, float] = (0.0, 0.0)
         self.forward_mode = Forward.SINGLE
+        self.zero_gradient = False  # architecture gradient also when zero is the active path (module docstring)
         self.gates: torch.Tensor | None = None  # binary gates of the last arch forward, with their grad
 
     # -- sampling ----------------------------------------------------------------------------------------------
@@ -112,6 +144,13 @@ class MixedOp(nn.Module):
     def active_is_zero(self) -> bool:
         return self.active == self.zero_index
 
+    @property
+    def skips_layer(self) -> bool:
+        """The block returns its input without running the op (zero active, and no gate gradient wanted)."""
+        if self.forward_mode == Forward.ALL or not self.active_is_zero:
+            return False
+        return self.forward_mode == Forward.SINGLE or not self.zero_gradient
+
     # -- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +179,7 @@ class MixedOp(nn.Module):
 
     def set_alpha_grad_from_gates(self, mode: GateMode) -> None:
         """Turn the gates' gradient into alpha's gradient (BinaryConnect rule); see the module docstring."""
-        if self.active_is_zero or self.gates is None or self.gates.grad is None:
+        if (self.active_is_zero and not self.zero_gradient) or self.gates is None or self.gates.grad is None:
             self.alpha.grad = None  # paper: zero active -> layer skipped, no architecture gradient this step
             self.gates = None
             return

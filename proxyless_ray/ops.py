@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from proxyless_ray.arch import BlockSpec, parse_block
-from proxyless_ray.depthwise import DepthwiseConv2d
+from proxyless_ray.depthwise import DepthwiseConv2d, small_map_depthwise
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.1
@@ -117,3 +117,93 @@ def init_weights(model: nn.Module) -> None:
             bound = 1.0 / m.weight.size(1) ** 0.5
             nn.init.uniform_(m.weight, -bound, bound)
             nn.init.zeros_(m.bias)
+
+
+class ElasticBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the first ``C`` channels of its input, ``C`` taken from the input: one set of statistics and
+    affine parameters shared by every expansion ratio of an :class:`ElasticMBConv` (Once-for-All's elastic width)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if c == self.num_features:
+            return super().forward(x)
+        training = self.training or self.running_mean is None
+        # slices of the 1-D buffers are views, so the running-statistics update lands in the shared buffers
+        return nn.functional.batch_norm(x, self.running_mean[:c], self.running_var[:c], self.weight[:c],
+                                        self.bias[:c], training, self.momentum, self.eps)
+
+
+class ElasticMBConv(nn.Module):
+    """Every MBConv candidate of one mixed layer in one set of weights (Single-Path NAS's superkernel,
+    https://arxiv.org/abs/1904.02877; Once-for-All's elastic kernel and width, https://arxiv.org/abs/1908.09791).
+
+    A ``k x k`` kernel is the centre of the largest kernel and expansion ``e`` uses the first ``in_chs * e``
+    channels of the largest expansion, so a weight step on any candidate also trains the weights the others
+    share: sampled sub-networks become good in as many steps as one network, where separate weights per candidate
+    need thousands of steps before sampled paths mean anything. A step still runs one candidate.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, kernel_sizes: tuple[int, ...],
+                 exp_ratios: tuple[int, ...]):
+        super().__init__()
+        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
+        self.max_kernel, self.max_exp = max(kernel_sizes), max(exp_ratios)
+        mid = in_chs * self.max_exp
+        self.expand_conv = nn.Conv2d(in_chs, mid, 1, bias=False)
+        self.expand_bn = ElasticBatchNorm2d(mid, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.depthwise_conv = nn.Conv2d(mid, mid, self.max_kernel, stride, self.max_kernel // 2, groups=mid,
+                                        bias=False)
+        self.depthwise_bn = ElasticBatchNorm2d(mid, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.project_conv = nn.Conv2d(mid, out_chs, 1, bias=False)
+        self.project_bn = nn.BatchNorm2d(out_chs, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+    def depthwise_weight(self, kernel_size: int, mid: int) -> torch.Tensor:
+        lo = (self.max_kernel - kernel_size) // 2
+        return self.depthwise_conv.weight[:mid, :, lo:lo + kernel_size, lo:lo + kernel_size]
+
+    def forward(self, x: torch.Tensor, kernel_size: int, exp_ratio: int) -> torch.Tensor:
+        mid = self.in_chs * exp_ratio
+        if exp_ratio != 1:
+            x = nn.functional.relu6(self.expand_bn(nn.functional.conv2d(x, self.expand_conv.weight[:mid])))
+        w = self.depthwise_weight(kernel_size, mid)
+        pad = kernel_size // 2
+        if x.device.type == "cpu" and torch.is_grad_enabled() and w.requires_grad and \
+                x.shape[-2] * x.shape[-1] <= kernel_size * kernel_size:
+            x = small_map_depthwise(x, w, self.stride, pad)
+        else:
+            x = nn.functional.conv2d(x, w, None, self.stride, pad, 1, mid)
+        x = nn.functional.relu6(self.depthwise_bn(x))
+        return self.project_bn(nn.functional.conv2d(x, self.project_conv.weight[:, :mid]))
+
+    def candidate_state_dict(self, kernel_size: int, exp_ratio: int) -> dict[str, torch.Tensor]:
+        """The weights of one candidate under :class:`MBConv`'s state-dict keys (a standalone copy)."""
+        mid = self.in_chs * exp_ratio
+        out: dict[str, torch.Tensor] = {}
+
+        def bn(prefix: str, m: nn.BatchNorm2d, c: int) -> None:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                out[f"{prefix}.{name}"] = getattr(m, name)[:c]
+            out[f"{prefix}.num_batches_tracked"] = m.num_batches_tracked
+
+        if exp_ratio != 1:
+            out["expand.0.weight"] = self.expand_conv.weight[:mid]
+            bn("expand.1", self.expand_bn, mid)
+        out["depthwise.0.weight"] = self.depthwise_weight(kernel_size, mid)
+        bn("depthwise.1", self.depthwise_bn, mid)
+        out["project.0.weight"] = self.project_conv.weight[:, :mid]
+        bn("project.1", self.project_bn, self.out_chs)
+        return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+class CandidateView:
+    """One candidate of an :class:`ElasticMBConv`, callable like the op it stands for (not a module: its weights
+    belong to the elastic op, so they appear once in the supernet's parameters and state dict)."""
+
+    def __init__(self, elastic: ElasticMBConv, kernel_size: int, exp_ratio: int):
+        self.elastic, self.kernel_size, self.exp_ratio = elastic, kernel_size, exp_ratio
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.elastic(x, self.kernel_size, self.exp_ratio)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.elastic.candidate_state_dict(self.kernel_size, self.exp_ratio)

@@ -53,7 +53,9 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
     paths = export_network(net, os.path.join(out_dir, "network"))
     accuracies = {"test_acc": last.get("test_acc"),
                   "inherited_test_acc": last.get("inherited_test_acc"),  # before the optional fine-tune
-                  "finetune_epochs": exp.train.finetune_epochs, "heldout_acc": last.get("heldout_acc")}
+                  "finetune_epochs": exp.train.finetune_epochs, "heldout_acc": last.get("heldout_acc"),
+                  # how trained the supernet was when alpha started to learn (train.ready_acc)
+                  "ready_subnet_acc": last.get("ready_subnet_acc"), "supernet_ready": last.get("supernet_ready")}
     arch_meta = {"space": exp.space.fingerprint(), "profile": model.name, "latency_ms": total, **accuracies}
     derived = dataclasses.replace(arch, name=exp.name, meta={**arch.meta, **arch_meta})
     derived.save(os.path.join(out_dir, "arch.json"))

@@ -45,7 +45,8 @@ class SearchState:
 def new_state(exp: Experiment, device: torch.device | str = "cpu") -> SearchState:
     """A fresh supernet (seeded) with the paper's optimizers."""
     torch.manual_seed(exp.train.seed)
-    net = SuperNet(exp.space, alpha_init_std=exp.train.alpha_init_std).to(device)
+    net = SuperNet(exp.space, alpha_init_std=exp.train.alpha_init_std,
+                   weight_sharing=exp.train.weight_sharing).to(device)
     t = exp.train
     # No weight decay on BN and biases, as the original code does with `no_decay_keys`.
     decay, no_decay = [], []
@@ -84,6 +85,7 @@ def save_checkpoint(state: SearchState, folder: str, exp: Experiment) -> str:
     os.replace(tmp, os.path.join(folder, STATE_FILE))
     meta = {
         "space_fingerprint": exp.space.fingerprint(),
+        "weight_sharing": state.net.weight_sharing.value,
         "epoch": state.epoch,
         "step": state.step,
         "history": state.history,
@@ -120,6 +122,12 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
         raise ValueError(
             f"checkpoint {folder!r} was written for search space {meta.get('space_fingerprint')!r}, but this "
             f"experiment's space is {want!r}; refusing to load it (start a new run or use the matching experiment)"
+        )
+    sharing = meta.get("weight_sharing", "separate")  # checkpoints from before nested weights had separate ones
+    if sharing != state.net.weight_sharing.value:
+        raise ValueError(
+            f"checkpoint {folder!r} holds a supernet with {sharing!r} weights, but this experiment's "
+            f"train.weight_sharing is {state.net.weight_sharing.value!r}; set train.weight_sharing: {sharing} to use it"
         )
     payload = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
     state.net.load_state_dict(payload["model"])

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from proxyless_ray.arch import Arch, parse_block
-from proxyless_ray.mixed_op import Forward, GateMode, MixedOp
+from proxyless_ray.mixed_op import Forward, GateMode, MixedOp, WeightSharing
 from proxyless_ray.ops import Classifier, ConvBNAct, ResidualBlock, init_weights
 from proxyless_ray.space import SearchSpace
 
@@ -22,14 +22,15 @@ from proxyless_ray.space import SearchSpace
 class MixedBlock(nn.Module):
     """A mixed op with the identity shortcut where the layer keeps its shape (the paper's residual block)."""
 
-    def __init__(self, candidates: tuple[str, ...], in_chs: int, out_chs: int, stride: int):
+    def __init__(self, candidates: tuple[str, ...], in_chs: int, out_chs: int, stride: int,
+                 sharing: WeightSharing | str = WeightSharing.SEPARATE):
         super().__init__()
-        self.mixed = MixedOp(candidates, in_chs)
+        self.mixed = MixedOp(candidates, in_chs, sharing)
         self.shortcut = stride == 1 and in_chs == out_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mixed
-        if m.forward_mode != Forward.ALL and m.active_is_zero:
+        if m.skips_layer:
             return x  # zero op + identity shortcut: the layer is skipped
         out = m(x)
         return out + x if self.shortcut else out
@@ -41,11 +42,14 @@ class SuperNet(nn.Module):
     Args:
         space: The search space.
         alpha_init_std: Std of the normal init of the architecture logits (paper: 1e-3).
+        weight_sharing: Separate weights per candidate (the paper) or nested in one elastic op per layer.
     """
 
-    def __init__(self, space: SearchSpace, alpha_init_std: float = 1e-3):
+    def __init__(self, space: SearchSpace, alpha_init_std: float = 1e-3,
+                 weight_sharing: WeightSharing | str = WeightSharing.SEPARATE):
         super().__init__()
         self.space = space
+        self.weight_sharing = WeightSharing(weight_sharing)
         stem = parse_block(space.stem)
         self.stem = ConvBNAct(stem, space.in_chs)
         chs = stem.out_chs
@@ -54,7 +58,8 @@ class SuperNet(nn.Module):
             self.first = ResidualBlock(space.first_block, chs)
             chs = parse_block(space.first_block).out_chs
         self.slots = space.slots()
-        self.blocks = nn.ModuleList([MixedBlock(s.candidates, s.in_chs, s.out_chs, s.stride) for s in self.slots])
+        self.blocks = nn.ModuleList([MixedBlock(s.candidates, s.in_chs, s.out_chs, s.stride, self.weight_sharing)
+                                     for s in self.slots])
         chs = self.slots[-1].out_chs
         self.feature_mix = nn.Identity()
         if space.feature_mix is not None:

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch
 STRING_TAGS = {"arch": "current_arch", "phase": "phase", "derived_arch": "derived_arch"}  # string metrics -> tags
+# boolean metrics -> "true"/"false" tags: whether alpha started to learn on a supernet that could rank candidates
+BOOL_TAGS = {"supernet_ready": "supernet_ready"}
 SKIP_METRICS = ("rank", "pid")
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
@@ -246,6 +248,8 @@ class Tracker:
                        and not isinstance(v, bool) and k not in SKIP_METRICS}
             tags = {STRING_TAGS[k]: text_value(v, MAX_TAG_LEN) for k, v in metrics.items()
                     if k in STRING_TAGS and isinstance(v, str)}
+            tags.update({BOOL_TAGS[k]: str(v).lower() for k, v in metrics.items()
+                         if k in BOOL_TAGS and isinstance(v, bool)})
             self.log_batch(run_id, metrics=numeric, tags=tags, step=step)
             self._last_step[run_id] = step
         except Exception as err:  # MLflow raises many types; training must go on

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,7 +39,9 @@ from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.mixed_op import GateMode
 from proxyless_ray.network import ProxylessNet
 from proxyless_ray.objective import latency_objective, reward
+from proxyless_ray.path_sampling import StepPaths, uniform_choices, warmup_paths
 from proxyless_ray.progress import Progress
+from proxyless_ray.readiness import readiness_summary, searching
 from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.search_state import (
     DERIVED_DIR,
@@ -54,6 +57,7 @@ from proxyless_ray.search_state import (
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 
 BN_RECALIBRATION_BATCHES = 20
+READY_EVAL_IMAGES = 2000  # held-out images each readiness sub-network is read on
 FINETUNE_LR_SCALE = 0.5  # the derived network's fine-tune starts below the search's peak learning rate
 
 
@@ -96,6 +100,8 @@ class SearchLoop:
                                  "keep the per-worker BatchNorm statistics (train.sync_bn: false)")
             # Safe with path binarization: every rank runs the same sampled path, so the same BN layers sync.
             self.state.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.state.net)
+        for m in self.state.net.mixed_ops():
+            m.zero_gradient = exp.train.zero_gradient
         self.cl = exp.train.channels_last
         if self.cl:
             self.state.net.to(memory_format=torch.channels_last)
@@ -106,14 +112,18 @@ class SearchLoop:
         self.ref_ms = exp.latency.ref_ms or lat0
         self.target_ms = exp.latency.target_ms or lat0
         b = exp.data.batch_size
+        self.warmup_source = self.splits.warmup or self.splits.train
         self.steps_per_epoch = len(shard_batches(len(self.splits.train), b, comm.rank, comm.world, 0, exp.train.seed,
                                                  max_steps=exp.train.max_steps_per_epoch))
+        self.warmup_steps_per_epoch = len(shard_batches(len(self.warmup_source), b, comm.rank, comm.world, 0,
+                                                        exp.train.seed, max_steps=exp.train.max_steps_per_epoch))
         if self.steps_per_epoch == 0:
             raise ValueError(f"training split of {len(self.splits.train)} images gives no full batch of "
                              f"{b} x {comm.world} workers; lower data.batch_size")
         self.balancer = BatchBalancer(b * comm.world, comm.world, enabled=exp.dist.balance_batches and comm.active)
         self._heldout_plan: tuple[int, list[torch.Tensor]] = (-1, [])
         self.derived: ProxylessNet | None = None
+        self._frozen_alpha = False  # this epoch's weight steps take warm-up paths (alpha frozen)
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -143,12 +153,14 @@ class SearchLoop:
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         exp, t, st = self.exp, self.exp.train, self.state
-        warm = epoch < t.warmup_epochs
+        warm = not searching(self.state.history, epoch, t, self._say)
+        self._frozen_alpha = warm
+        source = self.warmup_source if epoch < t.warmup_epochs else self.splits.train
         # the global batches; each rank reads its slice of each when it gets there (the balancer moves the bounds)
-        plan = shard_batches(len(self.splits.train), exp.data.batch_size * self.comm.world, 0, 1, epoch, t.seed,
+        plan = shard_batches(len(source), exp.data.batch_size * self.comm.world, 0, 1, epoch, t.seed,
                              max_steps=t.max_steps_per_epoch)
         rank, bal = self.comm.rank, self.balancer
-        batches = iterate(self.splits.train, (chunk[slice(*bal.bounds(rank))] for chunk in plan), train=True,
+        batches = iterate(source, (chunk[slice(*bal.bounds(rank))] for chunk in plan), train=True,
                           seed=t.seed * 10_007 + epoch)
         net = st.net
         net.train()
@@ -188,6 +200,7 @@ class SearchLoop:
             "epoch": epoch + 1,
             "search_epoch": max(0, epoch + 1 - t.warmup_epochs),  # schedulers' clock: rungs count search epochs
             "phase": "warmup" if warm else "search",
+            "searching": not warm,  # architecture steps ran this epoch
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
             "heldout_acc": heldout_acc,
@@ -210,7 +223,30 @@ class SearchLoop:
         }
         for name, model in self.other_models.items():
             metrics[f"latency_{name}_ms"] = SupernetLatency(model, exp.space).of_choices(choices)
+        if warm and t.ready_samples > 0:
+            metrics["subnet_heldout_acc"] = self.subnet_accuracy(epoch)
+            if t.ready_acc > 0:
+                metrics["supernet_ready"] = metrics["subnet_heldout_acc"] >= t.ready_acc
         return metrics
+
+    def _say(self, text: str) -> None:
+        if self.comm.rank == 0:
+            print(f"[search] {text}", file=sys.stderr, flush=True)
+
+    def subnet_accuracy(self, epoch: int, samples: int | None = None) -> float:
+        """Mean held-out accuracy of uniformly sampled sub-networks (inherited weights, own BN statistics): how
+        well the supernet's weights can rank candidates. The draws depend only on the seed and the epoch."""
+        t, data = self.exp.train, self.exp.data
+        n = t.ready_samples if samples is None else samples
+        gen = torch.Generator().manual_seed(t.seed * 7_919 + epoch)
+        max_batches = max(1, READY_EVAL_IMAGES // data.eval_batch_size)
+        accs = []
+        for _ in range(n):
+            choices = uniform_choices(self.state.net.slots, gen)
+            acc, _ = accuracy(self._inherited_child(choices), self.splits.heldout, self.comm, data.eval_batch_size,
+                              max_batches=max_batches, device=self.device, channels_last=self.cl)
+            accs.append(acc)
+        return sum(accs) / max(len(accs), 1)
 
     def weight_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int,
                     data_s: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,11 +265,14 @@ class SearchLoop:
         t, st, net, bal, rank = self.exp.train, self.state, self.state.net, self.balancer, self.comm.rank
         t0 = time.perf_counter()
         self._set_lr(epoch, i)
-        net.sample_single(step_generator(t.seed, epoch, i, 0))
         st.w_opt.zero_grad(set_to_none=True)
-        logits = net(x)
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-        loss.backward()
+        if self._frozen_alpha:
+            loss, logits = self._train_paths(x, y, self._warmup_paths(epoch, i))
+        else:
+            net.sample_single(step_generator(t.seed, epoch, i, 0))
+            logits = net(x)
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+            loss.backward()
         # the optimizer's parameters are the weights: no walk over the supernet's modules (2 ms) on every step
         weights = [p for group in st.w_opt.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in weights]
@@ -249,6 +288,33 @@ class SearchLoop:
         st.w_opt.step()
         st.step += 1
         return loss, logits
+
+    def _warmup_paths(self, epoch: int, i: int) -> StepPaths:
+        t = self.exp.train
+        total = max(t.warmup_epochs * self.warmup_steps_per_epoch, 1)
+        progress = (epoch * self.warmup_steps_per_epoch + i) / total if epoch < t.warmup_epochs else 1.0
+        return warmup_paths(t.warmup_method, self.state.net.slots, t.seed, epoch, i, progress)
+
+    def _train_paths(self, x: torch.Tensor, y: torch.Tensor, step: StepPaths) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward each path in turn (one path's activations at a time), gradients summed; with
+        distillation every later path learns the first path's predictions. Returns the first path's loss, logits."""
+        net, smoothing = self.state.net, self.exp.train.label_smoothing
+        first: tuple[torch.Tensor, torch.Tensor] | None = None
+        teacher = None
+        for path in step.paths:
+            net.set_active(list(path))
+            logits = net(x)
+            if first is None:
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
+                first = (loss, logits)
+                if step.distill:
+                    teacher = torch.softmax(logits.detach(), dim=1)
+            elif teacher is not None:
+                loss = -(teacher * torch.log_softmax(logits, dim=1)).sum(1).mean()
+            else:
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
+            loss.backward()
+        return first  # type: ignore[return-value]  # a StepPaths holds at least one path
 
     def _arch_step(self, epoch: int, i: int, k: int) -> float:
         t, st, net = self.exp.train, self.state, self.state.net
@@ -296,7 +362,7 @@ class SearchLoop:
         data, t = self.exp.data, self.exp.train
         inherited_acc, _ = accuracy(child, self.splits.test, self.comm, data.eval_batch_size, device=self.device,
                                     channels_last=self.cl)
-        out = {"inherited_test_acc": inherited_acc}
+        out = {"inherited_test_acc": inherited_acc, **readiness_summary(self.state.history, t.ready_acc)}
         if t.finetune_epochs > 0:
             from proxyless_ray.retrain import RetrainLoop
 
@@ -353,7 +419,8 @@ class SearchLoop:
     def _set_lr(self, epoch: int, i: int) -> None:
         t = self.exp.train
         if epoch < t.warmup_epochs:
-            lr = cosine_lr(t.warmup_lr, epoch * self.steps_per_epoch + i, t.warmup_epochs * self.steps_per_epoch)
+            lr = cosine_lr(t.warmup_lr, epoch * self.warmup_steps_per_epoch + i,
+                           t.warmup_epochs * self.warmup_steps_per_epoch)
         else:
             done = (epoch - t.warmup_epochs) * self.steps_per_epoch + i
             lr = cosine_lr(t.lr, done, (t.epochs - t.warmup_epochs) * self.steps_per_epoch)

@@ -29,7 +29,7 @@ def tiny_experiment(tmp_path, **sections) -> Experiment:
         "data": {"train_subset": 256, "heldout_size": 128, "test_subset": 256, "batch_size": 32,
                  "eval_batch_size": 128},
         "train": {"epochs": 2, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
-                  "channels_last": False},
+                  "ready_samples": 1, "channels_last": False},
         "latency": {"profile": "flops"},
         "dist": {"workers": 0, "storage_path": str(tmp_path / "ray_storage")},
         "tracking": {"enabled": False},

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -74,3 +75,25 @@ def test_missing_and_malformed_files(tmp_path):
     p = write(tmp_path, "!!python/object/apply:os.system ['true']\n")
     with pytest.raises(ValueError):  # safe_load refuses arbitrary objects
         load_experiment(p)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.warmup_method=spos", "train.warmup_method 'spos' is unknown; expected one of"),
+    ("train.weight_sharing=shared", "train.weight_sharing 'shared' is unknown"),
+    ("train.ready_acc=1.5", "train.ready_acc must be within"),
+    ("data.warmup_subset=10", "must be 0 or >= data.train_subset"),
+])
+def test_search_quality_settings_are_checked(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_experiment("experiments/fashion_mnist.yaml", [override])
+
+
+def test_cli_refuses_an_unknown_warmup_method_in_one_line_with_the_valid_names(tmp_path, capsys):
+    from proxyless_ray.cli import main
+
+    rc = main(["search", "experiments/demo.yaml", "--set", "train.warmup_method=spos", "--no-tracking",
+               "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "'spos'" in err[0] and "uniform" in err[0] and "sandwich" in err[0]
+    assert not os.listdir(tmp_path)

@@ -136,3 +136,63 @@ def test_zero_op_rejected_on_width_change():
 
     with pytest.raises(ValueError, match="zero op requested"):
         MixedOp(("mb_k3_e3_c16_s1", "zero"), in_chs=8)
+
+
+def test_nested_candidates_are_the_standalone_ops_with_sliced_weights():
+    from proxyless_ray.ops import build_op
+
+    torch.manual_seed(0)
+    cands = ("mb_k3_e3_c8_s1", "mb_k7_e6_c8_s1", "mb_k5_e3_c8_s1", "zero")
+    op = MixedOp(cands, in_chs=8, sharing="nested").train()
+    names = [n for n, _ in op.named_parameters()]
+    assert names[0] == "alpha" and all(n.startswith("elastic.") for n in names[1:])  # the weights live once
+    x = torch.randn(4, 8, 6, 6)
+    for i, c in enumerate(cands[:3]):
+        alone = build_op(c, 8).train()
+        alone.load_state_dict(op.ops[i].state_dict())  # strict: the candidate's weights under MBConv's keys
+        torch.testing.assert_close(alone(x), op.ops[i](x))
+
+
+def test_nested_small_kernel_step_trains_only_the_centre_and_the_first_channels():
+    torch.manual_seed(0)
+    op = MixedOp(("mb_k3_e3_c8_s1", "mb_k7_e6_c8_s1"), in_chs=8, sharing="nested")
+    for x in (torch.randn(2, 8, 6, 6), torch.randn(2, 8, 2, 2)):  # oneDNN path, and the small-map weight gradient
+        op.zero_grad(set_to_none=True)
+        op.active = 0
+        (op(x) * torch.randn(2, 8, *x.shape[-2:])).sum().backward()
+        dw = op.elastic.depthwise_conv.weight.grad  # [48, 1, 7, 7]
+        ring = dw.clone()
+        ring[:, :, 2:5, 2:5] = 0
+        assert ring.abs().sum() == 0 and dw[:24, :, 2:5, 2:5].abs().sum() > 0
+        assert dw[24:].abs().sum() == 0  # expansion 3 uses the first 24 of 48 channels
+        assert op.elastic.project_conv.weight.grad[:, 24:].abs().sum() == 0
+
+
+def test_nested_rejects_candidates_of_different_widths():
+    import pytest
+
+    with pytest.raises(ValueError, match="one width and stride"):
+        MixedOp(("mb_k3_e3_c8_s1", "mb_k3_e3_c16_s1"), in_chs=8, sharing="nested")
+
+
+def test_zero_gradient_lets_the_loss_argue_for_a_layer_that_zero_removes():
+    net = SuperNet(SearchSpace(widths=(8, 8), depths=(2, 1), strides=(1, 1), feature_mix_chs=0))
+    block = [b for b in net.blocks if b.mixed.zero_index >= 0][0]
+    m = block.mixed
+    m.zero_gradient = True
+    x = torch.randn(2, 8, 14, 14, requires_grad=True)
+    w = torch.randn(2, 8, 14, 14)
+    for mode, gate in ((Forward.TWO, GateMode.TWO), (Forward.FULL_V2, GateMode.FULL_V2)):
+        m.alpha.grad = None
+        m.forward_mode = mode
+        m.active, m.pair = m.zero_index, (m.zero_index, 0)
+        out = block(x)
+        torch.testing.assert_close(out, x)  # the forward is still the skipped layer's
+        (out * w).sum().backward()
+        with torch.no_grad():
+            g_other = (m.ops[0](x) * w).sum()  # dL/dg of the other sampled candidate: <o, dL/dout>
+        torch.testing.assert_close(m.gates.grad[0], g_other, rtol=1e-4, atol=1e-4)
+        m.set_alpha_grad_from_gates(gate)
+        assert m.alpha.grad is not None and m.alpha.grad[0] != 0 and m.alpha.grad[m.zero_index] != 0
+    m.forward_mode = Forward.SINGLE  # weight steps and evaluation still skip the layer
+    assert m.skips_layer

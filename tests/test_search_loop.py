@@ -75,6 +75,9 @@ def test_checkpoint_from_other_space_refused(tmp_path):
     other = tiny_experiment(tmp_path, space={"kernel_sizes": [3]})
     with pytest.raises(ValueError, match="written for search space .* refusing to load"):
         load_checkpoint(new_state(other), latest_checkpoint(exp.output_dir), other)
+    separate = tiny_experiment(tmp_path, train={"weight_sharing": "separate"})
+    with pytest.raises(ValueError, match="holds a supernet with 'nested' weights.*weight_sharing: nested"):
+        load_checkpoint(new_state(separate), latest_checkpoint(exp.output_dir), separate)
 
 
 def test_finetune_after_search_is_reported_apart(tmp_path):
@@ -106,3 +109,43 @@ def test_heldout_accuracy_reads_the_derived_network_and_leaves_the_supernet_alon
     stale_bn = [m.running_mean for m in stale.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     own_bn = [m.running_mean for m in child.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert any(not torch.allclose(a, b) for a, b in zip(stale_bn, own_bn))
+
+
+def test_unreachable_readiness_postpones_arch_steps_then_decides_with_a_message(tmp_path, capsys):
+    exp = tiny_experiment(tmp_path, train={"epochs": 4, "warmup_epochs": 1, "ready_acc": 0.99, "ready_samples": 1,
+                                           "arch_lr": 0.05})
+    seen = []
+    loop = SearchLoop(exp, Comm(), lambda m, f: seen.append(m), progress=False)
+    a0 = [a.detach().clone() for a in loop.state.net.arch_parameters()]
+    loop.run(until_epoch=2)
+    assert [m["searching"] for m in seen] == [False, False]  # the warm-up, then one epoch postponed
+    assert all(torch.equal(a, b) for a, b in zip(a0, loop.state.net.arch_parameters()))
+    assert seen[0]["supernet_ready"] is False and 0 <= seen[0]["subnet_heldout_acc"] < 0.99
+    assert "not ready" in capsys.readouterr().err
+    loop.run()
+    assert [m["searching"] for m in seen] == [False, False, True, True]  # half the search epochs, then it decides
+    assert "still not ready after 2 epochs" in capsys.readouterr().err
+    assert seen[-1]["supernet_ready"] is False and seen[-1]["ready_subnet_acc"] == seen[1]["subnet_heldout_acc"]
+
+
+def test_reached_readiness_starts_arch_steps_after_the_warmup(tmp_path):
+    exp = tiny_experiment(tmp_path, train={"epochs": 2, "warmup_epochs": 1, "ready_acc": 0.01, "ready_samples": 2})
+    seen = []
+    SearchLoop(exp, Comm(), lambda m, f: seen.append(m), progress=False).run()
+    assert [m["searching"] for m in seen] == [False, True] and seen[-1]["supernet_ready"] is True
+
+
+@pytest.mark.parametrize("method", ["fair", "sandwich", "largest_first"])
+def test_warmup_methods_train_and_search(tmp_path, method):
+    exp = tiny_experiment(tmp_path, train={"warmup_method": method})
+    result = run_local(exp, echo=False)
+    assert 0.0 <= result["test_acc"] <= 1.0
+
+
+def test_warmup_reads_its_own_larger_subset(tmp_path):
+    exp = tiny_experiment(tmp_path, data={"warmup_subset": 512}, train={"max_steps_per_epoch": 0})
+    loop = SearchLoop(exp, Comm(), lambda m, f: None, progress=False)
+    assert len(loop.warmup_source) == 512 and len(loop.splits.train) == 256
+    assert loop.warmup_steps_per_epoch == 16 and loop.steps_per_epoch == 8
+    # the search's images are a prefix of the warm-up's: the held-out split stays disjoint from both
+    assert torch.equal(loop.warmup_source.images[:256], loop.splits.train.images)

@@ -1,5 +1,6 @@
 """Supernet: derive -> rebuild equivalence, weight inheritance, export round trip."""
 
+import pytest
 import torch
 
 from proxyless_ray.network import ProxylessNet, export_network, load_network
@@ -9,9 +10,9 @@ from proxyless_ray.supernet import SuperNet
 SPACE = SearchSpace(widths=(8, 16), depths=(2, 2), strides=(1, 2), feature_mix_chs=32)
 
 
-def trained_supernet(seed=0, steps=3):
+def trained_supernet(seed=0, steps=3, sharing="separate"):
     torch.manual_seed(seed)
-    net = SuperNet(SPACE)
+    net = SuperNet(SPACE, weight_sharing=sharing)
     with torch.no_grad():
         for a in net.arch_parameters():
             a.normal_(0, 2)
@@ -25,9 +26,10 @@ def trained_supernet(seed=0, steps=3):
     return net
 
 
-def test_rebuilt_network_matches_supernet_with_argmax_gates():
+@pytest.mark.parametrize("sharing", ["separate", "nested"])
+def test_rebuilt_network_matches_supernet_with_argmax_gates(sharing):
     for seed in range(3):
-        net = trained_supernet(seed)
+        net = trained_supernet(seed, sharing=sharing)
         arch = net.derive().without_zeros()
         child = ProxylessNet(arch)
         child.load_state_dict(net.derived_state_dict())  # strict: every key of the child is inherited

@@ -25,7 +25,8 @@ EXPERIMENT = "proxyless-ray"
 
 def _tracked(tmp_path, **tracking):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    return tiny_experiment(tmp_path, tracking={"enabled": True, "uri": uri, **tracking}), uri
+    return tiny_experiment(tmp_path, tracking={"enabled": True, "uri": uri, **tracking},
+                           train={"ready_acc": 0.01, "ready_samples": 1}), uri
 
 
 def _runs(client: MlflowClient) -> list:
@@ -118,6 +119,8 @@ def test_search_makes_one_parent_and_one_child_with_tags_params_and_metrics(sear
     assert tags["lambda"] == "0.1" and tags["dataset"] == "fashion_mnist" and tags["kind"] == "search"
     assert tags["space_fingerprint"] == exp.space.fingerprint()
     assert tags["derived_arch"] == result["arch"]
+    # whether alpha started on a supernet whose sampled sub-networks had reached train.ready_acc
+    assert tags["supernet_ready"] == "true" and child.data.metrics["ready_subnet_acc"] >= 0.01
     params = child.data.params
     assert params["train.epochs"] == "2" and params["latency.profile"] == "flops"
     assert params["space.widths"] == "[8, 16]"

@@ -35,6 +35,7 @@ class Splits:
     resolution: int
     name: str
     stats: dict | None = None  # e.g. skipped corrupt images: {"skipped": 3, "files": [...]}
+    warmup: BatchSource | None = None  # what warm-up epochs read when it differs from train (data.warmup_subset)
 
 
 def iterate(source: BatchSource, batches: Sequence[torch.Tensor], train: bool, seed: int = 0

@@ -101,6 +101,7 @@ def fashion_mnist_splits(data_cfg) -> Splits:
     perm = torch.randperm(len(xs), generator=torch.Generator().manual_seed(data_cfg.seed))
     held = perm[:data_cfg.heldout_size]
     train = perm[data_cfg.heldout_size:]
+    warm = train[:data_cfg.warmup_subset] if data_cfg.warmup_subset else None
     if data_cfg.train_subset:
         train = train[:data_cfg.train_subset]
     if len(train) == 0:
@@ -113,4 +114,5 @@ def fashion_mnist_splits(data_cfg) -> Splits:
         heldout=TensorSource(xs[held], ys[held], MEAN, STD, 0),
         test=TensorSource(xt, yt, MEAN, STD, 0),
         num_classes=10, in_chs=1, resolution=28, name="fashion_mnist",
+        warmup=None if warm is None else TensorSource(xs[warm], ys[warm], MEAN, STD, pad),
     )
