@@ -335,6 +335,7 @@ def test_gpu_fingerprint_from_device_properties(tmp_path, monkeypatch):
 
     props = types.SimpleNamespace(name="NVIDIA H200", major=9, minor=0, total_memory=141 * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     driver = tmp_path / "version"
     driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  Thu Jan 9 2025\n")
     assert fpm.nvidia_driver(str(driver)) == "570.86.15"

@@ -91,10 +91,19 @@ def gpu_fingerprint(device: str = "cuda") -> dict[str, Any]:
         "memory_gib": round(props.total_memory / 2**30, 1),
         "driver": nvidia_driver(),
         "cuda": str(torch.version.cuda),
-        "cudnn": str(torch.backends.cudnn.version()),
+        "cudnn": _cudnn_version(),
         "torch": version,
         "torch_build": build,
     }
+
+
+def _cudnn_version() -> str:
+    import torch
+
+    try:
+        return str(torch.backends.cudnn.version())
+    except (RuntimeError, ValueError):  # a torch build without cuDNN, or one that cannot load it
+        return "unknown"
 
 
 def nvidia_driver(path: str = "/proc/driver/nvidia/version") -> str:
