@@ -275,6 +275,10 @@ class Arch:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown architecture field(s) {unknown}; expected {sorted(known)}")
+        stages = d.get("stages")
+        if not isinstance(stages, list) or not all(isinstance(st, list) and all(isinstance(b, str) for b in st)
+                                                   for st in stages):
+            raise ValueError(f"{source}: 'stages' must be a list of lists of block strings, got {stages!r}")
         try:
             inp = d["input"]
             return cls(
@@ -286,6 +290,10 @@ class Arch:
             raise ValueError(f"{source}: architecture JSON lacks field {err}") from None
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
+        except (TypeError, AttributeError) as err:
+            raise ValueError(f"{source}: a field has the wrong type ({err}); expected 'stages' as a list of lists of "
+                             f"block strings, 'input' as {{resolution, in_chs}} and block strings for 'stem' and "
+                             f"'feature_mix'") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -296,15 +304,22 @@ class Arch:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Arch:
-        """Load our JSON or a published ProxylessNAS network config."""
+        """Load our JSON or a published ProxylessNAS network config (a folder: its ``arch.json``)."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "arch.json")):
+                raise FileNotFoundError(f"{path!r} is a folder without arch.json; expected an architecture JSON file "
+                                        f"or a network folder holding one")
+            path = os.path.join(path, "arch.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"architecture file {path!r} does not exist")
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             try:
                 d = json.load(fh)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}: not a text file; expected an architecture JSON") from None
         return cls.from_dict(d, source=path)
 
 
@@ -353,6 +368,9 @@ def from_proxyless_config(d: dict[str, Any], source: str = "<config>", resolutio
         raise ValueError(f"{source}: ProxylessNAS config lacks field {err}") from None
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
+    except (TypeError, AttributeError) as err:
+        raise ValueError(f"{source}: a field of the ProxylessNAS config has the wrong type ({err}); expected objects "
+                         f"for first_conv, each block's mobile_inverted_conv and classifier") from None
     return Arch(stem, tuple(tuple(s) for s in stages), feature_mix, num_classes, resolution, in_chs, dropout,
                 name=str(d.get("name", "")), meta={"source": "proxylessnas-config"})
 
@@ -367,6 +385,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise PermissionError(f"output folder {folder!r} is not writable")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -374,3 +393,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def umask_mode(folder: bool = False) -> int:
+    """The permissions ``open()`` / ``mkdir()`` give a new file / folder under this process's umask.
+
+    ``mkstemp`` and ``mkdtemp`` create 0600 / 0700 whatever the umask; outputs written through them and renamed
+    into place get this mode instead, like any other file the user creates.
+    """
+    mask = None
+    try:
+        with open("/proc/self/status") as fh:  # reads the umask without changing it (other threads may be writing)
+            mask = next((int(line.split()[1], 8) for line in fh if line.startswith("Umask:")), None)
+    except OSError:
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask

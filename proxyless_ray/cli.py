@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 # Modules that contribute subcommands, in help order.
@@ -22,6 +23,9 @@ COMMAND_MODULES = (
     "proxyless_ray.commands.profile",
     "proxyless_ray.commands.tracking",
 )
+
+
+RESUMABLE = ("search",)  # commands whose interrupt message ends with the --resume command
 
 
 class UserError(Exception):
@@ -53,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"proxyless-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"proxyless-ray {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        detail = f": {err}" if str(err) else ""
+        if detail and args.command in RESUMABLE:
+            words = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+            detail += f"; resume with: proxyless-ray {shlex.join(words)} --resume"
+        print(f"proxyless-ray {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
 
 

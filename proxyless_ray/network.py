@@ -7,14 +7,16 @@ No supernet code is involved: a derived ``arch.json`` is enough to rebuild, load
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from proxyless_ray.arch import Arch, parse_block
+from proxyless_ray.arch import Arch, parse_block, umask_mode
 from proxyless_ray.ops import Classifier, ConvBNAct, ResidualBlock, init_weights
 
 
@@ -57,6 +59,7 @@ def export_network(net: ProxylessNet, out_dir: str | os.PathLike, batch_size: in
         raise PermissionError(f"output folder {str(out.parent)!r} is not writable")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
+        os.chmod(tmp, umask_mode(folder=True))  # mkdtemp's 0700 would survive the rename
         net = net.eval()
         arch = net.arch
         arch.save(tmp / "arch.json")
@@ -73,9 +76,40 @@ def export_network(net: ProxylessNet, out_dir: str | os.PathLike, batch_size: in
     return {"arch": str(out / "arch.json"), "state_dict": str(out / "state_dict.pt"), "program": str(out / "model.pt2")}
 
 
+def load_tensors(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)``, with a one-line error naming the file when it cannot be read.
+
+    Nothing the project loads is unpickled: a file holding Python objects other than tensors and plain containers is
+    refused (it could run code), and a truncated or foreign file is reported, both as ``ValueError``.
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path!r} is not a plain tensor file: it holds pickled Python objects, which are never "
+                         f"loaded (they could run code); expected a state dict written by torch.save") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise
+        reason = str(err).split(". ")[0].strip().rstrip(".")
+        raise ValueError(f"{path!r} is truncated or not a PyTorch file ({reason})") from None
+
+
 def load_network(folder: str | os.PathLike) -> ProxylessNet:
     """Rebuild a network from an exported folder (``arch.json`` + ``state_dict.pt``, loaded weights-only)."""
     folder = Path(folder)
     net = ProxylessNet(Arch.load(folder / "arch.json"))
-    net.load_state_dict(torch.load(folder / "state_dict.pt", map_location="cpu", weights_only=True))
+    load_weights(net, folder / "state_dict.pt")
     return net.eval()
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load a weights-only state dict into ``net``; a file for another network is a ``ValueError`` naming it."""
+    state = load_tensors(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.fspath(path)!r} is not a state dict (got {type(state).__name__})")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0].rstrip(":. \t")
+        raise ValueError(f"{os.fspath(path)!r} does not fit this network ({reason})") from None

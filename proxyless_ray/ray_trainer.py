@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -226,10 +227,26 @@ def _trainer_class():
     """
     from ray.train.torch import TorchTrainer
 
-    if not _LEAN_CLUSTER:
-        return TorchTrainer
+    class InterruptibleTorchTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):  # Ray 2.60's hook; on a version without it nothing changes
+            """Train's own handler aborts the run and exits quietly (status 1, nothing said); this one aborts it
+            too, then raises ``KeyboardInterrupt`` so the driver says what happened and where to resume from."""
+            import ray
 
-    class LeanTorchTrainer(TorchTrainer):
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops the abort itself
+                try:
+                    ray.get(controller.abort.remote(), timeout=30)
+                except Exception:  # the controller may be gone already (the whole group got the signal)
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    if not _LEAN_CLUSTER:
+        return InterruptibleTorchTrainer
+
+    class LeanTorchTrainer(InterruptibleTorchTrainer):
         def _create_default_callbacks(self):  # Ray 2.60's hook; on a version without it nothing changes
             dropped = {"PlacementGroupCleanerCallback"} | (set() if self.datasets else {"DatasetsCallback"})
             return [c for c in super()._create_default_callbacks() if type(c).__name__ not in dropped]
@@ -286,7 +303,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     import ray
 
     from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.results import check_writable, write_search_outputs
+    from proxyless_ray.results import Interrupted, check_writable, interrupted, write_search_outputs
     from proxyless_ray.tracking_search import SearchTracking
     from proxyless_ray.trainer import shipped_models
 
@@ -305,6 +322,9 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
         raise FileNotFoundError(f"--resume: no previous run at {run_dir!r}")
     if not resume and "://" not in run_dir and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # same (storage_path, name) would resume: a fresh run starts clean
+    if resume and "://" not in run_dir and latest_ray_checkpoint(run_dir) is None:
+        print(f"--resume: {run_dir} holds no checkpoint (the run stopped before its first one); starting from "
+              f"scratch", file=sys.stderr, flush=True)
     connect(exp, num_cpus=os.cpu_count())  # an embedded cluster is this machine: never more CPUs than it has
     try:
         check_placeable(exp)
@@ -313,16 +333,54 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
                                     callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
             result = trainer.fit()
             if result.error is not None:
-                raise result.error
+                raise_train_error(result.error)
             if result.checkpoint is None:
                 raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
             with result.checkpoint.as_directory() as folder:
                 res = write_search_outputs(exp, folder, out, model, shipped_models())
             tracking.finish(out, res)
+    except KeyboardInterrupt as err:
+        if isinstance(err, Interrupted):
+            raise
+        raise interrupted(out, latest_ray_checkpoint(run_dir) if "://" not in run_dir else None) from None
     finally:
         ray.shutdown()
     print(json.dumps({k: res[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
     return res
+
+
+def latest_ray_checkpoint(run_dir: str) -> str | None:
+    """The newest ``checkpoint_<timestamp>`` folder of a local Ray Train run, or None."""
+    if not os.path.isdir(run_dir):
+        return None
+    found = sorted(d for d in os.listdir(run_dir)
+                   if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d)))
+    return os.path.join(run_dir, found[-1]) if found else None
+
+
+def raise_train_error(err: BaseException) -> None:
+    """Re-raise a Ray Train run's error; a worker's diverged loss, damaged shard or checkpoint as a one-line error.
+
+    A worker's exception comes back wrapped (a ``RayTaskError`` subclass of the original type, inside Train's
+    failure); a diverged loss is an input problem (a learning rate too high) that the CLI reports in one line.
+    """
+    from proxyless_ray.data.parquet import DamagedShard
+    from proxyless_ray.search_state import DamagedCheckpoint, TrainingDiverged
+
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [err]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        for kind in (TrainingDiverged, DamagedShard, DamagedCheckpoint):
+            if isinstance(e, kind):
+                raise kind(str(e).strip().splitlines()[-1].split(f"{kind.__name__}: ")[-1]) from None
+        failures = getattr(e, "worker_failures", None)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None),
+                 *(failures.values() if isinstance(failures, dict) else [])]
+    raise err
 
 
 class ReportLog(UserCallback):

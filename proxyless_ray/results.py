@@ -19,6 +19,24 @@ from proxyless_ray.latency.model import LatencyModel, arch_latency
 from proxyless_ray.network import export_network, load_network
 from proxyless_ray.search_state import DERIVED_DIR, read_meta
 
+INCOMPLETE = "INCOMPLETE"  # present while a search stopped early; written outputs would then be stale or absent
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT); its message says where the last checkpoint is. The CLI exits with 130."""
+
+
+def interrupted(out_dir: str, checkpoint: str | None) -> Interrupted:
+    """Mark ``out_dir`` incomplete (an ``INCOMPLETE`` file saying why) and return the error to raise."""
+    where = (f"the last checkpoint is {checkpoint}" if checkpoint else
+             "it stopped before its first checkpoint, so --resume starts from scratch")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(out_dir, INCOMPLETE), f"interrupted (SIGINT); {where}\n")
+    except OSError:
+        pass  # the message below still says what happened
+    return Interrupted(f"stopped by SIGINT (Ctrl-C); {where}; {out_dir} is marked {INCOMPLETE}")
+
 
 def check_writable(folder: str) -> None:
     """Fail before any training when the output folder cannot be created or written."""
@@ -80,4 +98,6 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
         "files": {"arch": os.path.join(out_dir, "arch.json"), **paths},
     }
     atomic_write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=2) + "\n")
+    if os.path.exists(os.path.join(out_dir, INCOMPLETE)):
+        os.unlink(os.path.join(out_dir, INCOMPLETE))  # a resumed run that finished
     return result

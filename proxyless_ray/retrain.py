@@ -8,6 +8,7 @@ for ``dist.workers == 0``, else Ray Train workers with the same sharding and gra
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,10 +26,10 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.data import check_shapes, iterate, load_splits
 from proxyless_ray.data.sharding import shard_batches
 from proxyless_ray.evaluate import accuracy, to_device
-from proxyless_ray.network import ProxylessNet, export_network
+from proxyless_ray.network import ProxylessNet, export_network, load_network, load_tensors
 from proxyless_ray.progress import Progress
 from proxyless_ray.runtime import tune_allocator
-from proxyless_ray.search_state import cosine_lr
+from proxyless_ray.search_state import check_finite_loss, cosine_lr
 
 
 @dataclass
@@ -52,7 +53,9 @@ def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
         from mlflow.exceptions import MlflowException
 
         from proxyless_ray.tracking_registry import load_registered
+        from proxyless_ray.tracking_store import check_existing_store
 
+        check_existing_store(tracking_uri or mlflow.get_tracking_uri())  # a lookup never creates a store
         try:
             if spec.startswith("models:/"):
                 model = load_registered(tracking_uri or mlflow.get_tracking_uri(), spec)
@@ -74,6 +77,10 @@ def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
 
 
 def _from_path(path: str, label: str) -> ArchSource:
+    if os.path.isdir(path):
+        from proxyless_ray.tracking_registry import network_files
+
+        path = network_files(path) or path  # a run's artifacts keep them under network/
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     arch_path = os.path.join(path, "arch.json") if os.path.isdir(path) else path
     if not os.path.exists(arch_path):
@@ -82,7 +89,7 @@ def _from_path(path: str, label: str) -> ArchSource:
     state = None
     for candidate in (os.path.join(folder, "state_dict.pt"), os.path.join(folder, "network", "state_dict.pt")):
         if os.path.isfile(candidate):
-            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            state = load_tensors(candidate)  # weights only: a file beside an arch.json is not trusted to run code
             break
     run_id = arch.meta.get("mlflow_run_id")
     return ArchSource(arch, state, run_id, label)
@@ -113,7 +120,12 @@ class RetrainLoop:
         torch.manual_seed(exp.train.seed)
         self.net = ProxylessNet(arch).to(self.device)
         if state_dict is not None:
-            self.net.load_state_dict(state_dict)
+            try:
+                self.net.load_state_dict(state_dict)
+            except RuntimeError as err:
+                reason = str(err).splitlines()[0].rstrip(":. \t")
+                raise ValueError(f"the weights that come with {arch.name or 'the architecture'} do not fit it "
+                                 f"({reason})") from None
         comm.broadcast_([p.data for p in self.net.parameters()])
         self.cl = exp.train.channels_last
         if self.cl:
@@ -158,6 +170,7 @@ class RetrainLoop:
                 bar.update(1, loss=loss.item())
             bar.close()
             seen, correct, loss_sum = self.comm.sum([seen, correct, loss_sum])
+            check_finite_loss(loss_sum, e + 1, exp, "retraining")  # NaN weights: stop before anything is exported
             test_acc, test_ce = accuracy(self.net, self.splits.test, self.comm, exp.data.eval_batch_size,
                                          device=self.device, channels_last=self.cl)
             self.epoch = e + 1
@@ -235,11 +248,16 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     from proxyless_ray.latency.model import arch_latency, load_latency_model_for
     from proxyless_ray.results import check_writable
 
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr!r}")
     tracking_uri = None
     if exp.tracking.enabled:
-        from proxyless_ray.tracking import resolve_uri
+        from proxyless_ray.tracking import check_reachable, resolve_uri
 
         tracking_uri = resolve_uri(exp.tracking)
+        check_reachable(tracking_uri)  # before training, not after it: the run is logged at the end
     source = resolve_arch(spec, tracking_uri)
     arch = source.arch
     if finetune and source.state_dict is None:
@@ -310,7 +328,7 @@ def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[Proxyle
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from proxyless_ray.ray_trainer import EpochLogCallback, check_placeable, connect, storage_path
+    from proxyless_ray.ray_trainer import EpochLogCallback, check_placeable, connect, raise_train_error, storage_path
 
     d = exp.dist
     connect(exp, num_cpus=os.cpu_count())
@@ -334,11 +352,9 @@ def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[Proxyle
         )
         result = trainer.fit()
         if result.error is not None:
-            raise result.error
+            raise_train_error(result.error)
         with result.checkpoint.as_directory() as folder:
-            net = ProxylessNet(Arch.load(os.path.join(folder, "arch.json")))
-            net.load_state_dict(torch.load(os.path.join(folder, "state_dict.pt"), map_location="cpu",
-                                           weights_only=True))
+            net = load_network(folder)
             with open(os.path.join(folder, "metrics.json")) as fh:
                 metrics = json.load(fh)
         return net, metrics

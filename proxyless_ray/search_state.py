@@ -19,12 +19,16 @@ import torch
 
 from proxyless_ray.arch import atomic_write_text
 from proxyless_ray.config import Experiment
-from proxyless_ray.network import ProxylessNet
+from proxyless_ray.network import ProxylessNet, load_tensors
 from proxyless_ray.supernet import SuperNet
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 DERIVED_DIR = "derived"  # final checkpoint only: the derived network (arch.json + state_dict.pt)
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's ``state.pt`` or ``meta.json`` cannot be loaded (truncated, foreign, or holding pickles)."""
 
 
 @dataclass
@@ -100,8 +104,14 @@ def read_meta(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, META_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder!r} is not a search checkpoint: {META_FILE} is missing")
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path!r} is truncated or not JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path!r} is not a checkpoint's meta.json (got {type(meta).__name__})")
+    return meta
 
 
 def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_only: bool = False) -> SearchState:
@@ -116,7 +126,10 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
     Raises:
         ValueError: the checkpoint comes from a different search space.
     """
-    meta = read_meta(folder)
+    try:
+        meta = read_meta(folder)
+    except ValueError as err:
+        raise DamagedCheckpoint(str(err)) from None
     want = exp.space.fingerprint()
     if meta.get("space_fingerprint") != want:
         raise ValueError(
@@ -129,7 +142,10 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
             f"checkpoint {folder!r} holds a supernet with {sharing!r} weights, but this experiment's "
             f"train.weight_sharing is {state.net.weight_sharing.value!r}; set train.weight_sharing: {sharing} to use it"
         )
-    payload = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    try:
+        payload = load_tensors(os.path.join(folder, STATE_FILE))
+    except ValueError as err:
+        raise DamagedCheckpoint(f"{err}; delete that checkpoint folder to resume from the one before it") from None
     state.net.load_state_dict(payload["model"])
     if weights_only:
         return state
@@ -143,6 +159,23 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
     state.history = list(meta.get("history", []))
     state.alpha_history = list(meta.get("alpha_history", []))
     return state
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite: the run stops and writes no result."""
+
+
+def check_finite_loss(loss_sum: float, epoch: int, exp: Experiment, what: str = "search") -> None:
+    """Stop a run whose summed training loss of an epoch is not finite (a sum over all ranks: every rank agrees).
+
+    Raises:
+        TrainingDiverged: naming the epoch and the learning rates to lower.
+    """
+    if not math.isfinite(loss_sum):
+        t = exp.train
+        raise TrainingDiverged(f"the {what} diverged: training loss is {loss_sum} in epoch {epoch}; stopped without "
+                               f"writing an architecture or network; lower train.lr ({t.lr:g}) or train.warmup_lr "
+                               f"({t.warmup_lr:g}), or set train.grad_clip")
 
 
 def save_derived(net: ProxylessNet, folder: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -265,6 +266,29 @@ def build_tune_scheduler(exp: Experiment, sweep_dir: str, group_sizes: dict[str,
                            state_path=os.path.join(sweep_dir, SCHEDULER_STATE), group_sizes=group_sizes, **common)
 
 
+def check_trusted(tune_path: str) -> None:
+    """Refuse to restore a Tune folder that someone else could have written.
+
+    ``Tuner.restore`` unpickles ``tuner.pkl`` and the trials' state from it, and unpickling runs code: the folder is
+    trusted like code. Every file and folder in it (and the folder above) must belong to this user (or root) and be
+    writable by nobody else.
+
+    Raises:
+        PermissionError: naming the first path that fails the check and what to do.
+    """
+    uid = os.getuid()
+    paths = [os.path.dirname(tune_path), tune_path]
+    for root, dirs, files in os.walk(tune_path):
+        paths += [os.path.join(root, name) for name in dirs + files]
+    for path in paths:
+        st = os.lstat(path)
+        if st.st_uid not in (uid, 0) or st.st_mode & 0o022:
+            raise PermissionError(
+                f"--resume: {path!r} is owned by uid {st.st_uid} or writable by others (mode "
+                f"{stat.filemode(st.st_mode)}); Tune restores a sweep by unpickling its files, which runs code, so "
+                f"only a folder that this user alone can write is resumed (chmod go-w, or start the sweep again)")
+
+
 def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, Any]:
     """Run the experiment's sweep on Ray Tune and write the Pareto report; returns the report summary.
 
@@ -289,6 +313,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         plan = load_plan(sweep_dir)
         if not tune.Tuner.can_restore(tune_path):
             raise FileNotFoundError(f"--resume: {tune_path!r} holds no restorable Tune experiment")
+        check_trusted(tune_path)
     else:
         check_writable(sweep_dir)
         plan = SweepPlan(sweep_grid(exp))

@@ -380,8 +380,8 @@ class Tracker:
         return log_retrain(self, result, trial_key)
 
     def register_model(self, run_id: str, net, hardware: str, acc: float, latency_ms: float,
-                       tags: dict[str, Any] | None = None) -> int | None:
-        """Log ``net`` to ``run_id`` and register it as a version of ``proxyless-<hardware>``.
+                       tags: dict[str, Any] | None = None, folder: str | None = None) -> int | None:
+        """Log ``net`` (already exported in ``folder``, if given) to ``run_id``; register it as ``proxyless-<hw>``.
 
         See :func:`proxyless_ray.tracking_registry.register_network`. Returns None when tracking is disabled.
         """
@@ -389,7 +389,7 @@ class Tracker:
             return None
         from proxyless_ray.tracking_registry import register_network
 
-        return register_network(self.uri, run_id, net, hardware, acc, latency_ms, tags)
+        return register_network(self.uri, run_id, net, hardware, acc, latency_ms, tags, folder)
 
     def load_registered(self, model_uri: str):
         """Load a registered network back, e.g. ``models:/proxyless-pixel1/3``, as an ``nn.Module`` in eval mode."""

@@ -1,23 +1,28 @@
 """Model registry: derived networks as versions of ``proxyless-<hardware>``, and loading them back.
 
-Networks are logged with ``mlflow.pytorch.log_model`` in ``pickle`` format: MLflow's default (``pt2``, torch.export)
-freezes one traced path, and pickling needs the class importable, which :class:`proxyless_ray.network.ProxylessNet`
-is. Pip requirements are given, because inferring them costs 5-15 s per model.
+Nothing loaded from the registry is unpickled: a model file can come from anyone who can write to the store, and a
+pickle runs code when it is loaded. A network is logged as an MLflow model whose files are the exported network
+(``arch.json``, ``state_dict.pt``, and the ``torch.export`` program ``model.pt2``), and loaded back here from the
+first two alone: the architecture from JSON, the weights with ``torch.load(weights_only=True)``. The files are logged
+as they are, without MLflow's ``pytorch`` flavor: its ``pt2`` format would export the network a second time (seconds
+per model) and its ``pickle`` format is what must never be loaded. ``mlflow.pytorch.load_model`` therefore
+does not apply; ``torch.export.load`` reads ``model.pt2`` outside this project.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 MODEL_PREFIX = "proxyless-"
+MODEL_FORMAT = "proxyless_ray network: arch.json + state_dict.pt (weights only) + model.pt2 (torch.export)"
 
 
 def registered_name(hardware: str) -> str:
@@ -44,15 +49,12 @@ def _fluent_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def input_example(net: nn.Module) -> np.ndarray:
-    """One float32 image of the shape ``net`` takes (``(1, C, H, W)`` from its ``arch``)."""
-    arch = net.arch
-    return np.zeros((1, arch.in_chs, arch.resolution, arch.resolution), dtype=np.float32)
-
-
 def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: float, latency_ms: float,
-                     tags: dict[str, Any] | None = None) -> int:
-    """Log ``net`` to the run (artifact ``model``) and register it as a new version of ``proxyless-<hardware>``.
+                     tags: dict[str, Any] | None = None, folder: str | None = None) -> int:
+    """Log ``net`` as a model of the run and register it as a new version of ``proxyless-<hardware>``.
+
+    The model's files are the exported network (:func:`proxyless_ray.network.export_network`): ``arch.json``,
+    ``state_dict.pt`` and the ``torch.export`` program ``model.pt2``.
 
     Args:
         uri: Tracking (and registry) URI.
@@ -62,26 +64,42 @@ def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: 
         acc: Accuracy to tag the version with (``acc``), e.g. held-out or test accuracy.
         latency_ms: Predicted latency on ``hardware`` (``latency_ms`` tag).
         tags: Extra version tags.
+        folder: ``net`` already exported there (a search's ``network/``); else it is exported to a temp folder.
 
     Returns:
         The version number (an int, whichever store: sqlite gives ints, the REST API strings).
     """
-    import mlflow.pytorch
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
 
-    net = net.eval()
-    example = input_example(net)
-    with torch.no_grad():
-        output = net(torch.from_numpy(example)).numpy()
+    from proxyless_ray.network import export_network
+
     name = registered_name(hardware)
-    with _fluent_uri(uri):
-        info = mlflow.pytorch.log_model(
-            net, name="model", run_id=run_id, serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], input_example=example,
-            signature=infer_signature(example, output), registered_model_name=name)
-    version = int(info.registered_model_version)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tmp = tempfile.mkdtemp(prefix="proxyless-model-")
+    try:
+        if folder is None:
+            folder = os.path.join(tmp, "network")
+            export_network(net.eval(), folder)
+        # The model belongs to the run's experiment, so its files go beside the store like the run's (mlflow's
+        # log_model would file it under the default experiment, whose artifacts go to ./mlruns of whatever folder
+        # the store was created from).
+        logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name="model",
+                                            source_run_id=run_id, tags={"format": MODEL_FORMAT})
+        client.log_model_artifacts(logged.model_id, folder)
+        with _fluent_uri(uri):  # the registry looks the logged model up through the fluent API
+            try:
+                client.create_registered_model(name)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            mv = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=run_id,
+                                             model_id=logged.model_id)
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    version = int(mv.version)
     version_tags = {"acc": f"{acc:.6g}", "latency_ms": f"{latency_ms:.6g}", "run_id": run_id, "hardware": hardware,
                     "arch": net.arch.arch_string(), **{k: str(v) for k, v in (tags or {}).items()}}
     for key, value in version_tags.items():
@@ -92,14 +110,41 @@ def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: 
 def load_registered(uri: str, model_uri: str) -> nn.Module:
     """Load a registered network (``models:/proxyless-pixel1/3``, ``runs:/<id>/model``...) in eval mode.
 
+    The network is rebuilt from the model's ``arch.json`` and its weights-only ``state_dict.pt``; nothing is
+    unpickled.
+
     Args:
         uri: Tracking (and registry) URI.
         model_uri: Any MLflow model URI.
-    """
-    import mlflow.pytorch
 
-    with _fluent_uri(uri):
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    Raises:
+        ValueError: naming the URI or the file: the model has no ``arch.json`` / ``state_dict.pt`` (a model logged
+            in pickle format, which is never loaded), or its weights file holds anything but tensors.
+    """
+    import mlflow.artifacts
+
+    from proxyless_ray.network import load_network
+
+    folder = tempfile.mkdtemp(prefix="proxyless-model-")
+    try:
+        with _fluent_uri(uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=folder, tracking_uri=uri)
+        files = network_files(local)
+        if files is None:
+            raise ValueError(f"model {model_uri} has no arch.json and state_dict.pt (a model logged in pickle format "
+                             f"is never loaded: unpickling can run code); register it again with this version")
+        return load_network(files)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def network_files(folder: str) -> str | None:
+    """The folder holding ``arch.json`` + ``state_dict.pt`` in a downloaded model or network, else None."""
+    for candidate in (folder, os.path.join(folder, "network")):
+        if os.path.isfile(os.path.join(candidate, "arch.json")) and os.path.isfile(
+                os.path.join(candidate, "state_dict.pt")):
+            return candidate
+    return None
 
 
 def model_versions(uri: str, hardware: str) -> list[Any]:

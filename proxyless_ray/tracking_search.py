@@ -103,10 +103,10 @@ class SearchTracking:
         try:
             if self.tracker.client.search_model_versions(f"run_id = '{self.child_id}'"):
                 return None  # a resumed search that had already registered its network
+            folder = os.path.join(out_dir, "network")
             version = self.tracker.register_model(
-                self.child_id, load_network(os.path.join(out_dir, "network")), self.hardware, float(acc or 0.0),
-                float(result["latency_ms"]),
-                tags={"heldout_acc": result.get("heldout_acc"), "test_acc": result.get("test_acc")})
+                self.child_id, load_network(folder), self.hardware, float(acc or 0.0), float(result["latency_ms"]),
+                tags={"heldout_acc": result.get("heldout_acc"), "test_acc": result.get("test_acc")}, folder=folder)
         except Exception as err:  # the run and local outputs stay; only the registry entry is missing
             logger.warning("MLflow: registering the derived network failed: %s", err)
             return f"registering the derived network failed: {type(err).__name__}: {err}"

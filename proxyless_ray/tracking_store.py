@@ -82,6 +82,14 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     db = sqlite_path(uri)
     if db is not None:
         folder = os.path.dirname(db)
+        if os.path.isdir(db):
+            raise TrackingUnavailable(f"MLflow tracking store {uri}: {db!r} is a folder; expected a database file "
+                                      f"such as {os.path.join(db, DEFAULT_DB)!r}; {hint}")
+        if os.path.exists(db):
+            _check_sqlite_file(uri, db, hint)
+            if not os.access(db, os.W_OK):
+                raise TrackingUnavailable(f"MLflow tracking store {uri} is read-only ({db!r} cannot be written); "
+                                          f"{hint}")
     elif uri.startswith("file://"):
         folder = uri[len("file://"):]
     if folder is None:
@@ -92,3 +100,39 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     if not os.path.isdir(existing or "/") or not os.access(existing or "/", os.W_OK):
         raise TrackingUnavailable(f"MLflow tracking store {uri} is not writable ({existing!r} is not a writable "
                                   f"folder); {hint}")
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite_file(uri: str, db: str, hint: str) -> None:
+    """A file that exists must be a SQLite database (an empty one is refused: MLflow would fill it with tables)."""
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as err:
+        raise TrackingUnavailable(f"MLflow tracking store {uri} cannot be read ({err.strerror}); {hint}") from None
+    if head != SQLITE_MAGIC:
+        what = "empty" if not head else "not a SQLite database"
+        raise TrackingUnavailable(f"MLflow tracking store {uri}: {db!r} is {what}; expected an MLflow database; "
+                                  f"{hint}")
+
+
+def check_existing_store(uri: str) -> None:
+    """For commands that only read: the store must exist already, so that looking something up never creates one.
+
+    Raises:
+        FileNotFoundError: a sqlite file or ``file://`` folder that does not exist.
+        TrackingUnavailable: a sqlite path that is a folder, an empty file or not a database.
+    """
+    hint = "pass --tracking-uri (e.g. sqlite:////abs/mlflow.db or http://host:5000)"
+    db = sqlite_path(uri)
+    if db is not None:
+        if os.path.isdir(db):
+            raise TrackingUnavailable(f"MLflow tracking store {uri}: {db!r} is a folder; expected a database file; "
+                                      f"{hint}")
+        if not os.path.isfile(db):
+            raise FileNotFoundError(f"no MLflow database at {db}: run a search in this folder first, or {hint}")
+        _check_sqlite_file(uri, db, hint)
+    elif uri.startswith("file://") and not os.path.isdir(uri[len("file://"):]):
+        raise FileNotFoundError(f"no MLflow store at {uri}: {hint}")

@@ -150,10 +150,11 @@ def _register_trial(tracker: Tracker, parent_id: str, row) -> str | None:
             result = json.load(fh)
         test_acc = result.get("test_acc")
         acc = test_acc if test_acc is not None else row["heldout_acc"]
-        tracker.register_model(run_id, load_network(os.path.join(out_dir, "network")), str(row["hardware"]),
-                               float(acc), float(result["latency_ms"]),
+        folder = os.path.join(out_dir, "network")
+        tracker.register_model(run_id, load_network(folder), str(row["hardware"]), float(acc),
+                               float(result["latency_ms"]),
                                tags={"heldout_acc": row["heldout_acc"], "test_acc": test_acc, "trial": key,
-                                     "expected_latency_ms": row["expected_latency_ms"]})
+                                     "expected_latency_ms": row["expected_latency_ms"]}, folder=folder)
     except Exception as err:  # one network failing to register must not lose the others
         return f"registering front trial {key} failed: {type(err).__name__}: {err}"
     return None

@@ -46,6 +46,7 @@ from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.search_state import (
     DERIVED_DIR,
     SearchState,
+    check_finite_loss,
     cosine_lr,
     load_checkpoint,
     new_state,
@@ -191,6 +192,7 @@ class SearchLoop:
         bar.close()
         elapsed = time.perf_counter() - t0
         loss_sum, correct, seen = self.comm.sum([loss_sum, correct, seen])
+        check_finite_loss(loss_sum, epoch + 1, exp)  # NaN weights: stop before the epoch is reported or derived
         # [3] end of epoch: the current argmax architecture, as a network with inherited weights, on held-out data
         choices = net.argmax_choices()
         heldout_acc, heldout_ce = accuracy(self._inherited_child(choices), self.splits.heldout, self.comm,

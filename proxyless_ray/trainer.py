@@ -12,11 +12,12 @@ import shutil
 import sys
 from typing import Any
 
+from proxyless_ray.arch import umask_mode
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.fingerprint import check_machine
 from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
-from proxyless_ray.results import check_writable, write_search_outputs
+from proxyless_ray.results import check_writable, interrupted, write_search_outputs
 from proxyless_ray.train_loop import SearchLoop
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -51,6 +52,7 @@ class LocalReporter:
         tmp = dest + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(checkpoint_dir, tmp)
+        os.chmod(tmp, umask_mode(folder=True))  # the loop's checkpoint comes from mkdtemp (0700)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         self.latest = dest
@@ -65,6 +67,29 @@ def latest_checkpoint(out_dir: str) -> str | None:
         return None
     done = sorted(d for d in os.listdir(folder) if d.startswith("epoch-") and not d.endswith(".tmp"))
     return os.path.join(folder, done[-1]) if done else None
+
+
+def restore_newest_intact(loop: SearchLoop, out_dir: str) -> str:
+    """Restore ``loop`` from the newest checkpoint that loads, saying which damaged ones were passed over.
+
+    Raises:
+        ValueError: no checkpoint loads; names the newest one and why.
+    """
+    folder = os.path.join(out_dir, CHECKPOINTS_DIR)
+    found = sorted((d for d in os.listdir(folder) if d.startswith("epoch-") and not d.endswith(".tmp")),
+                   reverse=True)
+    first_error = None
+    for name in found:
+        path = os.path.join(folder, name)
+        try:
+            loop.restore(path)
+        except (ValueError, FileNotFoundError) as err:
+            first_error = first_error or err
+            print(f"--resume: skipping checkpoint {path}: {err}", file=sys.stderr)
+            continue
+        return path
+    raise ValueError(f"--resume: no checkpoint under {folder!r} loads: {first_error}; start the run again "
+                     f"without --resume")
 
 
 def shipped_models(exclude: str | None = None) -> dict[str, LatencyModel]:
@@ -94,16 +119,20 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
         tracking.log_epoch(metrics)
 
     loop = SearchLoop(exp, Comm(), report, latency_model=model, other_models=others)
-    if resume:
-        if reporter.latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {os.path.join(out, CHECKPOINTS_DIR)!r}")
-        loop.restore(reporter.latest)
+    if resume and reporter.latest is None:
+        print(f"--resume: no checkpoint under {os.path.join(out, CHECKPOINTS_DIR)!r} (the run stopped before its "
+              f"first one); starting from scratch", file=sys.stderr)
+    elif resume:
+        reporter.latest = restore_newest_intact(loop, out)
         print(f"resuming from {reporter.latest} (epoch {loop.state.epoch})", file=sys.stderr)
     elif reporter.latest is not None:
         shutil.rmtree(os.path.join(out, CHECKPOINTS_DIR))  # a fresh run does not mix with an old one
         reporter.latest = None
     with tracking.active():  # MLflow parent + child runs; marked FAILED if anything below raises
-        loop.run()
+        try:
+            loop.run()
+        except KeyboardInterrupt:
+            raise interrupted(out, reporter.latest) from None
         if reporter.latest is None:
             raise RuntimeError("the search finished without a final checkpoint")
         result = write_search_outputs(exp, reporter.latest, out, model, others)

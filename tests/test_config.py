@@ -80,7 +80,7 @@ def test_missing_and_malformed_files(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.warmup_method=spos", "train.warmup_method 'spos' is unknown; expected one of"),
     ("train.weight_sharing=shared", "train.weight_sharing 'shared' is unknown"),
-    ("train.ready_acc=1.5", "train.ready_acc must be within"),
+    ("train.ready_acc=1.5", "train.ready_acc must be in [0, 1)"),
     ("data.warmup_subset=10", "must be 0 or >= data.train_subset"),
 ])
 def test_search_quality_settings_are_checked(override, message):
@@ -97,3 +97,25 @@ def test_cli_refuses_an_unknown_warmup_method_in_one_line_with_the_valid_names(t
     assert rc == 2 and len(err) == 1
     assert "'spos'" in err[0] and "uniform" in err[0] and "sandwich" in err[0]
     assert not os.listdir(tmp_path)
+
+
+def test_every_numeric_field_has_a_range():
+    """A new numeric field needs an entry in RANGES (or a check of its own in validate / SearchSpace)."""
+    from dataclasses import fields
+
+    from proxyless_ray.config import _SECTIONS, RANGES, Experiment
+
+    checked_elsewhere = {"latency.lam", "latency.ref_ms", "latency.target_ms", "latency.beta", "space.widths",
+                         "space.depths", "space.strides", "space.kernel_sizes", "space.exp_ratios",
+                         "space.feature_mix_chs", "sweep.betas", "sweep.targets_ms"}
+    exp = Experiment()
+    missing = []
+    for section in _SECTIONS:
+        for f in fields(getattr(exp, section)):
+            value = getattr(getattr(exp, section), f.name)
+            sample = next(iter(value.values() if isinstance(value, dict) else value), 0.0) \
+                if isinstance(value, (tuple, dict)) else value
+            numeric = "float" in str(f.type) or "int" in str(f.type)
+            if numeric and not isinstance(sample, bool) and f"{section}.{f.name}" not in RANGES:
+                missing.append(f"{section}.{f.name}")
+    assert sorted(set(missing) - checked_elsewhere) == []

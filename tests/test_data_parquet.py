@@ -138,6 +138,19 @@ def test_missing_truncated_or_altered_shard_is_a_clear_error(shards, tmp_path):
         parquet_splits(cfg(copy), RES, 3)
 
 
+def test_damaged_row_group_is_named_when_read(shards, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    path = copy / "train-00002.parquet"
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 10] = bytes(b ^ 0xFF for b in data[offset:offset + 10])  # the page header of row group 1
+    path.write_bytes(bytes(data))
+    s = parquet_splits(cfg(copy, heldout_size=0), RES, 3)  # unverified: the damage shows only when read
+    with pytest.raises(ValueError, match=r"train-00002\.parquet row group 1 cannot be read .*verify_checksum"):
+        s.train.get_batch(torch.arange(len(s.train)), train=False)
+
+
 def test_unverified_corrupt_image_is_skipped_when_read(inet, tmp_path, capsys):
     manifest = prepare(str(inet), str(tmp_path / "raw"), shard_rows=100, verify=False, progress=False)
     assert manifest["skipped"]["count"] == 1  # the empty file; the corrupt JPEG went in

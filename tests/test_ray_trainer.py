@@ -194,3 +194,13 @@ def test_unreachable_address_fails_fast(tmp_path):
     with pytest.raises(ClusterError, match="127.0.0.1:9.*unreachable"):
         connect(exp)
     assert time.time() - t0 < 30
+
+
+def test_the_train_hooks_we_override_still_exist():
+    """_trainer_class overrides two private hooks of Ray Train V2's trainer; a Ray that renames them fails here."""
+    import inspect
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert "self._register_sigint_handler(" in inspect.getsource(DataParallelTrainer._initialize_and_run_controller)
+    assert callable(getattr(DataParallelTrainer, "_create_default_callbacks", None))

@@ -68,8 +68,14 @@ def test_unknown_sources_and_missing_data(searched, tmp_path, capsys):
     cfg = tmp_path / "e.yaml"
     cfg.write_text("# t\ntracking:\n  enabled: false\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["train", "--arch", "models:/proxyless-nowhere/3", str(cfg), "--workers", "0",
-                 "--tracking-uri", uri, "--set", "tracking.enabled=true"]) == 2
+    argv = ["train", "--arch", "models:/proxyless-nowhere/3", str(cfg), "--workers", "0", "--tracking-uri", uri,
+            "--set", "tracking.enabled=true"]
+    assert main(argv) == 2
+    assert "no MLflow database" in capsys.readouterr().err and not (tmp_path / "mlflow.db").exists()  # not created
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # the store exists; the model does not
+    assert main(argv) == 2
     assert "proxyless-nowhere" in capsys.readouterr().err
     arch_path = os.path.join(searched.output_dir, "arch.json")
     assert main(["train", "--arch", arch_path, str(cfg), "--workers", "0", "--data", str(tmp_path / "no_data"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from proxyless_ray.config import Experiment, load_experiment
 
@@ -31,7 +32,8 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
                       ("scheduler", "sweep.scheduler")):
         value = getattr(args, flag, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            # paths and URIs stay strings (YAML would read --out 123 as a number); JSON strings are YAML strings
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     if getattr(args, "no_tracking", False):
         overrides.append("tracking.enabled=false")
     return load_experiment(args.experiment, overrides)

@@ -13,17 +13,15 @@ import urllib.error
 import urllib.request
 
 from proxyless_ray.config import TrackingConfig
-from proxyless_ray.tracking import check_reachable, local_artifact_root, resolve_uri, sqlite_path
+from proxyless_ray.tracking import check_reachable, local_artifact_root, resolve_uri
+from proxyless_ray.tracking_store import check_existing_store
 
 UI_START_TIMEOUT_S = 180.0  # ~15 s on an idle machine; minutes on a loaded one
 
 
 def _store(args: argparse.Namespace) -> str:
     uri = resolve_uri(TrackingConfig(uri=args.tracking_uri))
-    db = sqlite_path(uri)
-    if db is not None and not os.path.isfile(db):
-        raise FileNotFoundError(f"no MLflow database at {db}: run a search in this folder first, or pass "
-                                f"--tracking-uri (e.g. sqlite:////abs/mlflow.db or http://host:5000)")
+    check_existing_store(uri)  # reading never creates a store (MLflow would create the file and its tables)
     return uri
 
 

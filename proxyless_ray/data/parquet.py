@@ -23,6 +23,7 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -39,6 +40,10 @@ VERSION = 1
 COLUMNS = ("image", "label", "class", "key")
 TEST_SPLIT = "val"
 MAX_OPEN_FILES = 64  # shard readers kept open per split (ImageNet has ~1300 shards; ulimit -n is often 1024)
+
+
+class DamagedShard(ValueError):
+    """A shard's bytes cannot be read back (changed on disk since prepare-data): named with its row group."""
 
 
 def open_location(location: str) -> tuple[pafs.FileSystem, str]:
@@ -189,7 +194,13 @@ class ShardSet:
             self._cache.move_to_end((s, g))
             return hit
         pf, _ = self._open(s)
-        table = pf.read_row_group(g, columns=["image", "label", "key"])
+        try:
+            table = pf.read_row_group(g, columns=["image", "label", "key"])
+        except (OSError, pa.ArrowException) as err:  # a damaged page header or page: the shard changed on disk
+            reason = " ".join(str(err).split())
+            raise DamagedShard(f"shard {self.location}/{self.shards[s]['file']} row group {g} cannot be read "
+                               f"({reason}); the file is damaged: copy it again or rerun prepare-data (set "
+                               f"data.verify_checksum: true to check every shard before training)") from None
         images = table.column("image").combine_chunks()
         bufs = images.buffers()
         offsets = np.frombuffer(bufs[1], dtype=np.int32)[images.offset:images.offset + len(images) + 1]

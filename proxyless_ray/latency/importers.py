@@ -185,9 +185,11 @@ def load_table(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"latency table {str(path)!r} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; expected a YAML latency table") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
 
 
 def import_table(path: str | os.PathLike, fmt: str = "auto", name: str | None = None,

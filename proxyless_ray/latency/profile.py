@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from proxyless_ray.arch import atomic_write_text, layer_key, parse_block, parse_layer_key
+from proxyless_ray.arch import atomic_write_text, layer_key, parse_block, parse_layer_key, umask_mode
 from proxyless_ray.latency.predictor import Predictor, predictor_from_dict
 from proxyless_ray.space import SearchSpace
 
@@ -179,6 +179,7 @@ def _write_parquet(path: Path, entries: Mapping[str, Entry]) -> None:
     table = pa.table({"key": keys, "ms": [entries[k].ms for k in keys], "spread": [entries[k].spread for k in keys],
                       "count": pa.array([entries[k].count for k in keys], type=pa.int64())})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
+    os.fchmod(fd, umask_mode())  # mkstemp's 0600 would survive the rename
     os.close(fd)
     try:
         pq.write_table(table, tmp)
