@@ -8,9 +8,13 @@
    the same config converter) on the ``pixel1`` profile; target: within 10 % of the published 78 ms on a Pixel 1.
 3. Cross-hardware table: the three published ProxylessNAS networks (gpu, cpu, mobile) priced on every shipped
    profile.
+4. Local CPU (``cpu_local``): profile the ``small`` space here in quick mode and in full mode, in the same run,
+   then measure random networks of the space (median of repeats, interleaved rounds): Spearman (target >= 0.9)
+   and MAPE (target <= 15 %) of the quick profile against those medians, the quick profile's time (target <= 90 s
+   on 2 cores) and how far its predictions are from the full profile's (target <= 10 %).
 
-Usage: ``python benchmarks/bench_latency_model.py [--profile cpu_1thread] [--quick]``. On a shared machine,
-other processes distort wall-clock times; the JSON records the load average before and after.
+Usage: ``python benchmarks/bench_latency_model.py [--profile cpu_1thread] [--quick] [--local-only]``. On a shared
+machine, other processes distort wall-clock times; the JSON records the load average before and after.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ import numpy as np
 import torch
 
 from proxyless_ray.arch import Arch
+from proxyless_ray.latency.check import measure_network
+from proxyless_ray.latency.fingerprint import describe, machine_fingerprint
+from proxyless_ray.latency.local import quick_settings
 from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.profile import list_profiles, load_profile
-from proxyless_ray.latency.profiler import ProfilerSettings, robust_stats
+from proxyless_ray.latency.profiler import ProfilerSettings, profile_spaces, robust_stats
 from proxyless_ray.network import ProxylessNet
 from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.space import space_from_preset
@@ -129,6 +136,56 @@ def cpu_check(profile_name: str, preset: str, n: int, seed: int, settings: Profi
     }
 
 
+def local_check(n: int, seed: int, threads: int, full: ProfilerSettings, measure: ProfilerSettings) -> dict:
+    """Quick and full local profiles of the ``small`` space, then ``n`` random networks measured here (medians)."""
+    space = space_from_preset("small")
+    rng = random.Random(seed)
+    archs = [space.sample(rng, name=f"small_{i}") for i in range(n)]
+    # A drifting shared machine shifts whole phases: one reference network timed before each phase shows by how much
+    ref = space.sample(random.Random(seed + 1), name="reference")
+    drift = {}
+
+    def reference(phase: str) -> None:
+        drift[phase] = round(measure_network(ref, threads=threads, min_time_s=1.0, clock=measure.clock)["ms"], 3)
+
+    reference("before_quick_profile")
+    t0 = time.perf_counter()
+    quick = profile_spaces([space], quick_settings(threads), "cpu_local", progress=False)
+    quick_s = time.perf_counter() - t0
+    reference("before_full_profile")
+    t0 = time.perf_counter()
+    fullp = profile_spaces([space], full, "cpu_local_full", progress=False)
+    full_s = time.perf_counter() - t0
+    pq = np.array([arch_latency(quick, a)[0] for a in archs])
+    pf = np.array([arch_latency(fullp, a)[0] for a in archs])
+    reference("before_networks")
+    med = np.array([m["median_ms"] for m in measure_networks(archs, replace(measure, statistic="median"))])
+    reference("after_networks")
+
+    def fit(pred: np.ndarray) -> dict:
+        return {"spearman": round(spearman(pred, med), 4),
+                "mape_pct": round(float(np.mean(np.abs(pred - med) / med) * 100), 2),
+                "mean_pred_over_measured": round(float(np.mean(pred / med)), 4)}
+
+    agree = np.abs(pq - pf) / pf * 100
+    q = fit(pq)
+    return {
+        "space": "small", "n": n, "threads": threads, "clock": measure.clock,
+        "machine": describe(machine_fingerprint("cpu", threads)),
+        "quick_profile_s": round(quick_s, 1), "full_profile_s": round(full_s, 1),
+        "quick_settings": {k: v for k, v in vars(quick_settings(threads)).items() if k not in ("device",)},
+        "full_settings": {k: v for k, v in vars(full).items() if k not in ("device",)},
+        "quick_vs_measured_median": q, "full_vs_measured_median": fit(pf),
+        "quick_vs_full_mean_abs_pct": round(float(agree.mean()), 2),
+        "quick_vs_full_max_abs_pct": round(float(agree.max()), 2),
+        "measured_median_ms_range": [round(float(med.min()), 3), round(float(med.max()), 3)],
+        "reference_network_ms": drift,
+        "pass": bool(q["spearman"] >= 0.9 and q["mape_pct"] <= 15.0 and quick_s <= 90 and agree.max() <= 10.0),
+        "networks": [{"quick_ms": round(float(a), 3), "full_ms": round(float(b), 3), "median_ms": round(float(c), 3)}
+                     for a, b, c in zip(pq, pf, med)],
+    }
+
+
 def mobile_check(profile_name: str) -> dict:
     path = REFERENCE / "proxylessnas" / PUBLISHED["mobile"][0]
     if not path.is_file():
@@ -176,6 +233,9 @@ def main() -> None:
     parser.add_argument("--statistic", help="timing statistic (default: the profile's own)")
     parser.add_argument("--clock", choices=("wall", "thread"), help="timing clock (default: the profile's own)")
     parser.add_argument("--quick", action="store_true", help="few archs and runs (smoke test)")
+    parser.add_argument("--local-only", action="store_true", help="only the local CPU check (4.)")
+    parser.add_argument("--n-local", type=int, default=30, help="random networks of the local check")
+    parser.add_argument("--local-threads", type=int, default=1, help="torch threads of the local check")
     args = parser.parse_args()
     profile = load_profile(args.profile)
     statistic = args.statistic or profile.metadata.get("statistic", "median")
@@ -186,28 +246,42 @@ def main() -> None:
                              clock=clock)
     big = ProfilerSettings(threads=threads, warmup=2, repeats=20, min_time_s=2.0, rounds=5, statistic=statistic,
                            clock=clock)
-    n_small, n_big = args.n_small, args.n_imagenet
+    lt = args.local_threads
+    lclock = quick_settings(lt).clock  # the full profile and the networks are timed on the quick profile's clock
+    full_local = ProfilerSettings(threads=lt, warmup=10, repeats=100, min_time_s=2.0, rounds=5, statistic="median",
+                                  clock=lclock)
+    measure_local = ProfilerSettings(threads=lt, warmup=5, repeats=40, min_time_s=1.0, rounds=5, statistic="median",
+                                     clock=lclock)
+    n_small, n_big, n_local = args.n_small, args.n_imagenet, args.n_local
     if args.quick:
-        n_small, n_big = 5, 2
+        n_small, n_big, n_local = 5, 2, 5
         small = ProfilerSettings(threads=threads, warmup=1, repeats=3, min_time_s=0.0, statistic=statistic,
                                  clock=clock)
         big = small
+        full_local = measure_local = ProfilerSettings(threads=lt, warmup=1, repeats=3, min_time_s=0.0, clock=lclock)
     load_before = os.getloadavg()
     t0 = time.time()
     result = {
         "benchmark": "latency_model",
-        "machine": {"cpu": profile.metadata.get("device_name"), "torch": str(torch.__version__), "threads": threads,
-                    "loadavg_before": [round(v, 2) for v in load_before]},
-        "profile": args.profile, "profile_measured": profile.metadata.get("date"),
-        "cpu": [cpu_check(args.profile, "small", n_small, args.seed, small),
-                cpu_check(args.profile, "proxyless_imagenet", n_big, args.seed, big)],
-        "mobile": mobile_check(args.mobile_profile),
-        "published_networks": cross_table(),
+        "machine": {"cpu": describe(machine_fingerprint("cpu", lt)), "torch": str(torch.__version__),
+                    "threads": threads, "loadavg_before": [round(v, 2) for v in load_before]},
     }
+    if not args.local_only:
+        result.update({
+            "profile": args.profile, "profile_measured": profile.metadata.get("date"),
+            "cpu": [cpu_check(args.profile, "small", n_small, args.seed, small),
+                    cpu_check(args.profile, "proxyless_imagenet", n_big, args.seed, big)],
+            "mobile": mobile_check(args.mobile_profile),
+            "published_networks": cross_table(),
+        })
+    torch.set_num_threads(lt)
+    result["local"] = local_check(n_local, args.seed, lt, full_local, measure_local)
     result["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     result["seconds"] = round(time.time() - t0, 1)
-    result["targets_met"] = {"cpu_" + c["space"]: c["pass"] for c in result["cpu"]}
-    result["targets_met"]["mobile"] = result["mobile"].get("pass")
+    result["targets_met"] = {"cpu_" + c["space"]: c["pass"] for c in result.get("cpu", [])}
+    if "mobile" in result:
+        result["targets_met"]["mobile"] = result["mobile"].get("pass")
+    result["targets_met"]["local_quick"] = result["local"]["pass"]
     print(json.dumps(result, indent=2))
 
 

@@ -74,14 +74,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(int(exp.dist.cpus_per_worker), 1))
 
     node_id = ray.get_runtime_context().get_node_id()
+    model = worker_latency_model(exp, config, rank, f"Ray node {node_id[:8]}")
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(folder) if folder else None
         ray.train.report({**metrics, "node_id": node_id, "pid": os.getpid()}, checkpoint=ckpt)
 
     device = ray.train.torch.get_device()
-    loop = SearchLoop(exp, Comm(rank, world), report, other_models=shipped_models(), device=device,
-                      progress=config.get("progress", False))
+    loop = SearchLoop(exp, Comm(rank, world), report, latency_model=model, other_models=shipped_models(),
+                      device=device, progress=config.get("progress", False))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as folder:
@@ -92,6 +93,46 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with ray.train.Checkpoint(config["init_checkpoint"]).as_directory() as folder:
             loop.restore(folder)
     loop.run(until_epoch=config.get("until_epoch"))
+
+
+def worker_latency_model(exp: Experiment, config: dict[str, Any], rank: int, where: str):
+    """The search's latency model on a worker, compared with the node it runs on.
+
+    A profile the driver resolved (``cpu_local``, measured once there) comes as YAML text in
+    ``config["latency_profile"]``: workers on other nodes share no disk and must not measure it again. Rank 0 says
+    in one line when a measured profile was measured on another kind of machine than this node; in strict mode
+    every rank refuses it.
+    """
+    import io
+
+    from proxyless_ray.latency.fingerprint import check_machine
+    from proxyless_ray.latency.model import load_latency_model_for
+    from proxyless_ray.latency.profile import profile_from_text
+
+    text, strict = config.get("latency_profile"), exp.latency.strict
+    if text:
+        model = profile_from_text(text, f"profile {exp.latency.profile!r} from the driver", strict)
+    else:
+        model = load_latency_model_for(exp.latency.profile, exp.space, strict=strict)
+    check_machine(model, strict=strict, where=where, stream=None if rank == 0 else io.StringIO(), unmeasured=False)
+    return model
+
+
+def describe_unmeasured(model: Any) -> None:
+    """On the driver: one line saying an analytic or imported profile is not compared with any machine (the
+    workers compare measured ones with their node)."""
+    from proxyless_ray.latency.fingerprint import machine_note
+
+    md = getattr(model, "metadata", None)
+    if md is not None and md.get("method") != "measured":
+        print(f"[proxyless-ray] {machine_note(model)}", file=sys.stderr, flush=True)
+
+
+def driver_profile_text(spec: str, model: Any) -> dict[str, str]:
+    """``{"latency_profile": yaml}`` for a profile the driver resolved (``cpu_local``), else ``{}``."""
+    from proxyless_ray.latency.local import is_local
+
+    return {"latency_profile": model.to_yaml()} if is_local(spec) else {}
 
 
 # -- driver side -------------------------------------------------------------------------------------------------
@@ -271,6 +312,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
     tracking.check()
     model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
+    describe_unmeasured(model)
     from proxyless_ray.data import build_splits
 
     build_splits(exp.data, exp.space)  # bad data fails here, before any worker starts
@@ -287,7 +329,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     try:
         check_placeable(exp)
         with tracking.active():  # MLflow parent + child runs, logged from the Train controller; FAILED on errors
-            trainer = build_trainer(exp, name, {"progress": True},
+            trainer = build_trainer(exp, name, {"progress": True, **driver_profile_text(exp.latency.profile, model)},
                                     callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
             result = trainer.fit()
             if result.error is not None:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -97,28 +96,15 @@ def _from_path(path: str, label: str) -> ArchSource:
 
 
 def measure_latency_ms(net: nn.Module, arch: Arch, batch: int = 1, threads: int = 1, min_time_s: float = 1.0,
-                       repeats: int = 30) -> dict[str, float]:
-    """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up."""
-    tune_allocator()  # as the profiles were measured
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        net = net.eval()
-        x = torch.randn(batch, arch.in_chs, arch.resolution, arch.resolution)
-        samples: list[float] = []
-        with torch.inference_mode():
-            for _ in range(5):
-                net(x)
-            t_end = time.perf_counter() + min_time_s
-            while len(samples) < repeats or time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                net(x)
-                samples.append((time.perf_counter() - t0) * 1000)
-        q = statistics.quantiles(samples, n=4)
-        return {"median_ms": statistics.median(samples), "iqr_ms": q[2] - q[0], "count": len(samples),
-                "threads": threads, "batch": batch}
-    finally:
-        torch.set_num_threads(old)
+                       repeats: int = 30, clock: str = "wall") -> dict[str, float]:
+    """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up, timed as profiles are
+    (tuned allocator, pinned threads; ``clock`` as the target profile's, see
+    :func:`proxyless_ray.latency.check.measure_network`)."""
+    from proxyless_ray.latency.check import measure_network
+
+    m = measure_network(arch, "cpu", threads, batch, "median", min_time_s, repeats, clock=clock, net=net)
+    return {"median_ms": m["ms"], "iqr_ms": m["spread_ms"] * 1.349, "count": m["count"], "threads": threads,
+            "batch": batch, "clock": clock}
 
 
 class RetrainLoop:
@@ -258,7 +244,8 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     Returns:
         The ``result.json`` content: test top-1, measured and predicted latency, files.
     """
-    from proxyless_ray.latency.model import arch_latency, load_latency_model
+    from proxyless_ray.latency.local import quick_settings
+    from proxyless_ray.latency.model import arch_latency, load_latency_model_for
     from proxyless_ray.results import check_writable
 
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
@@ -276,7 +263,7 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     if finetune and source.state_dict is None:
         raise ValueError(f"--finetune: {spec!r} comes without weights (no state_dict.pt beside it)")
     build_splits_for(exp, arch)  # shape / data errors before any worker starts
-    model = load_latency_model(exp.latency.profile, strict=exp.latency.strict)
+    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
     out = os.path.join(exp.output_dir, "retrained", arch.name or "network")
     check_writable(out)
     state = source.state_dict if finetune else None
@@ -295,15 +282,45 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
         net, final = _fit_on_ray(exp, arch, state, epochs, lr)
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
     files = export_network(net, os.path.join(out, "network"))
-    measured = measure_latency_ms(net, arch)
+    md = getattr(model, "metadata", None) or {}
+    # Timed as the CPU profile was timed; for another target as cpu_local times it, so one network gets one figure
+    on_cpu = md.get("device") == "cpu"
+    measured = measure_latency_ms(net, arch, threads=int(md.get("threads", 1)) if on_cpu else 1,
+                                  clock=str(md.get("clock", "wall")) if on_cpu else quick_settings(1).clock)
     predicted = arch_latency(model, arch)[0]
+    compare = latency_comparison(model, predicted, measured)
+    log(f"[train] latency: predicted {predicted:.3f} ms on {model.name}, measured {measured['median_ms']:.3f} ms "
+        f"on this machine's CPU ({measured['threads']} thread(s), median, {measured['clock']} clock)"
+        + (f", predicted/measured {compare['latency_ratio']:.2f}" if compare["latency_ratio"] is not None
+           else f" ({compare['latency_note']})"))
     result = {"arch": arch.arch_string(), "source": source.label, "finetune": finetune, "test_acc": final["test_acc"],
               "train_acc": final["train_acc"], "epochs": final["epoch"], "profile": model.name,
               "predicted_latency_ms": predicted, "measured_cpu_latency_ms": measured["median_ms"],
-              "measured": measured, "producing_run_id": source.run_id, "files": files}
+              **compare, "measured": measured, "producing_run_id": source.run_id, "files": files}
     atomic_write_text(os.path.join(out, "result.json"), json.dumps(result, indent=2) + "\n")
     result["out_dir"] = out
     return result
+
+
+def latency_comparison(model: Any, predicted_ms: float, measured: dict[str, float]) -> dict[str, Any]:
+    """``latency_ratio`` (predicted / measured here) where the target is this machine's CPU, else ``None`` and a
+    ``latency_note`` saying why the CPU time here says nothing about the target.
+
+    The target is this CPU when it is a measured CPU profile whose fingerprint matches this machine (``cpu_local``
+    always does).
+    """
+    from proxyless_ray.latency.fingerprint import machine_note
+
+    md = getattr(model, "metadata", None) or {}
+    name = getattr(model, "name", "?")
+    if md.get("device") != "cpu":
+        why = (f"{name} is {md.get('device_name', 'a FLOPs count')}: a time measured on this CPU says nothing about "
+               f"that target")
+    elif md.get("method") != "measured" or machine_note(model) is not None:
+        why = f"{name} was not measured on this CPU: the ratio would compare two machines"
+    else:
+        return {"latency_ratio": predicted_ms / measured["median_ms"], "latency_note": None}
+    return {"latency_ratio": None, "latency_note": why}
 
 
 def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[ProxylessNet, dict[str, Any]]:

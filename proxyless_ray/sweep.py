@@ -69,13 +69,18 @@ def train_driver_fn(config: dict[str, Any]) -> None:
 
         tune.report(with_score(written, weight))
         return
-    extra = {"init_checkpoint": config.get("warmup_checkpoint"), "progress": False}
+    text = (config.get("latency_profiles") or {}).get(spec.hardware)  # resolved once on the sweep driver
+    extra = {"init_checkpoint": config.get("warmup_checkpoint"), "progress": False,
+             **({"latency_profile": text} if text else {})}
     trainer = build_trainer(exp, f"trial-{spec.key}", extra, callbacks=[ScoreReportCallback(weight)])
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is not None and (result.metrics or {}).get("finished"):
-        model = load_latency_model_for(exp.latency.profile, exp.space)
+        from proxyless_ray.latency.profile import profile_from_text
+
+        model = (profile_from_text(text, f"profile {spec.hardware!r} from the driver") if text
+                 else load_latency_model_for(exp.latency.profile, exp.space))
         with result.checkpoint.as_directory() as folder:
             write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
 
@@ -176,7 +181,26 @@ def max_concurrent(exp: Experiment, cluster: dict[str, float]) -> int:
     return max(int(cluster.get("CPU", 1) // (w * exp.dist.cpus_per_worker)), 1)
 
 
-def run_warmup(exp: Experiment, sweep_dir: str) -> tuple[str, str]:
+def resolve_local_profiles(exp: Experiment) -> dict[str, str]:
+    """``{hardware: profile YAML}`` for every local CPU target of the sweep (``cpu_local``), measured here once
+    before any trial starts (or read from the cache) and handed to the trials, so no trial measures it again;
+    analytic and imported targets say what they are."""
+    from proxyless_ray.latency.fingerprint import check_machine
+    from proxyless_ray.latency.local import is_local
+    from proxyless_ray.ray_trainer import describe_unmeasured
+
+    out = {}
+    for hw in exp.sweep.hardware:
+        model = load_latency_model_for(hw, exp.space, strict=exp.latency.strict)
+        describe_unmeasured(model)  # measured ones are compared by each trial's rank 0 with its node
+        if exp.latency.strict and exp.dist.address is None:  # the embedded cluster is this machine: refuse now
+            check_machine(model, strict=True, unmeasured=False)
+        if is_local(hw):
+            out[hw] = model.to_yaml()
+    return out
+
+
+def run_warmup(exp: Experiment, sweep_dir: str, profiles: dict[str, str] | None = None) -> tuple[str, str]:
     """Run (or reuse) the shared weight warm-up; returns ``(key, checkpoint path)``.
 
     The warm-up is a normal search stopped after ``train.warmup_epochs`` epochs; it is cached under
@@ -199,7 +223,9 @@ def run_warmup(exp: Experiment, sweep_dir: str) -> tuple[str, str]:
         return key, done
     print(f"[sweep] shared warm-up {key}: {exp.train.warmup_epochs} epochs, once for every trial",
           file=sys.stderr, flush=True)
-    result = build_trainer(wexp, key, {"until_epoch": exp.train.warmup_epochs, "progress": False}).fit()
+    text = (profiles or {}).get(exp.sweep.hardware[0])
+    result = build_trainer(wexp, key, {"until_epoch": exp.train.warmup_epochs, "progress": False,
+                                       **({"latency_profile": text} if text else {})}).fit()
     if result.error is not None:
         raise result.error
     path = result.checkpoint.path
@@ -300,6 +326,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
     from proxyless_ray.data import build_splits
 
     build_splits(exp.data, exp.space)  # bad data fails before any worker starts
+    local_profiles = resolve_local_profiles(exp)
     embedded = exp.dist.address is None
     # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): always on here.
     connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None, dashboard=True)
@@ -312,7 +339,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
                                                       reuse=False)
         if exp.sweep.shared_warmup and exp.train.warmup_epochs > 0 and plan.warmup_checkpoint is None:
             tw = time.time()
-            plan.warmup_key, plan.warmup_checkpoint = run_warmup(exp, sweep_dir)
+            plan.warmup_key, plan.warmup_checkpoint = run_warmup(exp, sweep_dir, local_profiles)
             plan.stats["warmup_s"] = time.time() - tw
         save_plan(plan, sweep_dir)
         param_space = {
@@ -321,6 +348,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             "sweep_dir": sweep_dir,
             "warmup_checkpoint": plan.warmup_checkpoint,
             "parent_run_id": plan.parent_run_id,
+            "latency_profiles": local_profiles,
         }
         resources, max_trials = trial_resources(exp, ray.cluster_resources())
         trainable = tune.with_resources(train_driver_fn, resources)

@@ -52,7 +52,8 @@ def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
         row = {"trial_id": spec["key"], "hardware": spec["hardware"], "loss": spec["loss"], "lam": spec["lam"],
                "beta": spec["beta"], "target_ms": spec["target_ms"], "heldout_acc": m.get("heldout_acc"),
                "expected_latency_ms": m.get("expected_latency_ms"), "argmax_latency_ms": m.get("argmax_latency_ms"),
-               "arch": m.get("arch"), "epoch": m.get("epoch", 0), "search_epoch": m.get("search_epoch", 0),
+               "derived_latency_ms": m.get("derived_latency_ms"), "arch": m.get("arch"), "epoch": m.get("epoch", 0),
+               "search_epoch": m.get("search_epoch", 0),
                "finished": bool(m.get("finished")), "test_acc": m.get("test_acc"),
                "error": None if result.error is None else str(result.error).splitlines()[0][:200],
                "out_dir": out_dir}

@@ -12,7 +12,8 @@ from typing import Any
 
 from proxyless_ray.tracking import Tracker
 
-METRICS = ("test_acc", "train_acc", "predicted_latency_ms", "measured_cpu_latency_ms")
+# latency_ratio (predicted / measured) exists only where the target is this CPU (cpu_local); None is not logged
+METRICS = ("test_acc", "train_acc", "predicted_latency_ms", "measured_cpu_latency_ms", "latency_ratio")
 
 
 def log_retrain(tracker: Tracker, result: dict[str, Any], trial_key: str | None = None) -> str:

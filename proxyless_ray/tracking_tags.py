@@ -22,8 +22,14 @@ def profile_info(spec: str) -> dict[str, str]:
     """
     if spec == "flops":
         return {"hardware": "flops", "device": "none", "platform": "FLOPs placeholder (no hardware)"}
+    from proxyless_ray.latency.local import local_threads
     from proxyless_ray.latency.profile import load_profile
 
+    threads = local_threads(spec)
+    if threads is not None:  # this machine's CPU: named without measuring it (the search resolves it)
+        from proxyless_ray.latency.fingerprint import cpu_fingerprint
+
+        return {"hardware": spec, "device": "cpu", "platform": f"local CPU: {cpu_fingerprint(threads)['model']}"}
     profile = load_profile(spec)
     md = profile.metadata
     return {"hardware": profile.name, "device": str(md.get("device", "")), "platform": str(md.get("device_name", ""))}

@@ -15,6 +15,7 @@ from typing import Any
 from proxyless_ray.arch import umask_mode
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
+from proxyless_ray.latency.fingerprint import check_machine
 from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.results import check_writable, interrupted, write_search_outputs
 from proxyless_ray.train_loop import SearchLoop
@@ -109,6 +110,7 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
     tracking.check()
     model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
+    check_machine(model, strict=exp.latency.strict)  # a profile measured on another machine: one line (or refused)
     others = shipped_models()
     reporter = LocalReporter(out, exp.dist.checkpoints_to_keep, echo)
 

@@ -18,7 +18,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         Tracker(exp).log_retrain(result)
     print(json.dumps({k: result[k] for k in ("arch", "test_acc", "predicted_latency_ms", "measured_cpu_latency_ms",
-                                             "profile", "out_dir")}, indent=2))
+                                             "latency_ratio", "latency_note", "profile", "out_dir")}, indent=2))
     return 0
 
 

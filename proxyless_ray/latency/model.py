@@ -49,27 +49,38 @@ class FlopsLatencyModel:
 
 
 def load_latency_model(spec: str, strict: bool = False) -> LatencyModel:
-    """Resolve ``flops`` or a hardware profile (a name in ``hardware_profiles/`` or a path).
+    """Resolve ``flops``, a hardware profile (a name in ``hardware_profiles/`` or a path) or ``cpu_local``.
+
+    Without a search space, ``cpu_local`` is the newest profile of this CPU in the local cache
+    (:mod:`proxyless_ray.latency.local`); :func:`load_latency_model_for` measures one when it is missing.
 
     Raises:
         ValueError / FileNotFoundError: naming the spec when it cannot be resolved.
     """
     if spec == "flops":
         return FlopsLatencyModel()
+    from proxyless_ray.latency.local import is_local, local_profile
     from proxyless_ray.latency.profile import load_profile
 
+    if is_local(spec):
+        return local_profile(spec, None, strict=strict)
     return load_profile(spec, strict=strict)
 
 
 def load_latency_model_for(spec: str, space: SearchSpace, strict: bool = False) -> LatencyModel:
-    """:func:`load_latency_model`, then check that a hardware profile can price every layer of ``space``.
+    """:func:`load_latency_model`, then check that a hardware profile can price every layer of ``space``
+    (``cpu_local`` is measured for ``space`` on first use).
 
     Raises:
         ValueError: naming the profile, the space's fingerprint and missing shapes when the profile was measured
             for another space and strict mode (or a missing predictor) forbids predicting them.
     """
-    model = load_latency_model(spec, strict=strict)
+    from proxyless_ray.latency.local import is_local, local_profile
     from proxyless_ray.latency.profile import Profile, check_space
+
+    if is_local(spec):  # this machine's CPU: measured for the space on first use, then read from the cache
+        return local_profile(spec, space, strict=strict)
+    model = load_latency_model(spec, strict=strict)
 
     if isinstance(model, Profile):
         check_space(model, space)

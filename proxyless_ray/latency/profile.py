@@ -88,6 +88,9 @@ class Profile:
         for k in ("batch_size", "threads"):
             if not isinstance(md[k], int) or isinstance(md[k], bool) or md[k] < 1:
                 raise ValueError(f"{src}: metadata {k} must be an integer >= 1, got {md[k]!r}")
+        if "fingerprint" in md and not isinstance(md["fingerprint"], Mapping):
+            raise ValueError(f"{src}: metadata fingerprint must be a mapping (see hardware_profiles/README.md), got "
+                             f"{md['fingerprint']!r}")
         pred_batch = getattr(self.predictor, "batch_size", None)
         if pred_batch is not None and pred_batch != md["batch_size"]:
             raise ValueError(f"{src}: predictor batch_size {pred_batch} differs from metadata batch_size "
@@ -232,6 +235,16 @@ def profile_from_dict(d: Any, source: str = "<profile>", base_dir: Path | None =
     return Profile(str(d.get("name") or Path(source).stem), md, entries, predictor, strict)
 
 
+def profile_from_text(text: str, source: str = "<profile>", strict: bool = False) -> Profile:
+    """A profile from its YAML text (:meth:`Profile.to_yaml` with the entries inline): how a profile resolved on
+    the driver (``cpu_local``) travels to Ray workers, which may not share its disk."""
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source}: not valid YAML ({err})") from None
+    return profile_from_dict(d, source, None, strict)
+
+
 def read_profile(path: str | os.PathLike, strict: bool = False) -> Profile:
     """Load a profile file (YAML with ``yaml.safe_load``; a Parquet side table if it names one)."""
     path = Path(path)
@@ -334,4 +347,4 @@ def check_space(profile: Profile, space: SearchSpace, strict: bool | None = None
 
 
 __all__ = ["DEVICES", "Entry", "Profile", "check_space", "list_profiles", "load_profile", "profile_dirs",
-           "profile_from_dict", "read_profile", "space_layers", "space_record"]
+           "profile_from_dict", "profile_from_text", "read_profile", "space_layers", "space_record"]

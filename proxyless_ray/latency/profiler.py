@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
 from proxyless_ray.arch import layer_key
+from proxyless_ray.latency.fingerprint import machine_fingerprint
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import Entry, Profile, space_layers, space_record
 from proxyless_ray.progress import Progress
@@ -311,6 +312,7 @@ def device_info(settings: ProfilerSettings) -> dict[str, Any]:
         "env": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
         "allocator": "glibc, mmap threshold 32 MiB (proxyless_ray.runtime.tune_allocator)" if _tuned() else "default",
         "settings": asdict(settings),
+        "fingerprint": machine_fingerprint(settings.device, settings.threads),
     }
 
 
