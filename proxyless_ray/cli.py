@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"proxyless-ray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        from proxyless_ray.ray_cluster import ClusterLostError  # not an input error, but one line says it all
+
+        if not isinstance(err, ClusterLostError) or os.environ.get("PROXYLESS_RAY_DEBUG"):
+            raise
+        print(f"proxyless-ray {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -37,8 +37,19 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     return load_experiment(args.experiment, overrides)
 
 
+def check_cluster(exp: Experiment) -> None:
+    """A cluster address that cannot work fails in a second, before torch, the data and MLflow load."""
+    from proxyless_ray.ray_cluster import check, effective_address
+
+    address = effective_address(exp.dist.address)
+    if address is not None:
+        check(address, exp.dist.connect_timeout_s)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
+    if exp.dist.workers > 0:
+        check_cluster(exp)
     from proxyless_ray.trainer import run_search
 
     run_search(exp, resume=args.resume)
