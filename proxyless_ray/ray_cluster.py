@@ -220,17 +220,18 @@ class HeadWatch:
     command instead of Ray's minute of GCS reconnect warnings followed by an abrupt exit.
 
     The main thread gets a ``KeyboardInterrupt``, which ``__exit__`` turns into :class:`ClusterLostError`; keep
-    ``ray.shutdown()`` inside the ``with`` block: if the process is still stuck ``exit_after_s`` later (Ray would
-    otherwise end it after a minute of warnings), it exits with status 1.
+    ``ray.shutdown()`` inside the ``with`` block. Ray Train's driver can stay blocked with its head gone, so if the
+    ``with`` block has not ended ``exit_after_s`` later, the watch prints the line itself and exits with status 1.
 
     Args:
         endpoint: The cluster's endpoint (from :func:`attach`); None watches nothing.
         interval_s: Seconds between checks.
         misses: Consecutive failed checks that count as the head being gone.
+        exit_after_s: Grace for the main thread to end the run after the interrupt.
     """
 
     def __init__(self, endpoint: Endpoint | None, interval_s: float = 2.0, misses: int = 3,
-                 exit_after_s: float = 30.0):
+                 exit_after_s: float = 10.0):
         self.endpoint, self.interval_s, self.misses, self.exit_after_s = endpoint, interval_s, misses, exit_after_s
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -252,9 +253,9 @@ class HeadWatch:
                     break
         if self.lost is None:
             return
-        print(f"[proxyless-ray] {self.message()}", file=sys.stderr, flush=True)
         _thread.interrupt_main()
-        if not self._stop.wait(self.exit_after_s):  # the driver is blocked in Ray: no clean way out is left
+        if not self._stop.wait(self.exit_after_s):
+            print(f"proxyless-ray: error: {self.message()}", file=sys.stderr, flush=True)
             os._exit(1)
 
     def __enter__(self) -> HeadWatch:
@@ -266,4 +267,3 @@ class HeadWatch:
         self._stop.set()
         if self.lost is not None:
             raise ClusterLostError(self.message()) from None
-

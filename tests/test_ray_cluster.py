@@ -302,7 +302,8 @@ def test_sweep_of_two_trials_on_the_cluster(head, tmp_path):
     assert res.returncode == 0, res.stdout[-4000:]
     assert "no 'driver_slot' resource" not in res.stdout  # the head has one: trials hold shares of it
     assert len(re.findall(r"^\[sweep +\d+s\] finished ", res.stdout, re.M)) == 2, res.stdout[-4000:]
-    assert "Found multiple active Ray instances" not in res.stdout
+    # Ray's own helpers inside the cluster resolve 'auto' too; other clusters on this machine must not confuse them
+    assert "Please specify the one to connect to" not in res.stdout
     report = next(ln for ln in res.stdout.splitlines() if ln.startswith("Sweep report: "))
     assert os.path.isfile(report.split()[2])
 
@@ -347,7 +348,8 @@ def test_head_dying_mid_search_ends_the_driver_with_the_resume_command(head, tmp
         guard.cancel()
         if proc.poll() is None:
             proc.kill()
-    errors = [ln for ln in out.splitlines() if ln.startswith("proxyless-ray search: error:")]
+    # one line, from the CLI or (when Ray keeps the driver blocked) from the watch itself
+    errors = [ln for ln in out.splitlines() if re.match(r"proxyless-ray( search)?: error:", ln)]
     assert proc.returncode == 1, out[-4000:]
     assert len(errors) == 1 and "stopped answering" in errors[0], out[-4000:]
     assert f"proxyless-ray search {exp} --address {head.gcs} --resume" in errors[0]
