@@ -15,7 +15,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data folder (sets data.path)")
     p.add_argument("--out", help="output root (sets out_dir); outputs go to <out>/<name>")
     p.add_argument("--workers", type=int, help="Ray Train workers (0: run in this process without Ray)")
-    p.add_argument("--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: embedded Ray")
+    p.add_argument("--address", help="Ray cluster address ('auto', 'host:6379', 'ray://host:10001'); default: "
+                                     "$RAY_ADDRESS (set inside 'ray job submit'), else embedded Ray")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray Train worker")
     p.add_argument("--storage-path", help="checkpoint storage (local folder or s3://, gs:// URI)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
