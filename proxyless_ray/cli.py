@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from proxyless_ray.ray_cluster import ClusterLostError  # standard library only: no Ray or torch at start-up
+
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = (
     "proxyless_ray.commands.search",
@@ -56,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"proxyless-ray {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:
-        from proxyless_ray.ray_cluster import ClusterLostError  # not an input error, but one line says it all
-
-        if not isinstance(err, ClusterLostError) or os.environ.get("PROXYLESS_RAY_DEBUG"):
+    except ClusterLostError as err:  # not the user's input (status 1), but one line says it all
+        if os.environ.get("PROXYLESS_RAY_DEBUG"):
             raise
         print(f"proxyless-ray {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -3,8 +3,8 @@ probe before ``ray.init``, and a watch on the head while a run is in progress.
 
 Ray 2.60 turns token authentication on for clusters started with a token file, but only ``ray.init("auto")`` looks
 for a token on the client; an explicit ``host:port`` or ``ray://`` address without ``RAY_AUTH_MODE=token`` retries
-for 20-30 s with one ``InvalidAuthToken`` line a second, then fails without saying what to set. Here one gRPC call
-with a short timeout asks the head first; when it wants a token the token is looked up the way Ray does
+for tens of seconds with one ``InvalidAuthToken`` line a second, then fails without saying what to set. Here one gRPC
+call with a short timeout asks the head first; when it wants a token the token is looked up the way Ray does
 (``RAY_AUTH_TOKEN``, then the file at ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``), and a missing or wrong
 token is one line naming what to set. This is the only module that uses Ray's private authentication API and its
 generated gRPC stubs; ``tests/test_ray_cluster.py`` fails when they change.
