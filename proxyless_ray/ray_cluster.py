@@ -115,23 +115,21 @@ def attach(address: str, timeout_s: float) -> Endpoint:
 
 def _authenticate(endpoint: Endpoint, timeout_s: float) -> None:
     """Ask the head with one short call whether it wants a token, and enable Ray's token mode when it does."""
-    import grpc
-
     mode = os.environ.get(AUTH_MODE, "").lower()
     token = None if mode == "disabled" else _find_token()
     code = _probe(endpoint, token if mode == "token" else None, timeout_s)
-    if code == grpc.StatusCode.UNAUTHENTICATED and mode != "token" and token is not None:
+    if code == "UNAUTHENTICATED" and mode != "token" and token is not None:
         code = _probe(endpoint, token, timeout_s)  # as Ray's "auto" does: a token found here turns token mode on
         if code is None:
             _enable_token_mode()
     if code is None:
         return
     where = str(endpoint)
-    if code != grpc.StatusCode.UNAUTHENTICATED:
+    if code != "UNAUTHENTICATED":
         port_hint = "the Ray Client port (ray start --ray-client-server-port, default 10001)" if endpoint.client \
             else "the head's GCS port (ray start --head --port, default 6379)"
         raise ClusterError(f"{where!r} answers but not as a Ray {'client server' if endpoint.client else 'head'} "
-                           f"({code.name}); --address takes {port_hint}, or 'auto' on a cluster node")
+                           f"({code}); --address takes {port_hint}, or 'auto' on a cluster node")
     if mode == "disabled":
         raise ClusterError(f"the Ray cluster at {where!r} requires token authentication but {AUTH_MODE}=disabled "
                            f"here: unset it or set {AUTH_MODE}=token, and {TOKEN_HINT}")
@@ -173,28 +171,46 @@ def _token_source() -> str:
     return DEFAULT_TOKEN_FILE
 
 
-def _probe(endpoint: Endpoint, token: str | None, timeout_s: float):
-    """One cheap call to the GCS (its cluster id) or the Ray Client server (a ping); the gRPC status code on
-    failure, None on success."""
-    import grpc
+# One gRPC call, in a child process: gRPC's Python threads left in the driver broke the Train run that followed
+# (its controller actor died at start) on a cluster_utils cluster.
+_PROBE = """
+import os, sys, grpc
+host, port, client, timeout = sys.argv[1], sys.argv[2], sys.argv[3] == "1", float(sys.argv[4])
+token = os.environ.pop("PROXYLESS_PROBE_TOKEN", "")
+metadata = [("authorization", "Bearer " + token)] if token else []
+with grpc.insecure_channel(host + ":" + port) as channel:
+    try:
+        if client:
+            from ray.core.generated import ray_client_pb2 as pb, ray_client_pb2_grpc as rpc
+            rpc.RayletDriverStub(channel).ClusterInfo(pb.ClusterInfoRequest(type=pb.ClusterInfoType.PING),
+                                                      timeout=timeout, metadata=metadata)
+        else:
+            from ray.core.generated import gcs_service_pb2 as pb, gcs_service_pb2_grpc as rpc
+            rpc.NodeInfoGcsServiceStub(channel).GetClusterId(pb.GetClusterIdRequest(), timeout=timeout,
+                                                             metadata=metadata)
+    except grpc.RpcError as err:
+        print(err.code().name)
+        sys.exit(0)
+print("OK")
+"""
 
-    metadata = [("authorization", f"Bearer {token}")] if token else []
-    with grpc.insecure_channel(f"{endpoint.host}:{endpoint.port}") as channel:
-        try:
-            if endpoint.client:
-                from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
 
-                request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
-                ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(request, timeout=timeout_s,
-                                                                          metadata=metadata)
-            else:
-                from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+def _probe(endpoint: Endpoint, token: str | None, timeout_s: float) -> str | None:
+    """One cheap call to the GCS (its cluster id) or the Ray Client server (a ping); the gRPC status code's name
+    on failure, None on success. The token travels in the child's environment, not on its command line."""
+    import subprocess
 
-                gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                    gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, metadata=metadata)
-        except grpc.RpcError as err:
-            return err.code()
-    return None
+    env = {**os.environ, "PROXYLESS_PROBE_TOKEN": token or ""}
+    args = [sys.executable, "-c", _PROBE, endpoint.host, str(endpoint.port), "1" if endpoint.client else "0",
+            str(timeout_s)]
+    try:
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s + 60)
+    except subprocess.TimeoutExpired:
+        return "DEADLINE_EXCEEDED"
+    lines = done.stdout.split()
+    if done.returncode != 0 or not lines:
+        raise ClusterError(f"could not probe the Ray cluster at {str(endpoint)!r}: {done.stderr.strip()[-300:]}")
+    return None if lines[-1] == "OK" else lines[-1]
 
 
 def _enable_token_mode() -> None:
