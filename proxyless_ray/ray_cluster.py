@@ -141,18 +141,26 @@ def _authenticate(endpoint: Endpoint, timeout_s: float) -> None:
 
 
 def _find_token() -> str | None:
-    """The token Ray would send (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), or None."""
-    from ray._raylet import AuthenticationTokenLoader
+    """The token Ray would send (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``, whitespace
+    stripped: Ray's documented order), or None.
 
+    Read here rather than through Ray's token loader: a token cached in the driver's loader while token mode is off
+    made the Train controller of the run that followed die at start on a cluster without authentication.
+    """
+    if os.environ.get(AUTH_TOKEN, "").strip():
+        return os.environ[AUTH_TOKEN].strip()
     path = os.environ.get(AUTH_TOKEN_PATH)
-    if not os.environ.get(AUTH_TOKEN) and path and not _readable_nonempty(path):
-        # Ray aborts on an unreadable token path instead of falling back, so say it first.
-        raise ClusterError(f"{AUTH_TOKEN_PATH}={path!r} is not a readable file holding a token; {TOKEN_HINT}")
-    loader = AuthenticationTokenLoader.instance()
-    loader.reset_cache()  # the variables may have changed since Ray first read them in this process
-    header = loader.get_token_for_http_header(ignore_auth_mode=True)
-    value = next(iter(header.values()), "")
-    return value.removeprefix("Bearer ") or None
+    if path:
+        if not _readable_nonempty(path):
+            # Ray aborts on an unreadable token path instead of falling back, so say it first.
+            raise ClusterError(f"{AUTH_TOKEN_PATH}={path!r} is not a readable file holding a token; {TOKEN_HINT}")
+    else:
+        path = DEFAULT_TOKEN_FILE
+    try:
+        with open(os.path.expanduser(path)) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
 
 
 def _readable_nonempty(path: str) -> bool:
@@ -216,8 +224,10 @@ def _probe(endpoint: Endpoint, token: str | None, timeout_s: float) -> str | Non
 def _enable_token_mode() -> None:
     """Ray's token mode for this process (Ray caches its config at import) and the processes it starts."""
     from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
 
     _enable_token_auth()
+    AuthenticationTokenLoader.instance().reset_cache()  # read the token again, now that token mode is on
 
 
 # -- while a run is in progress ------------------------------------------------------------------------------------
