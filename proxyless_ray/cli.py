@@ -13,6 +13,8 @@ import os
 import shlex
 import sys
 
+from proxyless_ray.ray_cluster import ClusterLostError  # standard library only: no Ray or torch at start-up
+
 # Modules that contribute subcommands, in help order.
 COMMAND_MODULES = (
     "proxyless_ray.commands.search",
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             detail += f"; resume with: proxyless-ray {shlex.join(words)} --resume"
         print(f"proxyless-ray {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
+    except ClusterLostError as err:  # not the user's input (status 1), but one line says it all
+        if os.environ.get("PROXYLESS_RAY_DEBUG"):
+            raise
+        print(f"proxyless-ray {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ class DistConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom resources, e.g. {hw_a100: 1}
-    address: str | None = None  # None: embedded ray.init(); 'auto' or 'ray://host:port' for a cluster
+    address: str | None = None  # None: $RAY_ADDRESS, else embedded ray.init(); 'auto', 'host:port', 'ray://host:port'
     storage_path: str | None = None  # checkpoints; a local folder or a pyarrow URI (s3://, gs://). None: <out>/ray
     checkpoint_every: int = 1  # epochs
     checkpoints_to_keep: int = 2

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.ray_cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address
 from proxyless_ray.runtime import WORKER_ENV
 
 RUN_PREFIX = "search"
@@ -34,10 +34,6 @@ LEAN_ENV = {
 }
 _LEAN_CLUSTER = False  # connect() started an embedded cluster without the dashboard (so without the State API)
 _LEAN_SET: set[str] = set()  # the LEAN_ENV variables connect() set (not the user)
-
-
-class ClusterError(ValueError):
-    """The Ray cluster cannot be reached or cannot ever place the requested workers."""
 
 
 # -- worker side -------------------------------------------------------------------------------------------------
@@ -139,8 +135,12 @@ def driver_profile_text(spec: str, model: Any) -> dict[str, str]:
 
 
 def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, float] | None = None,
-            dashboard: bool | None = None) -> None:
-    """Attach to the experiment's cluster, or start an embedded one; fail fast on an unreachable address.
+            dashboard: bool | None = None) -> Endpoint | None:
+    """Attach to the experiment's cluster, or start an embedded one; returns the cluster's endpoint (None: embedded
+    or already connected).
+
+    The cluster is ``dist.address``, else ``RAY_ADDRESS`` (inside ``ray job submit``); attaching checks it answers
+    and finds Ray's token when it wants one, failing in one line otherwise (:func:`proxyless_ray.ray_cluster.attach`).
 
     ``address="local"`` always starts a fresh embedded instance, so a stale cluster file left by a killed process
     is never picked up by mistake. The embedded instance is lean: no preemption watcher (a laptop is not preempted)
@@ -157,8 +157,8 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
     global _LEAN_CLUSTER
 
     if ray.is_initialized():
-        return
-    address = exp.dist.address
+        return None
+    address = effective_address(exp.dist.address)
     _LEAN_CLUSTER = False
     if address is None:
         dashboard = exp.dist.dashboard if dashboard is None else dashboard
@@ -174,27 +174,8 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
         ray.init(address="local", num_cpus=num_cpus, resources=resources, log_to_driver=True,
                  configure_logging=False, include_dashboard=dashboard)
         _LEAN_CLUSTER = not dashboard
-        return
-    if address != "auto":
-        host, port = _host_port(address)
-        try:
-            with socket.create_connection((host, port), timeout=exp.dist.connect_timeout_s):
-                pass
-        except OSError as err:
-            raise ClusterError(f"Ray cluster at {address!r} is unreachable ({err}); start it with 'ray start "
-                               f"--head' or fix --address") from None
-    try:
-        ray.init(address=address, configure_logging=False)
-    except ConnectionError as err:
-        raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    rest = address.split("://", 1)[-1]
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"Ray address {address!r} is not 'auto', 'host:port' or 'ray://host:port'")
-    return host, int(port)
+        return None
+    return attach(address, exp.dist.connect_timeout_s)
 
 
 def check_placeable(exp: Experiment, workers: int | None = None) -> None:
@@ -325,26 +306,28 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     if resume and "://" not in run_dir and latest_ray_checkpoint(run_dir) is None:
         print(f"--resume: {run_dir} holds no checkpoint (the run stopped before its first one); starting from "
               f"scratch", file=sys.stderr, flush=True)
-    connect(exp, num_cpus=os.cpu_count())  # an embedded cluster is this machine: never more CPUs than it has
-    try:
-        check_placeable(exp)
-        with tracking.active():  # MLflow parent + child runs, logged from the Train controller; FAILED on errors
-            trainer = build_trainer(exp, name, {"progress": True, **driver_profile_text(exp.latency.profile, model)},
-                                    callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
-            result = trainer.fit()
-            if result.error is not None:
-                raise_train_error(result.error)
-            if result.checkpoint is None:
-                raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
-            with result.checkpoint.as_directory() as folder:
-                res = write_search_outputs(exp, folder, out, model, shipped_models())
-            tracking.finish(out, res)
-    except KeyboardInterrupt as err:
-        if isinstance(err, Interrupted):
-            raise
-        raise interrupted(out, latest_ray_checkpoint(run_dir) if "://" not in run_dir else None) from None
-    finally:
-        ray.shutdown()
+    endpoint = connect(exp, num_cpus=os.cpu_count())  # an embedded cluster is this machine: never more CPUs
+    with HeadWatch(endpoint):  # a head that dies mid-run: one line and the resume command, no minute-long hang
+        try:
+            check_placeable(exp)
+            with tracking.active():  # MLflow parent + child runs, logged from the Train controller; FAILED on errors
+                trainer = build_trainer(exp, name,
+                                        {"progress": True, **driver_profile_text(exp.latency.profile, model)},
+                                        callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
+                result = trainer.fit()
+                if result.error is not None:
+                    raise_train_error(result.error)
+                if result.checkpoint is None:
+                    raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
+                with result.checkpoint.as_directory() as folder:
+                    res = write_search_outputs(exp, folder, out, model, shipped_models())
+                tracking.finish(out, res)
+        except KeyboardInterrupt as err:
+            if isinstance(err, Interrupted):
+                raise
+            raise interrupted(out, latest_ray_checkpoint(run_dir) if "://" not in run_dir else None) from None
+        finally:
+            ray.shutdown()
     print(json.dumps({k: res[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
     return res
 

@@ -11,6 +11,7 @@ from its checkpoint. Schedulers: FIFO, ASHA on a scalarised score, or the Pareto
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -150,6 +151,16 @@ class TrialLogCallback(Callback):
 # -- driver --------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _shutdown_after():
+    import ray
+
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def trial_resources(exp: Experiment, cluster: dict[str, float]) -> tuple[dict[str, float], int | None]:
     """A Tune trial's resources, and ``max_concurrent_trials`` (None when the resources cap concurrency).
 
@@ -168,6 +179,17 @@ def trial_resources(exp: Experiment, cluster: dict[str, float]) -> tuple[dict[st
     if slots >= n:
         return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4}, None  # Ray keeps 4 decimals of a resource
     return {"CPU": 0.01}, n
+
+
+def fallback_note(exp: Experiment, cluster: dict[str, float]) -> str | None:
+    """What a sweep on a cluster without enough ``driver_slot`` does instead (None when it has them)."""
+    _, max_trials = trial_resources(exp, cluster)
+    if max_trials is None:
+        return None
+    sync_rung = exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung
+    return (f"the cluster has no {DRIVER_SLOT!r} resource, falling back: each trial takes 0.01 CPU, at most "
+            f"{max_trials} run at once{', the Pareto first rung is asynchronous' * sync_rung} (give the head one: "
+            f"ray start --head --resources '{{\"{DRIVER_SLOT}\": 64}}')")
 
 
 def max_concurrent(exp: Experiment, cluster: dict[str, float]) -> int:
@@ -303,6 +325,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
     import ray
     from ray import tune
 
+    from proxyless_ray.ray_cluster import HeadWatch, effective_address
     from proxyless_ray.ray_trainer import check_placeable, connect
     from proxyless_ray.results import check_writable
     from proxyless_ray.sweep_report import summarize_sweep
@@ -327,11 +350,12 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
 
     build_splits(exp.data, exp.space)  # bad data fails before any worker starts
     local_profiles = resolve_local_profiles(exp)
-    embedded = exp.dist.address is None
+    embedded = effective_address(exp.dist.address) is None
     # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): always on here.
-    connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None, dashboard=True)
+    endpoint = connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None,
+                       dashboard=True)
     t0 = time.time()
-    try:
+    with HeadWatch(endpoint), _shutdown_after():
         check_placeable(exp, workers=max(exp.sweep.workers_per_trial, 1))
         if tracker is not None and plan.parent_run_id is None:
             # a fresh sweep gets a fresh parent run; --resume finds its id in sweep.json
@@ -351,14 +375,13 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             "latency_profiles": local_profiles,
         }
         resources, max_trials = trial_resources(exp, ray.cluster_resources())
+        note = fallback_note(exp, ray.cluster_resources())
+        if note:
+            print(f"[proxyless-ray] {note}", file=sys.stderr, flush=True)
         trainable = tune.with_resources(train_driver_fn, resources)
         group_sizes = None
-        if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung:
-            if max_trials is None:
-                group_sizes = dict(Counter(spec.hardware for spec in plan.trials))
-            else:
-                print(f"[proxyless-ray] the cluster has no {DRIVER_SLOT!r} resource to cap running trials with: "
-                      f"the Pareto scheduler's first rung is asynchronous (see the README)", file=sys.stderr)
+        if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung and max_trials is None:
+            group_sizes = dict(Counter(spec.hardware for spec in plan.trials))
         callbacks = [TrialLogCallback(len(plan.trials), exp.train.epochs)]
         if tracker is not None:
             callbacks.append(tracker.tune_callback(plan.parent_run_id))
@@ -380,5 +403,3 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         if tracker is not None:
             tracker.finish_sweep(plan.parent_run_id, sweep_dir, summary)
         return summary
-    finally:
-        ray.shutdown()

@@ -16,7 +16,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data folder (sets data.path)")
     p.add_argument("--out", help="output root (sets out_dir); outputs go to <out>/<name>")
     p.add_argument("--workers", type=int, help="Ray Train workers (0: run in this process without Ray)")
-    p.add_argument("--address", help="Ray cluster address ('auto', 'ray://host:10001'); default: embedded Ray")
+    p.add_argument("--address", help="Ray cluster address ('auto', 'host:6379', 'ray://host:10001'); default: "
+                                     "$RAY_ADDRESS (set inside 'ray job submit'), else embedded Ray")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray Train worker")
     p.add_argument("--storage-path", help="checkpoint storage (local folder or s3://, gs:// URI)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -39,8 +40,19 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     return load_experiment(args.experiment, overrides)
 
 
+def check_cluster(exp: Experiment) -> None:
+    """A cluster address that cannot work fails in a second, before torch, the data and MLflow load."""
+    from proxyless_ray.ray_cluster import check, effective_address
+
+    address = effective_address(exp.dist.address)
+    if address is not None:
+        check(address, exp.dist.connect_timeout_s)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
+    if exp.dist.workers > 0:
+        check_cluster(exp)
     from proxyless_ray.trainer import run_search
 
     run_search(exp, resume=args.resume)

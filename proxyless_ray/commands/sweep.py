@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from proxyless_ray.commands.search import add_experiment_args, experiment_from_args
+from proxyless_ray.commands.search import add_experiment_args, check_cluster, experiment_from_args
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -12,6 +12,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from proxyless_ray.sweep_plan import sweep_grid
 
     sweep_grid(exp)  # an empty or invalid grid fails before Ray is imported or started
+    check_cluster(exp)
     from proxyless_ray.sweep import run_sweep
 
     tracker = None
