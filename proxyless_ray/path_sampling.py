@@ -46,24 +46,20 @@ class StepPaths:
     distill: bool = False
 
 
+def _size_key(block: str) -> tuple[bool, int, int]:
+    """Order candidates by computation: zero first, then expansion, then kernel."""
+    spec = parse_block(block)
+    return (not spec.is_zero, spec.exp_ratio, spec.kernel_size)
+
+
 def largest_choices(slots: list[Slot]) -> list[int]:
     """Per layer, the candidate with the most computation: largest expansion, then largest kernel."""
-    out = []
-    for s in slots:
-        specs = [parse_block(c) for c in s.candidates]
-        out.append(max(range(len(specs)), key=lambda i: (not specs[i].is_zero, specs[i].exp_ratio,
-                                                          specs[i].kernel_size)))
-    return out
+    return [max(range(len(s.candidates)), key=lambda i, s=s: _size_key(s.candidates[i])) for s in slots]
 
 
 def smallest_choices(slots: list[Slot]) -> list[int]:
     """Per layer, zero where it is a candidate, else the smallest expansion and kernel."""
-    out = []
-    for s in slots:
-        specs = [parse_block(c) for c in s.candidates]
-        out.append(min(range(len(specs)), key=lambda i: (not specs[i].is_zero, specs[i].exp_ratio,
-                                                          specs[i].kernel_size)))
-    return out
+    return [min(range(len(s.candidates)), key=lambda i, s=s: _size_key(s.candidates[i])) for s in slots]
 
 
 def uniform_choices(slots: list[Slot], generator: torch.Generator) -> list[int]:
