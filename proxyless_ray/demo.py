@@ -50,7 +50,7 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
                               tracking={"enabled": False}, data=data)
         texp = Experiment.from_dict({**texp.to_dict(), "out_dir": os.path.join(sweep_dir, RETRAINED_DIR),
                                      "name": r["trial_id"]})
-        # the search's peak rate: one epoch from inherited nested weights gained 3 points over a fifth of it
+        # the search's peak rate: at a fifth of it one epoch barely moved the inherited weights (figures: README)
         res = run_retrain(texp, os.path.join(trial_dir, "network"), finetune=True, epochs=epochs, lr=exp.train.lr)
         if tracker is not None:
             tracker.log_retrain(res, trial_key=r["trial_id"])
