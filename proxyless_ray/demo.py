@@ -2,9 +2,10 @@
 
 Runs on the embedded defaults (local Ray, sqlite MLflow in the working folder, Debian's Fashion-MNIST): one Ray
 Tune sweep (``cpu_local``, this CPU profiled on first use, the Pixel-1 mobile profile and the V100 GPU profile x
-several latency coefficients), a short fine-tune of every Pareto-front network from its inherited weights, with its
-latency measured on this CPU next to its predicted latency on its own hardware, and a per-hardware table. Running it
-again starts a fresh sweep (the shared warm-up is reused from the cache).
+several latency coefficients), a short fine-tune of every Pareto-front network from its inherited weights (side by
+side, as Ray tasks), with its latency measured on this CPU afterwards, one network at a time, next to its predicted
+latency on its own hardware, and a per-hardware table. Running it again starts a fresh sweep (the shared warm-up is
+reused from the cache).
 """
 
 from __future__ import annotations
@@ -34,27 +35,33 @@ def demo_experiment_path() -> str:
 
 
 def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=None) -> pd.DataFrame:
-    """Fine-tune every finished front network briefly from its inherited weights; measure it here."""
+    """Fine-tune every finished front network briefly from its inherited weights, then measure each here.
+
+    The fine-tunes run side by side (:func:`fit_in_parallel`); the latency measurements follow one at a time, so a
+    network is never timed while another one trains.
+    """
     from proxyless_ray.config import with_overrides
-    from proxyless_ray.retrain import run_retrain
+    from proxyless_ray.retrain import measure_retrained
     from proxyless_ray.sweep import RETRAINED_DIR
     from proxyless_ray.sweep_plan import TRIALS_DIR
 
-    epochs = exp.sweep.retrain_epochs
-    rows = []
+    jobs = []
     front = table[table["on_front"] & table["finished"]]
     for _, r in front.iterrows():
-        trial_dir = os.path.join(sweep_dir, TRIALS_DIR, r["trial_id"])
         data = {"train_subset": exp.sweep.retrain_subset, "warmup_subset": 0} if exp.sweep.retrain_subset else {}
         texp = with_overrides(exp, latency={"profile": r["hardware"]}, dist={"workers": 0},
                               tracking={"enabled": False}, data=data)
         texp = Experiment.from_dict({**texp.to_dict(), "out_dir": os.path.join(sweep_dir, RETRAINED_DIR),
                                      "name": r["trial_id"]})
-        # the search's peak rate: at a fifth of it one epoch barely moved the inherited weights (figures: README)
-        res = run_retrain(texp, os.path.join(trial_dir, "network"), finetune=True, epochs=epochs, lr=exp.train.lr)
+        jobs.append((r["trial_id"], texp, os.path.join(sweep_dir, TRIALS_DIR, r["trial_id"], "network")))
+    # the search's peak rate: at a fifth of it one epoch barely moved the inherited weights (figures: README)
+    fitted = fit_in_parallel(exp, jobs, exp.sweep.retrain_epochs, exp.train.lr)
+    rows = []
+    for trial_id, texp, _ in jobs:
+        res = measure_retrained(texp, fitted[trial_id])
         if tracker is not None:
-            tracker.log_retrain(res, trial_key=r["trial_id"])
-        rows.append({"trial_id": r["trial_id"], "retrained_test_acc": res["test_acc"],
+            tracker.log_retrain(res, trial_key=trial_id)
+        rows.append({"trial_id": trial_id, "retrained_test_acc": res["test_acc"],
                      "measured_cpu_ms": res["measured_cpu_latency_ms"], "measured_threads": res["measured"]["threads"],
                      "measured_clock": res["measured"].get("clock", "wall"),
                      "predicted_ms": res["predicted_latency_ms"], "latency_ratio": res["latency_ratio"]})
@@ -62,6 +69,44 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
                                                    "measured_threads", "measured_clock", "predicted_ms",
                                                    "latency_ratio"]),
                        on="trial_id", how="left")
+
+
+def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], epochs: int, lr: float,
+                    finetune: bool = True) -> dict[str, dict[str, Any]]:
+    """Train ``jobs`` (key, experiment, network folder or ``arch.json``) as Ray tasks of ``train.threads`` CPUs each,
+    as many at once as the cluster's CPUs allow; returns each key's :func:`proxyless_ray.retrain.fit_network` result.
+
+    One network at a time leaves cores idle: a fine-tune runs ``train.threads`` threads (the demo's 1), and small
+    networks do not scale across threads. With one job or one slot the fit runs here, with its progress bar.
+    """
+    import ray
+
+    from proxyless_ray.ray_trainer import connect
+    from proxyless_ray.retrain import fit_network
+
+    threads = max(1, exp.train.threads)
+    if len(jobs) < 2 or (os.cpu_count() or 1) < 2 * threads:
+        return {tid: fit_network(texp, spec, finetune=finetune, epochs=epochs, lr=lr) for tid, texp, spec in jobs}
+    started = not ray.is_initialized()
+    connect(exp, num_cpus=os.cpu_count())
+    try:
+        task = ray.remote(num_cpus=threads, max_retries=0)(fit_network)
+        pending = {task.remote(texp, spec, finetune=finetune, epochs=epochs, lr=lr, progress=False): tid
+                   for tid, texp, spec in jobs}
+        out: dict[str, dict[str, Any]] = {}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            tid = pending.pop(ref)
+            try:
+                out[tid] = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                raise (err.cause if isinstance(err.cause, Exception) else err) from None
+            print(f"[demo] trained {tid}: test {out[tid]['test_acc']:.4f} ({len(out)}/{len(jobs)})",
+                  file=sys.stderr, flush=True)
+        return out
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _num(value: Any, fmt: str) -> str:

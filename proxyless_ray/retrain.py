@@ -244,8 +244,17 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     Returns:
         The ``result.json`` content: test top-1, measured and predicted latency, files.
     """
-    from proxyless_ray.latency.local import quick_settings
-    from proxyless_ray.latency.model import arch_latency, load_latency_model_for
+    return measure_retrained(exp, fit_network(exp, spec, finetune, epochs, lr))
+
+
+def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int | None = None,
+                lr: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """The training half of :func:`run_retrain`: train and export, no latency measured.
+
+    Returns the result so far (accuracies, files, ``out_dir``); :func:`measure_retrained` completes it. Several
+    fits may run at once (the demo's parallel fine-tunes) while the measurements wait for a quiet machine.
+    """
+    from proxyless_ray.latency.model import load_latency_model_for
     from proxyless_ray.results import check_writable
 
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
@@ -263,7 +272,7 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     if finetune and source.state_dict is None:
         raise ValueError(f"--finetune: {spec!r} comes without weights (no state_dict.pt beside it)")
     build_splits_for(exp, arch)  # shape / data errors before any worker starts
-    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
+    load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)  # a bad profile, too
     out = os.path.join(exp.output_dir, "retrained", arch.name or "network")
     check_writable(out)
     state = source.state_dict if finetune else None
@@ -275,13 +284,28 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
             log(f"[train] epoch {metrics['epoch']}: train {metrics['train_acc']:.4f} test {metrics['test_acc']:.4f}")
             final.update(metrics)
 
-        loop = RetrainLoop(exp, arch, Comm(), report, state, epochs, lr)
+        loop = RetrainLoop(exp, arch, Comm(), report, state, epochs, lr, progress=progress)
         loop.run()
         net = loop.net
     else:
         net, final = _fit_on_ray(exp, arch, state, epochs, lr)
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
     files = export_network(net, os.path.join(out, "network"))
+    return {"arch": arch.arch_string(), "source": source.label, "finetune": finetune, "test_acc": final["test_acc"],
+            "train_acc": final["train_acc"], "epochs": final["epoch"], "producing_run_id": source.run_id,
+            "files": files, "out_dir": out}
+
+
+def measure_retrained(exp: Experiment, fitted: dict[str, Any]) -> dict[str, Any]:
+    """The measuring half of :func:`run_retrain`: time the exported network on this CPU, predict it on the
+    experiment's profile and write ``result.json``."""
+    from proxyless_ray.latency.local import quick_settings
+    from proxyless_ray.latency.model import arch_latency, load_latency_model_for
+
+    out = fitted["out_dir"]
+    net = load_network(os.path.join(out, "network"))
+    arch = net.arch
+    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
     md = getattr(model, "metadata", None) or {}
     # Timed as the CPU profile was timed; for another target as cpu_local times it, so one network gets one figure
     on_cpu = md.get("device") == "cpu"
@@ -293,10 +317,10 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
         f"on this machine's CPU ({measured['threads']} thread(s), median, {measured['clock']} clock)"
         + (f", predicted/measured {compare['latency_ratio']:.2f}" if compare["latency_ratio"] is not None
            else f" ({compare['latency_note']})"))
-    result = {"arch": arch.arch_string(), "source": source.label, "finetune": finetune, "test_acc": final["test_acc"],
-              "train_acc": final["train_acc"], "epochs": final["epoch"], "profile": model.name,
-              "predicted_latency_ms": predicted, "measured_cpu_latency_ms": measured["median_ms"],
-              **compare, "measured": measured, "producing_run_id": source.run_id, "files": files}
+    result = {k: v for k, v in fitted.items() if k not in ("out_dir", "files", "producing_run_id")}
+    result.update({"profile": model.name, "predicted_latency_ms": predicted,
+                   "measured_cpu_latency_ms": measured["median_ms"], **compare, "measured": measured,
+                   "producing_run_id": fitted["producing_run_id"], "files": fitted["files"]})
     atomic_write_text(os.path.join(out, "result.json"), json.dumps(result, indent=2) + "\n")
     result["out_dir"] = out
     return result

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from proxyless_ray.arch import Arch
+from proxyless_ray.config import Experiment
 from proxyless_ray.cli import main
 from proxyless_ray.retrain import measure_latency_ms, resolve_arch, run_retrain
 from proxyless_ray.trainer import run_local
@@ -83,3 +84,30 @@ def test_unknown_sources_and_missing_data(searched, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Fashion-MNIST folder" in err and "no_data" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_parallel_fine_tunes_on_ray_match_one_in_process(searched, tmp_path):
+    """The demo's side-by-side fine-tunes (Ray tasks) give what the same fit gives in this process, file for file."""
+    from proxyless_ray.demo import fit_in_parallel
+    from proxyless_ray.network import load_network
+    from proxyless_ray.retrain import fit_network, measure_retrained
+
+    exp = tiny_experiment(tmp_path)
+    spec = os.path.join(searched.output_dir, "network")
+    jobs = [(f"trial{i}", Experiment.from_dict({**exp.to_dict(), "name": f"trial{i}"}), spec) for i in range(2)]
+    remote = fit_in_parallel(exp, jobs, epochs=1, lr=0.01)
+    assert sorted(remote) == ["trial0", "trial1"]
+    local = fit_network(Experiment.from_dict({**exp.to_dict(), "out_dir": str(tmp_path / "local")}), spec,
+                        finetune=True, epochs=1, lr=0.01)
+    for tid in remote:
+        assert remote[tid]["test_acc"] == local["test_acc"] and f"/{tid}/" in remote[tid]["out_dir"]
+        a = load_network(os.path.join(remote[tid]["out_dir"], "network")).state_dict()
+        b = load_network(os.path.join(local["out_dir"], "network")).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(os.path.join(remote["trial0"]["out_dir"], "result.json"))  # measured later, here
+    result = measure_retrained(jobs[0][1], remote["trial0"])
+    assert result["measured_cpu_latency_ms"] > 0
+    with open(os.path.join(remote["trial0"]["out_dir"], "result.json")) as fh:
+        assert json.load(fh)["test_acc"] == local["test_acc"]
