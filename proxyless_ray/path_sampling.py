@@ -99,3 +99,28 @@ def warmup_paths(method: WarmupMethod | str, slots: list[Slot], seed: int, epoch
         order = torch.randperm(n, generator=ggen) % len(s.candidates)
         path.append(int(order[pos]))
     return StepPaths((tuple(path),))
+
+
+def train_paths(net, x: torch.Tensor, y: torch.Tensor, step: StepPaths,
+                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward each of ``step``'s paths of the supernet ``net`` in turn (one path's activations at a
+    time), gradients summed; with distillation every later path learns the first path's predictions.
+
+    Returns the first path's loss and logits.
+    """
+    first: tuple[torch.Tensor, torch.Tensor] | None = None
+    teacher = None
+    for path in step.paths:
+        net.set_active(list(path))
+        logits = net(x)
+        if first is None:
+            loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            first = (loss, logits)
+            if step.distill:
+                teacher = torch.softmax(logits.detach(), dim=1)
+        elif teacher is not None:
+            loss = -(teacher * torch.log_softmax(logits, dim=1)).sum(1).mean()
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        loss.backward()
+    return first  # type: ignore[return-value]  # a StepPaths holds at least one path

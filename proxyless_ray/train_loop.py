@@ -39,7 +39,7 @@ from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.mixed_op import GateMode
 from proxyless_ray.network import ProxylessNet
 from proxyless_ray.objective import latency_objective, reward
-from proxyless_ray.path_sampling import StepPaths, uniform_choices, warmup_paths
+from proxyless_ray.path_sampling import StepPaths, train_paths, uniform_choices, warmup_paths
 from proxyless_ray.progress import Progress
 from proxyless_ray.readiness import readiness_summary, searching
 from proxyless_ray.runtime import tune_allocator
@@ -269,7 +269,7 @@ class SearchLoop:
         self._set_lr(epoch, i)
         st.w_opt.zero_grad(set_to_none=True)
         if self._frozen_alpha:
-            loss, logits = self._train_paths(x, y, self._warmup_paths(epoch, i))
+            loss, logits = train_paths(net, x, y, self._warmup_paths(epoch, i), t.label_smoothing)
         else:
             net.sample_single(step_generator(t.seed, epoch, i, 0))
             logits = net(x)
@@ -296,27 +296,6 @@ class SearchLoop:
         total = max(t.warmup_epochs * self.warmup_steps_per_epoch, 1)
         progress = (epoch * self.warmup_steps_per_epoch + i) / total if epoch < t.warmup_epochs else 1.0
         return warmup_paths(t.warmup_method, self.state.net.slots, t.seed, epoch, i, progress)
-
-    def _train_paths(self, x: torch.Tensor, y: torch.Tensor, step: StepPaths) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward each path in turn (one path's activations at a time), gradients summed; with
-        distillation every later path learns the first path's predictions. Returns the first path's loss, logits."""
-        net, smoothing = self.state.net, self.exp.train.label_smoothing
-        first: tuple[torch.Tensor, torch.Tensor] | None = None
-        teacher = None
-        for path in step.paths:
-            net.set_active(list(path))
-            logits = net(x)
-            if first is None:
-                loss = nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
-                first = (loss, logits)
-                if step.distill:
-                    teacher = torch.softmax(logits.detach(), dim=1)
-            elif teacher is not None:
-                loss = -(teacher * torch.log_softmax(logits, dim=1)).sum(1).mean()
-            else:
-                loss = nn.functional.cross_entropy(logits, y, label_smoothing=smoothing)
-            loss.backward()
-        return first  # type: ignore[return-value]  # a StepPaths holds at least one path
 
     def _arch_step(self, epoch: int, i: int, k: int) -> float:
         t, st, net = self.exp.train, self.state, self.state.net
