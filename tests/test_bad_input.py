@@ -335,6 +335,28 @@ def test_resume_refuses_a_tune_folder_others_can_write(tmp_path):
         check_trusted(str(tune))
 
 
+def test_sweep_resume_refuses_a_folder_others_can_write_and_unpickles_nothing(case, capsys):
+    """The CLI side of the check above: exit 2 naming the file, before Tune unpickles the planted tuner.pkl."""
+    import pickle
+
+    from proxyless_ray.sweep_plan import SweepPlan, save_plan, sweep_grid
+
+    tmp, _ = case
+    exp = tiny_experiment(tmp, sweep={"hardware": ["flops"], "lambdas": [0.1]})
+    (tmp / "s.yaml").write_text("# sweep\n" + yaml.safe_dump(exp.to_dict()))
+    sweep_dir = tmp / "runs" / "tiny"
+    (sweep_dir / "tune").mkdir(parents=True)
+    save_plan(SweepPlan(sweep_grid(exp)), str(sweep_dir))
+    (sweep_dir / "tune" / "tuner.pkl").write_bytes(pickle.dumps(Payload(str(tmp / "pwned"))))
+    for folder in (sweep_dir, sweep_dir / "tune"):
+        os.chmod(folder, 0o755)
+    os.chmod(sweep_dir / "tune" / "tuner.pkl", 0o666)
+    before = snapshot(tmp)
+    code, line = run_cli(capsys, "sweep", tmp / "s.yaml", "--resume")
+    assert code == 2 and str(sweep_dir / "tune" / "tuner.pkl") in line and "unpickling" in line
+    assert not (tmp / "pwned").exists() and snapshot(tmp) == before
+
+
 def test_outputs_follow_the_umask(tmp_path):
     from proxyless_ray.arch import atomic_write_text
     from proxyless_ray.network import export_network
@@ -348,6 +370,31 @@ def test_outputs_follow_the_umask(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "network").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(tmp_path / "network" / "arch.json").st_mode) == 0o644
+
+
+@requires_fmnist
+def test_damaged_parquet_shard_stops_the_search_naming_it(case, capsys):
+    """A bit-flipped row group in an unverified shard (verify_checksum: false): one line naming shard and row group
+    when it is read, exit 2, no architecture written."""
+    import pyarrow.parquet as pq
+    from data_helpers import CLASSES, make_imagenet
+
+    tmp, _ = case
+    inet = make_imagenet(tmp / "inet")
+    assert main(["prepare-data", "--imagefolder", str(inet), "--out", str(tmp / "shards"), "--shard-rows", "16",
+                 "--row-group-rows", "4", "--quiet"]) == 0
+    path = tmp / "shards" / "train-00002.parquet"
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 10] = bytes(b ^ 0xFF for b in data[offset:offset + 10])  # the page header of row group 1
+    path.write_bytes(bytes(data))
+    exp = tiny_experiment(tmp, space={"resolution": 32, "in_chs": 3, "num_classes": len(CLASSES)},
+                          data={"name": "parquet", "path": str(tmp / "shards"), "heldout_size": 10, "train_subset": 0,
+                                "test_subset": 0, "verify_checksum": False})
+    (tmp / "p.yaml").write_text("# damaged shard\n" + yaml.safe_dump(exp.to_dict()))
+    code, line = run_cli(capsys, "search", tmp / "p.yaml")
+    assert code == 2 and "train-00002.parquet row group 1" in line
+    assert not (tmp / "runs" / "tiny" / "arch.json").exists() and not (tmp / "runs" / "tiny" / "result.json").exists()
 
 
 # -- the NaN loss ------------------------------------------------------------------------------------------------
@@ -377,16 +424,29 @@ def test_train_checks_the_tracking_store_before_training(case, capsys):
     assert not (tmp / "runs").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
-def test_read_only_sqlite_file_is_refused_before_training(case):
-    from proxyless_ray.tracking_store import TrackingUnavailable, check_reachable
+@requires_fmnist
+def test_read_only_sqlite_file_is_refused_before_training(case, capsys):
+    """Read-only for this user: mode 0444, and for root (who writes those anyway) the immutable attribute."""
+    import shutil
+    import subprocess
 
-    tmp, _ = case
+    tmp, exp = case
+    ARCH.save(tmp / "arch.json")
     db = tmp / "ro.db"
     db.write_bytes(b"SQLite format 3\x00" + bytes(100))
     os.chmod(db, 0o444)
-    with pytest.raises(TrackingUnavailable, match="ro.db.*read-only|read-only.*ro.db"):
-        check_reachable(f"sqlite:///{db}")
+    root = os.geteuid() == 0
+    if root:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(db)]).returncode != 0:
+            pytest.skip("root, and no immutable attribute on this file system")
+    try:
+        code, line = run_cli(capsys, "train", "--arch", tmp / "arch.json", exp, "--set", "tracking.enabled=true",
+                             "--tracking-uri", f"sqlite:///{db}")
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(db)])
+    assert code == 2 and "ro.db" in line and "read-only" in line
+    assert not (tmp / "runs").exists()
 
 
 def test_read_only_commands_never_create_a_store(case, capsys):
