@@ -285,7 +285,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     import ray
 
     from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.results import Interrupted, check_writable, interrupted, write_search_outputs
+    from proxyless_ray.results import INCOMPLETE, Interrupted, check_writable, interrupted, write_search_outputs
     from proxyless_ray.tracking_search import SearchTracking
     from proxyless_ray.trainer import shipped_models
 
@@ -300,7 +300,8 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     build_splits(exp.data, exp.space)  # bad data fails here, before any worker starts
     name = run_name(exp)
     run_dir = os.path.join(storage_path(exp), name)
-    if resume and "://" not in run_dir and not os.path.isdir(run_dir):
+    stopped_early = os.path.exists(os.path.join(out, INCOMPLETE))  # Ctrl-C, maybe before Ray made the run folder
+    if resume and "://" not in run_dir and not os.path.isdir(run_dir) and not stopped_early:
         raise FileNotFoundError(f"--resume: no previous run at {run_dir!r}")
     if not resume and "://" not in run_dir and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # same (storage_path, name) would resume: a fresh run starts clean

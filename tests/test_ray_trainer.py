@@ -218,7 +218,8 @@ def test_the_run_snapshot_name_is_rays():
 
 
 def test_resume_passes_over_a_damaged_ray_checkpoint(tmp_path, capsys, monkeypatch):
-    """A finished 1-worker Ray search, its newest checkpoint's state.pt truncated: --resume says so in one line,
+    """--resume of a search stopped before Ray made its run folder starts from scratch. The finished 1-worker Ray
+    search, its newest checkpoint's state.pt truncated: --resume says so in one line,
     continues from the one before and ends where the first run ended; every checkpoint damaged: exit 2, one line
     naming the newest one's file, nothing written or renamed."""
     monkeypatch.chdir(tmp_path)
@@ -226,7 +227,12 @@ def test_resume_passes_over_a_damaged_ray_checkpoint(tmp_path, capsys, monkeypat
     exp = tiny_experiment(tmp_path, train={"epochs": 3}, dist={"workers": 1, "checkpoints_to_keep": 3})
     path = tmp_path / "e.yaml"
     path.write_text("# t\n" + yaml.safe_dump(exp.to_dict()))
-    assert main(["search", str(path)]) == 0
+    # as a Ctrl-C before Ray made the run folder leaves it: the output folder marked, no run folder
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "INCOMPLETE").write_text("interrupted (SIGINT)\n")
+    assert main(["search", str(path), "--resume"]) == 0
+    assert "starting from scratch" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny" / "INCOMPLETE").exists()
     first = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
     run_dir = tmp_path / "ray_storage" / "search-tiny"
     ckpts = ray_checkpoints(str(run_dir))
