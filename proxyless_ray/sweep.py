@@ -367,8 +367,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         if sigint.stopped or done < len(grid):
             if tracker is not None:
                 tracker.finish_run(plan.parent_run_id, "KILLED", "interrupted (SIGINT)")
-            raise interrupted(sweep_dir, None, f"Tune saved the sweep's state in {tune_path} ({done} of {len(grid)} "
-                                               f"trials finished)")
+            raise interrupted(sweep_dir, None, f"Tune saved the sweep's state in {tune_path}")
         summary = summarize_sweep(exp, grid, plan, sweep_dir)
         if os.path.exists(os.path.join(sweep_dir, INCOMPLETE)):
             os.unlink(os.path.join(sweep_dir, INCOMPLETE))  # a resumed sweep that finished
