@@ -409,6 +409,15 @@ def test_nan_loss_stops_the_search_and_writes_no_architecture(case, capsys):
     assert not (out / "arch.json").exists() and not (out / "result.json").exists()
 
 
+@requires_fmnist
+def test_nan_loss_stops_the_retraining_and_exports_nothing(case, capsys):
+    tmp, exp = case
+    ARCH.save(tmp / "arch.json")
+    code, line = run_cli(capsys, "train", "--arch", tmp / "arch.json", exp, "--lr", "1e30", "--epochs", "2")
+    assert code == 2 and "retraining diverged" in line and "nan" in line
+    assert not [f for f in files_under(tmp) if f.endswith(("result.json", "state_dict.pt", "model.pt2"))]
+
+
 # -- tracking store faults ---------------------------------------------------------------------------------------
 
 
