@@ -29,6 +29,7 @@ import urllib.parse
 from mlflow import MlflowClient
 
 from proxyless_ray.commands.tracking import UI_START_TIMEOUT_S, wait_healthy
+from proxyless_ray.tracking_store import UI_VIEW_QUERY
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -63,7 +64,7 @@ def start_ui(uri: str, log_path: str) -> tuple[subprocess.Popen, str]:
     while time.time() < deadline:
         text = open(log_path).read()
         if "MLflow UI: http://127.0.0.1:" in text:  # printed once the UI answers
-            base = text[text.index("http://127.0.0.1:"):].split()[0]
+            base = text[text.index("http://127.0.0.1:"):].split()[0].split("/#/")[0]  # the printed link's root
             wait_healthy(base, proc)
             return proc, base
         if proc.poll() is not None:
@@ -106,13 +107,14 @@ def main() -> None:
         hw = child.data.tags.get("hardware", hardware[0] if hardware else "")
         filt = urllib.parse.quote(f"tags.hardware = '{hw}'")
         runs = f"{base}/#/experiments/{eid}/runs"
+        view = UI_VIEW_QUERY  # the "Model training" view, as the link `proxyless-ray ui` prints opens it
         pages = {
-            "runs": runs,
-            "runs_filtered_by_hardware": f"{runs}?searchFilter={filt}",
-            "child_arch_picture": f"{runs}/{child.info.run_id}/artifacts/plots/arch.png",
-            "child_alpha_heatmap": f"{runs}/{child.info.run_id}/artifacts/plots/alpha_heatmap.png",
-            "parent_pareto_plot": f"{runs}/{parent.info.run_id}/artifacts/pareto/pareto.png",
-            "registered_models": f"{base}/#/models",
+            "runs": f"{runs}?{view}",
+            "runs_filtered_by_hardware": f"{runs}?searchFilter={filt}&{view}",
+            "child_arch_picture": f"{runs}/{child.info.run_id}/artifacts/plots/arch.png?{view}",
+            "child_alpha_heatmap": f"{runs}/{child.info.run_id}/artifacts/plots/alpha_heatmap.png?{view}",
+            "parent_pareto_plot": f"{runs}/{parent.info.run_id}/artifacts/pareto/pareto.png?{view}",
+            "registered_models": f"{base}/#/models?{view}",
         }
         for name, url in pages.items():
             shots[name] = {"url": url, "png": screenshot(browser, url, os.path.join(args.out, f"{name}.png"))}

@@ -27,7 +27,7 @@ COMMAND_MODULES = (
 )
 
 
-RESUMABLE = ("search",)  # commands whose interrupt message ends with the --resume command
+RESUMABLE = ("search", "sweep")  # commands whose interrupt message ends with the --resume command
 
 
 class UserError(Exception):

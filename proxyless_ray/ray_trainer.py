@@ -21,6 +21,7 @@ from ray.train import UserCallback
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.ray_cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address
+from proxyless_ray.ray_resume import latest_ray_checkpoint, resume_point
 from proxyless_ray.runtime import WORKER_ENV
 
 RUN_PREFIX = "search"
@@ -148,7 +149,7 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
     polling (:data:`LEAN_ENV`). Every idle Ray process costs ~1 % of a core; with the dashboard the background took
     21 % of a core during a 1-worker search on 2 cores, without it 13 %, and that is time a worker waits for in
     every all-reduce. Trainers built on a cluster without the dashboard leave out two of Train's helper actors
-    (see :func:`_trainer_class`). With :data:`LEAN_ENV` and without the dataset manager, 2-worker scaling
+    (see :func:`trainer_class`). With :data:`LEAN_ENV` and without the dataset manager, 2-worker scaling
     efficiency rose in each of 3 alternating pairs of drift-free runs at global batch 256 (0.750 -> 0.762,
     0.770 -> 0.792, 0.775 -> 0.786), the synchronisation factor in each (0.86-0.90 -> 0.92-0.93).
     """
@@ -196,7 +197,7 @@ def storage_path(exp: Experiment) -> str:
     return exp.dist.storage_path or os.path.abspath(os.path.join(exp.output_dir, "ray"))
 
 
-def _trainer_class():
+def trainer_class():
     """``TorchTrainer``, or on a lean embedded cluster a subclass without two helper actors.
 
     - The placement-group cleaner: Train V2 starts a detached actor per run that asks the State API every second
@@ -249,7 +250,7 @@ def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | Non
     resources = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
     if use_gpu:
         resources["GPU"] = d.gpus_per_worker
-    return _trainer_class()(
+    return trainer_class()(
         train_fn,
         train_loop_config={"experiment": exp.to_dict(), **(extra_config or {})},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -284,7 +285,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     import ray
 
     from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.results import Interrupted, check_writable, interrupted, write_search_outputs
+    from proxyless_ray.results import INCOMPLETE, Interrupted, check_writable, interrupted, write_search_outputs
     from proxyless_ray.tracking_search import SearchTracking
     from proxyless_ray.trainer import shipped_models
 
@@ -299,20 +300,27 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     build_splits(exp.data, exp.space)  # bad data fails here, before any worker starts
     name = run_name(exp)
     run_dir = os.path.join(storage_path(exp), name)
-    if resume and "://" not in run_dir and not os.path.isdir(run_dir):
+    stopped_early = os.path.exists(os.path.join(out, INCOMPLETE))  # Ctrl-C, maybe before Ray made the run folder
+    if resume and "://" not in run_dir and not os.path.isdir(run_dir) and not stopped_early:
         raise FileNotFoundError(f"--resume: no previous run at {run_dir!r}")
     if not resume and "://" not in run_dir and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # same (storage_path, name) would resume: a fresh run starts clean
-    if resume and "://" not in run_dir and latest_ray_checkpoint(run_dir) is None:
-        print(f"--resume: {run_dir} holds no checkpoint (the run stopped before its first one); starting from "
-              f"scratch", file=sys.stderr, flush=True)
+    init = {}
+    if resume and "://" not in run_dir:  # a damaged newest checkpoint: resume from the newest intact one
+        restart_from = resume_point(run_dir, exp)
+        if restart_from is not None:
+            init = {"init_checkpoint": restart_from}
+            print(f"--resume: resuming from {restart_from}", file=sys.stderr, flush=True)
+        elif latest_ray_checkpoint(run_dir) is None:
+            print(f"--resume: {run_dir} holds no checkpoint (the run stopped before its first one); starting from "
+                  f"scratch", file=sys.stderr, flush=True)
     endpoint = connect(exp, num_cpus=os.cpu_count())  # an embedded cluster is this machine: never more CPUs
     with HeadWatch(endpoint):  # a head that dies mid-run: one line and the resume command, no minute-long hang
         try:
             check_placeable(exp)
             with tracking.active():  # MLflow parent + child runs, logged from the Train controller; FAILED on errors
                 trainer = build_trainer(exp, name,
-                                        {"progress": True, **driver_profile_text(exp.latency.profile, model)},
+                                        {"progress": True, **init, **driver_profile_text(exp.latency.profile, model)},
                                         callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
                 result = trainer.fit()
                 if result.error is not None:
@@ -330,15 +338,6 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
             ray.shutdown()
     print(json.dumps({k: res[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
     return res
-
-
-def latest_ray_checkpoint(run_dir: str) -> str | None:
-    """The newest ``checkpoint_<timestamp>`` folder of a local Ray Train run, or None."""
-    if not os.path.isdir(run_dir):
-        return None
-    found = sorted(d for d in os.listdir(run_dir)
-                   if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d)))
-    return os.path.join(run_dir, found[-1]) if found else None
 
 
 def raise_train_error(err: BaseException) -> None:

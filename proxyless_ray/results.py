@@ -26,10 +26,13 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C (SIGINT); its message says where the last checkpoint is. The CLI exits with 130."""
 
 
-def interrupted(out_dir: str, checkpoint: str | None) -> Interrupted:
-    """Mark ``out_dir`` incomplete (an ``INCOMPLETE`` file saying why) and return the error to raise."""
-    where = (f"the last checkpoint is {checkpoint}" if checkpoint else
-             "it stopped before its first checkpoint, so --resume starts from scratch")
+def interrupted(out_dir: str, checkpoint: str | None, where: str | None = None) -> Interrupted:
+    """Mark ``out_dir`` incomplete (an ``INCOMPLETE`` file saying why) and return the error to raise.
+
+    ``where`` replaces the sentence about the last checkpoint (a sweep's state is Tune's folder).
+    """
+    where = where or (f"the last checkpoint is {checkpoint}" if checkpoint else
+                      "it stopped before its first checkpoint, so --resume starts from scratch")
     try:
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, INCOMPLETE), f"interrupted (SIGINT); {where}\n")

@@ -255,7 +255,7 @@ def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     fits may run at once (the demo's parallel fine-tunes) while the measurements wait for a quiet machine.
     """
     from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.results import check_writable
+    from proxyless_ray.results import Interrupted, check_writable
 
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
@@ -277,18 +277,23 @@ def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     check_writable(out)
     state = source.state_dict if finetune else None
     log(f"[train] {arch.arch_string()} from {source.label} ({'fine-tune' if finetune else 'from scratch'})")
-    if exp.dist.workers == 0:
-        final: dict[str, Any] = {}
+    try:
+        if exp.dist.workers == 0:
+            final: dict[str, Any] = {}
 
-        def report(metrics: dict[str, Any], loop: RetrainLoop) -> None:
-            log(f"[train] epoch {metrics['epoch']}: train {metrics['train_acc']:.4f} test {metrics['test_acc']:.4f}")
-            final.update(metrics)
+            def report(metrics: dict[str, Any], loop: RetrainLoop) -> None:
+                log(f"[train] epoch {metrics['epoch']}: train {metrics['train_acc']:.4f} test "
+                    f"{metrics['test_acc']:.4f}")
+                final.update(metrics)
 
-        loop = RetrainLoop(exp, arch, Comm(), report, state, epochs, lr, progress=progress)
-        loop.run()
-        net = loop.net
-    else:
-        net, final = _fit_on_ray(exp, arch, state, epochs, lr)
+            loop = RetrainLoop(exp, arch, Comm(), report, state, epochs, lr, progress=progress)
+            loop.run()
+            net = loop.net
+        else:
+            net, final = _fit_on_ray(exp, arch, state, epochs, lr)
+    except KeyboardInterrupt:  # retraining keeps no checkpoints: say that nothing was kept
+        raise Interrupted(f"stopped by SIGINT (Ctrl-C) during training; nothing was written to {out}; run the "
+                          f"command again to train from the start") from None
     net = net.to(memory_format=torch.contiguous_format).cpu().eval()
     files = export_network(net, os.path.join(out, "network"))
     return {"arch": arch.arch_string(), "source": source.label, "finetune": finetune, "test_acc": final["test_acc"],
@@ -350,9 +355,16 @@ def latency_comparison(model: Any, predicted_ms: float, measured: dict[str, floa
 def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[ProxylessNet, dict[str, Any]]:
     import ray
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    from proxyless_ray.ray_trainer import EpochLogCallback, check_placeable, connect, raise_train_error, storage_path
+    from proxyless_ray.ray_trainer import (
+        EpochLogCallback,
+        check_placeable,
+        connect,
+        raise_train_error,
+        storage_path,
+        trainer_class,
+    )
 
     d = exp.dist
     connect(exp, num_cpus=os.cpu_count())
@@ -361,7 +373,8 @@ def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[Proxyle
         use_gpu = d.gpus_per_worker > 0
         resources = {"CPU": d.cpus_per_worker, **d.resources_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu
                                                                             else {})}
-        trainer = TorchTrainer(
+        # Ray Train's own SIGINT handler exits quietly with status 1; this one raises KeyboardInterrupt
+        trainer = trainer_class()(
             retrain_fn_per_worker,
             train_loop_config={"experiment": exp.to_dict(), "arch": arch.to_dict(), "state_dict": state,
                                "epochs": epochs, "lr": lr},

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,75 @@ def read_meta(folder: str) -> dict[str, Any]:
     return meta
 
 
+STATE_KEYS = ("model", "w_opt", "a_opt", "counters", "baseline", "torch_rng", "python_rng")
+
+
+def read_checkpoint(folder: str, exp: Experiment) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``meta.json`` and ``state.pt`` of a checkpoint written for ``exp``, checked (weights-only, nothing unpickled).
+
+    Raises:
+        DamagedCheckpoint: a file is missing, truncated, not what a checkpoint holds, or holds pickled objects; the
+            one-line message names the file.
+        ValueError: the checkpoint is intact but comes from another search space or weight sharing.
+    """
+    try:
+        meta = read_meta(folder)
+    except (ValueError, FileNotFoundError) as err:
+        raise DamagedCheckpoint(str(err)) from None
+    want = exp.space.fingerprint()
+    if meta.get("space_fingerprint") != want:
+        raise ValueError(
+            f"checkpoint {folder!r} was written for search space {meta.get('space_fingerprint')!r}, but this "
+            f"experiment's space is {want!r}; refusing to load it (start a new run or use the matching experiment)"
+        )
+    sharing = meta.get("weight_sharing", "separate")  # checkpoints from before nested weights had separate ones
+    if sharing != exp.train.weight_sharing:
+        raise ValueError(
+            f"checkpoint {folder!r} holds a supernet with {sharing!r} weights, but this experiment's "
+            f"train.weight_sharing is {exp.train.weight_sharing!r}; set train.weight_sharing: {sharing} to use it"
+        )
+    path = os.path.join(folder, STATE_FILE)
+    try:
+        payload = load_tensors(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise DamagedCheckpoint(str(err).splitlines()[0]) from None
+    missing = [k for k in STATE_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise DamagedCheckpoint(f"{path!r} is not a search checkpoint's state (no {', '.join(missing)})")
+    return meta, payload
+
+
+def newest_intact(folders: list[str], exp: Experiment) -> tuple[str | None, list[str]]:
+    """The first checkpoint of ``folders`` (newest first) that reads, and why each one before it is damaged.
+
+    Returns:
+        The folder (None when none reads) and one line per damaged folder passed over, each naming its file.
+
+    Raises:
+        ValueError: a checkpoint is intact but written for another search space: refused, never passed over.
+    """
+    damaged = []
+    for folder in folders:
+        try:
+            read_checkpoint(folder, exp)
+        except DamagedCheckpoint as err:
+            damaged.append(str(err))
+            continue
+        return folder, damaged
+    return None, damaged
+
+
+def say_damaged(reason: str) -> None:
+    """One line on stderr for a damaged checkpoint that a resume passes over."""
+    print(f"--resume: skipping a damaged checkpoint: {reason}", file=sys.stderr, flush=True)
+
+
+def no_intact_checkpoint(where: str, damaged: list[str]) -> DamagedCheckpoint:
+    """The error of a resume that finds no checkpoint to load: names the newest one's damaged file."""
+    return DamagedCheckpoint(f"--resume: no checkpoint under {where!r} loads: {damaged[0]}; start the run again "
+                             f"without --resume")
+
+
 def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_only: bool = False) -> SearchState:
     """Restore ``state`` from a checkpoint folder.
 
@@ -124,28 +194,10 @@ def load_checkpoint(state: SearchState, folder: str, exp: Experiment, weights_on
         weights_only: Take weights and alphas only and restart counters and optimizers (not used for resume).
 
     Raises:
+        DamagedCheckpoint: a file of the checkpoint cannot be read (see :func:`read_checkpoint`).
         ValueError: the checkpoint comes from a different search space.
     """
-    try:
-        meta = read_meta(folder)
-    except ValueError as err:
-        raise DamagedCheckpoint(str(err)) from None
-    want = exp.space.fingerprint()
-    if meta.get("space_fingerprint") != want:
-        raise ValueError(
-            f"checkpoint {folder!r} was written for search space {meta.get('space_fingerprint')!r}, but this "
-            f"experiment's space is {want!r}; refusing to load it (start a new run or use the matching experiment)"
-        )
-    sharing = meta.get("weight_sharing", "separate")  # checkpoints from before nested weights had separate ones
-    if sharing != state.net.weight_sharing.value:
-        raise ValueError(
-            f"checkpoint {folder!r} holds a supernet with {sharing!r} weights, but this experiment's "
-            f"train.weight_sharing is {state.net.weight_sharing.value!r}; set train.weight_sharing: {sharing} to use it"
-        )
-    try:
-        payload = load_tensors(os.path.join(folder, STATE_FILE))
-    except ValueError as err:
-        raise DamagedCheckpoint(f"{err}; delete that checkpoint folder to resume from the one before it") from None
+    meta, payload = read_checkpoint(folder, exp)
     state.net.load_state_dict(payload["model"])
     if weights_only:
         return state

@@ -12,10 +12,10 @@ from its checkpoint. Schedulers: FIFO, ASHA on a scalarised score, or the Pareto
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import stat
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -26,21 +26,24 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.model import load_latency_model_for
 from proxyless_ray.sweep_plan import (
+    DRIVER_SLOT,
     SWEEP_STATE,
     TRIALS_DIR,
     SweepPlan,
     TrialSpec,
+    check_trusted,
+    fallback_note,
     load_plan,
     save_plan,
     sweep_grid,
     trial_experiment,
+    trial_resources,
     warmup_key,
 )
 from proxyless_ray.sweep_report import written_metrics
 
 TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler_state.json"
-DRIVER_SLOT = "driver_slot"  # custom resource the Tune trials (Train drivers) hold instead of CPUs
 RETRAINED_DIR = "retrained"  # the demo's fine-tuned front networks
 
 
@@ -161,48 +164,6 @@ def _shutdown_after():
         ray.shutdown()
 
 
-def trial_resources(exp: Experiment, cluster: dict[str, float]) -> tuple[dict[str, float], int | None]:
-    """A Tune trial's resources, and ``max_concurrent_trials`` (None when the resources cap concurrency).
-
-    A trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster
-    has a ``driver_slot`` resource (the embedded one always does), each trial holds ``1/n`` of it, so at most ``n``
-    trials run at once; paused trials hold none, which a synchronous first rung needs (Tune's
-    ``max_concurrent_trials`` counts paused trials as running). Otherwise trials take a sliver of a CPU and
-    ``max_concurrent_trials`` caps them.
-
-    Args:
-        exp: The sweep's experiment.
-        cluster: The cluster's total resources (``ray.cluster_resources()``).
-    """
-    n = max_concurrent(exp, cluster)
-    slots = cluster.get(DRIVER_SLOT, 0.0)
-    if slots >= n:
-        return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4}, None  # Ray keeps 4 decimals of a resource
-    return {"CPU": 0.01}, n
-
-
-def fallback_note(exp: Experiment, cluster: dict[str, float]) -> str | None:
-    """What a sweep on a cluster without enough ``driver_slot`` does instead (None when it has them)."""
-    _, max_trials = trial_resources(exp, cluster)
-    if max_trials is None:
-        return None
-    sync_rung = exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung
-    return (f"the cluster has no {DRIVER_SLOT!r} resource, falling back: each trial takes 0.01 CPU, at most "
-            f"{max_trials} run at once{', the Pareto first rung is asynchronous' * sync_rung} (give the head one: "
-            f"ray start --head --resources '{{\"{DRIVER_SLOT}\": 64}}')")
-
-
-def max_concurrent(exp: Experiment, cluster: dict[str, float]) -> int:
-    """Trials that fit at once: ``sweep.max_concurrent_trials``, else the cluster's CPUs (or GPUs) divided by what
-    one trial's workers need."""
-    if exp.sweep.max_concurrent_trials:
-        return exp.sweep.max_concurrent_trials
-    w = max(exp.sweep.workers_per_trial, 1)
-    if exp.dist.gpus_per_worker > 0:
-        return max(int(cluster.get("GPU", 0) // (w * exp.dist.gpus_per_worker)), 1)
-    return max(int(cluster.get("CPU", 1) // (w * exp.dist.cpus_per_worker)), 1)
-
-
 def resolve_local_profiles(exp: Experiment) -> dict[str, str]:
     """``{hardware: profile YAML}`` for every local CPU target of the sweep (``cpu_local``), measured here once
     before any trial starts (or read from the cache) and handed to the trials, so no trial measures it again;
@@ -288,27 +249,29 @@ def build_tune_scheduler(exp: Experiment, sweep_dir: str, group_sizes: dict[str,
                            state_path=os.path.join(sweep_dir, SCHEDULER_STATE), group_sizes=group_sizes, **common)
 
 
-def check_trusted(tune_path: str) -> None:
-    """Refuse to restore a Tune folder that someone else could have written.
+class TuneSigint:
+    """Around ``Tuner.fit``; afterwards ``stopped`` says whether Ctrl-C stopped the sweep.
 
-    ``Tuner.restore`` unpickles ``tuner.pkl`` and the trials' state from it, and unpickling runs code: the folder is
-    trusted like code. Every file and folder in it (and the folder above) must belong to this user (or root) and be
-    writable by nobody else.
-
-    Raises:
-        PermissionError: naming the first path that fails the check and what to do.
+    Tune's own SIGINT handler stops the trials, saves the experiment's state and returns from ``fit`` as if the sweep
+    had ended; it puts back the handler it found only then, and otherwise stays installed, where it would swallow a
+    Ctrl-C during the report. So a marker goes in before, and the handler from before comes back after.
     """
-    uid = os.getuid()
-    paths = [os.path.dirname(tune_path), tune_path]
-    for root, dirs, files in os.walk(tune_path):
-        paths += [os.path.join(root, name) for name in dirs + files]
-    for path in paths:
-        st = os.lstat(path)
-        if st.st_uid not in (uid, 0) or st.st_mode & 0o022:
-            raise PermissionError(
-                f"--resume: {path!r} is owned by uid {st.st_uid} or writable by others (mode "
-                f"{stat.filemode(st.st_mode)}); Tune restores a sweep by unpickling its files, which runs code, so "
-                f"only a folder that this user alone can write is resumed (chmod go-w, or start the sweep again)")
+
+    stopped = False
+
+    def __enter__(self) -> TuneSigint:
+        self.main = threading.current_thread() is threading.main_thread()  # only the main thread sets handlers
+        self.previous = signal.signal(signal.SIGINT, self._marker) if self.main else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.main:
+            self.stopped = signal.getsignal(signal.SIGINT) is self._marker
+            signal.signal(signal.SIGINT, self.previous)
+
+    @staticmethod
+    def _marker(signum, frame):
+        raise KeyboardInterrupt
 
 
 def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, Any]:
@@ -327,7 +290,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
 
     from proxyless_ray.ray_cluster import HeadWatch, effective_address
     from proxyless_ray.ray_trainer import check_placeable, connect
-    from proxyless_ray.results import check_writable
+    from proxyless_ray.results import INCOMPLETE, check_writable, interrupted
     from proxyless_ray.sweep_report import summarize_sweep
 
     sweep_dir = os.path.abspath(exp.output_dir)
@@ -396,10 +359,18 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir, callbacks=callbacks, verbose=0),
             )
-        grid = tuner.fit()
+        with TuneSigint() as sigint:
+            grid = tuner.fit()
         plan.stats["sweep_s"] = plan.stats.get("sweep_s", 0.0) + time.time() - t0
         save_plan(plan, sweep_dir)
+        done = grid.num_terminated + grid.num_errors
+        if sigint.stopped or done < len(grid):
+            if tracker is not None:
+                tracker.finish_run(plan.parent_run_id, "KILLED", "interrupted (SIGINT)")
+            raise interrupted(sweep_dir, None, f"Tune saved the sweep's state in {tune_path}")
         summary = summarize_sweep(exp, grid, plan, sweep_dir)
+        if os.path.exists(os.path.join(sweep_dir, INCOMPLETE)):
+            os.unlink(os.path.join(sweep_dir, INCOMPLETE))  # a resumed sweep that finished
         if tracker is not None:
             tracker.finish_sweep(plan.parent_run_id, sweep_dir, summary)
         return summary

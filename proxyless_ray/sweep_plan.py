@@ -1,5 +1,7 @@
 """The sweep's plan: the grid of trials (hardware profiles x latency coefficients), each trial's experiment, the
-shared warm-up's key, and the plan saved beside the sweep (``sweep.json``) so ``--resume`` runs the same trials.
+shared warm-up's key, the plan saved beside the sweep (``sweep.json``) so ``--resume`` runs the same trials, how
+many trials run at once on a cluster's resources, and the check that a sweep folder may be restored at all (Tune
+unpickles it).
 
 Pure configuration: no Ray. :mod:`proxyless_ray.sweep` runs the plan on Ray Tune.
 """
@@ -11,6 +13,7 @@ import json
 import math
 import os
 import random
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,7 @@ from proxyless_ray.latency.model import load_latency_model_for
 
 SWEEP_STATE = "sweep.json"
 TRIALS_DIR = "trials"
+DRIVER_SLOT = "driver_slot"  # custom resource the Tune trials (Train drivers) hold instead of CPUs
 
 
 @dataclass(frozen=True)
@@ -152,3 +156,68 @@ def load_plan(sweep_dir: str) -> SweepPlan:
     trials = [TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"]) for t in d["trials"]]
     return SweepPlan(trials, d.get("warmup_key"), d.get("warmup_checkpoint"), d.get("parent_run_id"),
                      d.get("stats", {}))
+
+
+def trial_resources(exp: Experiment, cluster: dict[str, float]) -> tuple[dict[str, float], int | None]:
+    """A Tune trial's resources, and ``max_concurrent_trials`` (None when the resources cap concurrency).
+
+    A trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster
+    has a ``driver_slot`` resource (the embedded one always does), each trial holds ``1/n`` of it, so at most ``n``
+    trials run at once; paused trials hold none, which a synchronous first rung needs (Tune's
+    ``max_concurrent_trials`` counts paused trials as running). Otherwise trials take a sliver of a CPU and
+    ``max_concurrent_trials`` caps them.
+
+    Args:
+        exp: The sweep's experiment.
+        cluster: The cluster's total resources (``ray.cluster_resources()``).
+    """
+    n = max_concurrent(exp, cluster)
+    slots = cluster.get(DRIVER_SLOT, 0.0)
+    if slots >= n:
+        return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4}, None  # Ray keeps 4 decimals of a resource
+    return {"CPU": 0.01}, n
+
+
+def fallback_note(exp: Experiment, cluster: dict[str, float]) -> str | None:
+    """What a sweep on a cluster without enough ``driver_slot`` does instead (None when it has them)."""
+    _, max_trials = trial_resources(exp, cluster)
+    if max_trials is None:
+        return None
+    sync_rung = exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung
+    return (f"the cluster has no {DRIVER_SLOT!r} resource, falling back: each trial takes 0.01 CPU, at most "
+            f"{max_trials} run at once{', the Pareto first rung is asynchronous' * sync_rung} (give the head one: "
+            f"ray start --head --resources '{{\"{DRIVER_SLOT}\": 64}}')")
+
+
+def max_concurrent(exp: Experiment, cluster: dict[str, float]) -> int:
+    """Trials that fit at once: ``sweep.max_concurrent_trials``, else the cluster's CPUs (or GPUs) divided by what
+    one trial's workers need."""
+    if exp.sweep.max_concurrent_trials:
+        return exp.sweep.max_concurrent_trials
+    w = max(exp.sweep.workers_per_trial, 1)
+    if exp.dist.gpus_per_worker > 0:
+        return max(int(cluster.get("GPU", 0) // (w * exp.dist.gpus_per_worker)), 1)
+    return max(int(cluster.get("CPU", 1) // (w * exp.dist.cpus_per_worker)), 1)
+
+
+def check_trusted(tune_path: str) -> None:
+    """Refuse to restore a Tune folder that someone else could have written.
+
+    ``Tuner.restore`` unpickles ``tuner.pkl`` and the trials' state from it, and unpickling runs code: the folder is
+    trusted like code. Every file and folder in it (and the folder above) must belong to this user (or root) and be
+    writable by nobody else.
+
+    Raises:
+        PermissionError: naming the first path that fails the check and what to do.
+    """
+    uid = os.getuid()
+    paths = [os.path.dirname(tune_path), tune_path]
+    for root, dirs, files in os.walk(tune_path):
+        paths += [os.path.join(root, name) for name in dirs + files]
+    for path in paths:
+        st = os.lstat(path)
+        if st.st_uid not in (uid, 0) or st.st_mode & 0o022:
+            raise PermissionError(
+                f"--resume: {path!r} is owned by uid {st.st_uid} or writable by others (mode "
+                f"{stat.filemode(st.st_mode)}); Tune restores a sweep by unpickling its files, which runs code, so "
+                f"only a folder that this user alone can write is resumed (chmod go-w, or start the sweep again)")

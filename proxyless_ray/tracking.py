@@ -126,13 +126,15 @@ class Tracker:
                 f"--experiment-ids {n}; or choose another name with --set tracking.experiment=NAME")
         if found is not None:
             self._experiment_id = found.experiment_id
+            if found.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag, or by MLflow itself
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return self._experiment_id
         root = local_artifact_root(self.uri)
         location = Path(root).as_uri() if root else None
         from mlflow.exceptions import MlflowException
 
         try:
-            # the UI opens a "model training" experiment on its runs table, not on the GenAI traces overview
+            # the UI lists a "model training" experiment in its Model training view (see tracking_store.UI_VIEW_QUERY)
             self._experiment_id = self.client.create_experiment(self.experiment, artifact_location=location,
                                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # another driver created it a moment ago

@@ -55,6 +55,23 @@ def local_artifact_root(uri: str) -> str | None:
     return os.path.join(os.path.dirname(db), "mlruns") if db is not None else None
 
 
+# MLflow's UI (3.17) picks its "GenAI" or "Model training" view per browser, from a toggle kept in the browser's
+# local storage (GenAI until someone clicks), not from the experiment's ``mlflow.experimentKind`` tag (that tag only
+# decides in which view's experiment list it appears). A link with this query opens the "Model training" view.
+UI_VIEW_QUERY = "workflowType=machine_learning"
+
+
+def ui_link(base: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI address that opens in its "Model training" view: the experiment's runs, else the experiments.
+
+    Args:
+        base: The UI's root, e.g. ``http://127.0.0.1:5000``.
+        experiment_id: The experiment to open (None: the list of experiments).
+    """
+    page = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"{base.rstrip('/')}/#/{page}?{UI_VIEW_QUERY}"
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast when the tracking store cannot be used, before a long search runs untracked.
 

@@ -18,6 +18,7 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.latency.fingerprint import check_machine
 from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.results import check_writable, interrupted, write_search_outputs
+from proxyless_ray.search_state import DamagedCheckpoint, no_intact_checkpoint, say_damaged
 from proxyless_ray.train_loop import SearchLoop
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -70,26 +71,26 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 def restore_newest_intact(loop: SearchLoop, out_dir: str) -> str:
-    """Restore ``loop`` from the newest checkpoint that loads, saying which damaged ones were passed over.
+    """Restore ``loop`` from the newest checkpoint that loads, one line on stderr for each damaged one passed over.
 
     Raises:
-        ValueError: no checkpoint loads; names the newest one and why.
+        DamagedCheckpoint: no checkpoint loads; names the newest one's damaged file.
+        ValueError: a checkpoint of another search space (refused, not passed over).
     """
     folder = os.path.join(out_dir, CHECKPOINTS_DIR)
     found = sorted((d for d in os.listdir(folder) if d.startswith("epoch-") and not d.endswith(".tmp")),
                    reverse=True)
-    first_error = None
+    damaged: list[str] = []
     for name in found:
         path = os.path.join(folder, name)
         try:
             loop.restore(path)
-        except (ValueError, FileNotFoundError) as err:
-            first_error = first_error or err
-            print(f"--resume: skipping checkpoint {path}: {err}", file=sys.stderr)
+        except DamagedCheckpoint as err:
+            damaged.append(str(err))
+            say_damaged(str(err))
             continue
         return path
-    raise ValueError(f"--resume: no checkpoint under {folder!r} loads: {first_error}; start the run again "
-                     f"without --resume")
+    raise no_intact_checkpoint(folder, damaged)
 
 
 def shipped_models(exclude: str | None = None) -> dict[str, LatencyModel]:

@@ -211,7 +211,7 @@ def test_bad_retrain_flags(case, capsys):
 
 
 @requires_fmnist
-def test_resume_refuses_a_pickled_checkpoint_and_skips_damaged_ones(case, capsys):
+def test_resume_refuses_a_pickled_checkpoint(case, capsys):
     tmp, exp_path = case
     exp = load_experiment(exp_path)
     ckpts = tmp / "runs" / exp.name / "checkpoints"
@@ -223,24 +223,47 @@ def test_resume_refuses_a_pickled_checkpoint_and_skips_damaged_ones(case, capsys
     assert code == 2 and "epoch-0001" in line and "state.pt" in line
     assert not (tmp / "pwned").exists() and files_under(tmp) == before  # no arch.json, no result.json
 
-    # the newest checkpoint truncated, its meta.json too in another: the newest intact one is used
-    from proxyless_ray.comm import Comm
-    from proxyless_ray.train_loop import SearchLoop
-    from proxyless_ray.trainer import restore_newest_intact
 
-    state.epoch = 1
-    save_checkpoint(state, str(ckpts / "epoch-0001"), exp)
-    for name in ("epoch-0002", "epoch-0003"):
-        state.epoch += 1
-        save_checkpoint(state, str(ckpts / name), exp)
-    data = (ckpts / "epoch-0003" / "state.pt").read_bytes()
-    (ckpts / "epoch-0003" / "state.pt").write_bytes(data[: len(data) // 2])
-    (ckpts / "epoch-0002" / "meta.json").write_text('{"space_fingerprint": ')
-    loop = SearchLoop(exp, Comm(), lambda m, c: None)
-    assert restore_newest_intact(loop, str(tmp / "runs" / exp.name)).endswith("epoch-0001")
-    assert loop.state.epoch == 1
+
+def truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {rel: (folder / rel).read_bytes() for rel in files_under(folder)}
+
+
+@requires_fmnist
+def test_resume_passes_over_damaged_checkpoints_of_a_real_search(case, capsys):
+    """A finished in-process search, its newest state.pt truncated and the next one's meta.json too: --resume says
+    so for each, continues from the oldest and ends where the uninterrupted search ended; all damaged: exit 2."""
+    tmp, exp = case
+    flags = ["--set", "train.epochs=3", "--set", "dist.checkpoints_to_keep=3"]
+    assert main(["search", str(exp), *flags]) == 0
+    out = tmp / "runs" / "tiny"
+    first = json.loads((out / "result.json").read_text())
+    ckpts = out / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    truncate(ckpts / "epoch-0003" / "state.pt")
+    truncate(ckpts / "epoch-0002" / "meta.json")
+    capsys.readouterr()
+    assert main(["search", str(exp), *flags, "--resume"]) == 0
     err = capsys.readouterr().err
-    assert "epoch-0003" in err and "state.pt" in err and "epoch-0002" in err and "meta.json" in err
+    skipped = [line for line in err.splitlines() if "damaged checkpoint" in line]
+    assert len(skipped) == 2, err
+    assert str(ckpts / "epoch-0003" / "state.pt") in skipped[0]
+    assert str(ckpts / "epoch-0002" / "meta.json") in skipped[1]
+    assert f"resuming from {ckpts / 'epoch-0001'} (epoch 1)" in err
+    again = json.loads((out / "result.json").read_text())
+    assert again["alpha_digest"] == first["alpha_digest"] and again["arch"] == first["arch"]
+    # every checkpoint damaged: one line naming the newest one's file, nothing written or renamed
+    for name in os.listdir(ckpts):
+        truncate(ckpts / name / "state.pt")
+    before = snapshot(tmp)
+    code, line = run_cli(capsys, "search", exp, *flags, "--resume")
+    assert code == 2 and str(ckpts / "epoch-0003" / "state.pt") in line and "truncated" in line
+    assert snapshot(tmp) == before
 
 
 def test_the_payload_is_real(tmp_path):
@@ -312,6 +335,28 @@ def test_resume_refuses_a_tune_folder_others_can_write(tmp_path):
         check_trusted(str(tune))
 
 
+def test_sweep_resume_refuses_a_folder_others_can_write_and_unpickles_nothing(case, capsys):
+    """The CLI side of the check above: exit 2 naming the file, before Tune unpickles the planted tuner.pkl."""
+    import pickle
+
+    from proxyless_ray.sweep_plan import SweepPlan, save_plan, sweep_grid
+
+    tmp, _ = case
+    exp = tiny_experiment(tmp, sweep={"hardware": ["flops"], "lambdas": [0.1]})
+    (tmp / "s.yaml").write_text("# sweep\n" + yaml.safe_dump(exp.to_dict()))
+    sweep_dir = tmp / "runs" / "tiny"
+    (sweep_dir / "tune").mkdir(parents=True)
+    save_plan(SweepPlan(sweep_grid(exp)), str(sweep_dir))
+    (sweep_dir / "tune" / "tuner.pkl").write_bytes(pickle.dumps(Payload(str(tmp / "pwned"))))
+    for folder in (sweep_dir, sweep_dir / "tune"):
+        os.chmod(folder, 0o755)
+    os.chmod(sweep_dir / "tune" / "tuner.pkl", 0o666)
+    before = snapshot(tmp)
+    code, line = run_cli(capsys, "sweep", tmp / "s.yaml", "--resume")
+    assert code == 2 and str(sweep_dir / "tune" / "tuner.pkl") in line and "unpickling" in line
+    assert not (tmp / "pwned").exists() and snapshot(tmp) == before
+
+
 def test_outputs_follow_the_umask(tmp_path):
     from proxyless_ray.arch import atomic_write_text
     from proxyless_ray.network import export_network
@@ -327,6 +372,31 @@ def test_outputs_follow_the_umask(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "network" / "arch.json").st_mode) == 0o644
 
 
+@requires_fmnist
+def test_damaged_parquet_shard_stops_the_search_naming_it(case, capsys):
+    """A bit-flipped row group in an unverified shard (verify_checksum: false): one line naming shard and row group
+    when it is read, exit 2, no architecture written."""
+    import pyarrow.parquet as pq
+    from data_helpers import CLASSES, make_imagenet
+
+    tmp, _ = case
+    inet = make_imagenet(tmp / "inet")
+    assert main(["prepare-data", "--imagefolder", str(inet), "--out", str(tmp / "shards"), "--shard-rows", "16",
+                 "--row-group-rows", "4", "--quiet"]) == 0
+    path = tmp / "shards" / "train-00002.parquet"
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 10] = bytes(b ^ 0xFF for b in data[offset:offset + 10])  # the page header of row group 1
+    path.write_bytes(bytes(data))
+    exp = tiny_experiment(tmp, space={"resolution": 32, "in_chs": 3, "num_classes": len(CLASSES)},
+                          data={"name": "parquet", "path": str(tmp / "shards"), "heldout_size": 10, "train_subset": 0,
+                                "test_subset": 0, "verify_checksum": False})
+    (tmp / "p.yaml").write_text("# damaged shard\n" + yaml.safe_dump(exp.to_dict()))
+    code, line = run_cli(capsys, "search", tmp / "p.yaml")
+    assert code == 2 and "train-00002.parquet row group 1" in line
+    assert not (tmp / "runs" / "tiny" / "arch.json").exists() and not (tmp / "runs" / "tiny" / "result.json").exists()
+
+
 # -- the NaN loss ------------------------------------------------------------------------------------------------
 
 
@@ -337,6 +407,15 @@ def test_nan_loss_stops_the_search_and_writes_no_architecture(case, capsys):
     assert code == 2 and "diverged" in line and "nan" in line and "train.lr" in line
     out = tmp / "runs" / "tiny"
     assert not (out / "arch.json").exists() and not (out / "result.json").exists()
+
+
+@requires_fmnist
+def test_nan_loss_stops_the_retraining_and_exports_nothing(case, capsys):
+    tmp, exp = case
+    ARCH.save(tmp / "arch.json")
+    code, line = run_cli(capsys, "train", "--arch", tmp / "arch.json", exp, "--lr", "1e30", "--epochs", "2")
+    assert code == 2 and "retraining diverged" in line and "nan" in line
+    assert not [f for f in files_under(tmp) if f.endswith(("result.json", "state_dict.pt", "model.pt2"))]
 
 
 # -- tracking store faults ---------------------------------------------------------------------------------------
@@ -354,16 +433,29 @@ def test_train_checks_the_tracking_store_before_training(case, capsys):
     assert not (tmp / "runs").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
-def test_read_only_sqlite_file_is_refused_before_training(case):
-    from proxyless_ray.tracking_store import TrackingUnavailable, check_reachable
+@requires_fmnist
+def test_read_only_sqlite_file_is_refused_before_training(case, capsys):
+    """Read-only for this user: mode 0444, and for root (who writes those anyway) the immutable attribute."""
+    import shutil
+    import subprocess
 
-    tmp, _ = case
+    tmp, exp = case
+    ARCH.save(tmp / "arch.json")
     db = tmp / "ro.db"
     db.write_bytes(b"SQLite format 3\x00" + bytes(100))
     os.chmod(db, 0o444)
-    with pytest.raises(TrackingUnavailable, match="ro.db.*read-only|read-only.*ro.db"):
-        check_reachable(f"sqlite:///{db}")
+    root = os.geteuid() == 0
+    if root:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(db)]).returncode != 0:
+            pytest.skip("root, and no immutable attribute on this file system")
+    try:
+        code, line = run_cli(capsys, "train", "--arch", tmp / "arch.json", exp, "--set", "tracking.enabled=true",
+                             "--tracking-uri", f"sqlite:///{db}")
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(db)])
+    assert code == 2 and "ro.db" in line and "read-only" in line
+    assert not (tmp / "runs").exists()
 
 
 def test_read_only_commands_never_create_a_store(case, capsys):
@@ -446,3 +538,56 @@ def test_ctrl_c_to_a_ray_search_process_group(tmp_path):
     assert "checkpoint_" in last[0] and "--resume" in last[0] and "SIGINT" in last[0]
     assert (tmp_path / "runs" / "tiny" / "INCOMPLETE").exists()
     assert not (tmp_path / "runs" / "tiny" / "arch.json").exists()
+
+
+def interrupt_cli(tmp_path, argv, wait_for: str, group: bool) -> tuple[int, list[str]]:
+    """Run the CLI in a child process, send SIGINT (to its process group: a terminal's Ctrl-C) once a stderr line
+    holds ``wait_for``; returns the exit status and the lines that say 'interrupted'."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", *map(str, argv)], stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True, cwd=tmp_path)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if wait_for in line:
+                break
+        (os.killpg if group else os.kill)(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [x for x in rest.splitlines() if "interrupted" in x]
+    assert len(lines) == 1, "".join(seen)[-2000:] + rest[-3000:]
+    return code, lines
+
+
+@requires_fmnist
+def test_ctrl_c_during_train_says_nothing_was_written(case):
+    tmp, exp = case
+    ARCH.save(tmp / "arch.json")
+    code, lines = interrupt_cli(tmp, ["train", "--arch", tmp / "arch.json", exp, "--epochs", "500"],
+                                "[train] epoch 1:", group=False)
+    assert code == 130 and "SIGINT" in lines[0] and "nothing was written" in lines[0] and "--resume" not in lines[0]
+    assert not [f for f in files_under(tmp) if f.endswith(("result.json", "state_dict.pt"))]
+
+
+@requires_fmnist
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ctrl_c_during_train_on_ray_workers(tmp_path):
+    """Ray Train's own handler would exit 1 saying nothing; the retraining says what happened, exit 130."""
+    d = tiny_experiment(tmp_path, dist={"workers": 1}).to_dict()
+    exp = tmp_path / "e.yaml"
+    exp.write_text("# t\n" + yaml.safe_dump(d))
+    ARCH.save(tmp_path / "arch.json")
+    code, lines = interrupt_cli(tmp_path, ["train", "--arch", tmp_path / "arch.json", exp, "--epochs", "500"],
+                                "epoch   1 ", group=True)
+    assert code == 130 and "SIGINT" in lines[0] and "nothing was written" in lines[0]
+    assert not (tmp_path / "runs" / "tiny" / "retrained").exists()

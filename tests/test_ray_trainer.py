@@ -3,6 +3,7 @@ bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -12,10 +13,13 @@ import psutil
 import pytest
 import ray
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from proxyless_ray import ray_trainer
+from proxyless_ray.cli import main
 from proxyless_ray.comm import Comm
+from proxyless_ray.ray_resume import RAY_SNAPSHOT, ray_checkpoints
 from proxyless_ray.ray_trainer import (
     LEAN_ENV,
     ClusterError,
@@ -197,10 +201,68 @@ def test_unreachable_address_fails_fast(tmp_path):
 
 
 def test_the_train_hooks_we_override_still_exist():
-    """_trainer_class overrides two private hooks of Ray Train V2's trainer; a Ray that renames them fails here."""
+    """trainer_class overrides two private hooks of Ray Train V2's trainer; a Ray that renames them fails here."""
     import inspect
 
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     assert "self._register_sigint_handler(" in inspect.getsource(DataParallelTrainer._initialize_and_run_controller)
     assert callable(getattr(DataParallelTrainer, "_create_default_callbacks", None))
+
+
+def test_the_run_snapshot_name_is_rays():
+    """ray_resume removes Ray's run snapshot to restart a run from an older checkpoint; a renamed file fails here."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    assert RAY_SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+def test_resume_passes_over_a_damaged_ray_checkpoint(tmp_path, capsys, monkeypatch):
+    """--resume of a search stopped before Ray made its run folder starts from scratch. The finished 1-worker Ray
+    search, its newest checkpoint's state.pt truncated: --resume says so in one line,
+    continues from the one before and ends where the first run ended; every checkpoint damaged: exit 2, one line
+    naming the newest one's file, nothing written or renamed."""
+    monkeypatch.chdir(tmp_path)
+    ray.shutdown()  # the search starts its own embedded cluster
+    exp = tiny_experiment(tmp_path, train={"epochs": 3}, dist={"workers": 1, "checkpoints_to_keep": 3})
+    path = tmp_path / "e.yaml"
+    path.write_text("# t\n" + yaml.safe_dump(exp.to_dict()))
+    # as a Ctrl-C before Ray made the run folder leaves it: the output folder marked, no run folder
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "INCOMPLETE").write_text("interrupted (SIGINT)\n")
+    assert main(["search", str(path), "--resume"]) == 0
+    assert "starting from scratch" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny" / "INCOMPLETE").exists()
+    first = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
+    run_dir = tmp_path / "ray_storage" / "search-tiny"
+    ckpts = ray_checkpoints(str(run_dir))
+    assert len(ckpts) == 3 and (run_dir / RAY_SNAPSHOT).exists()
+    truncate(os.path.join(ckpts[0], "state.pt"))
+    capsys.readouterr()
+    assert main(["search", str(path), "--resume"]) == 0
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if "damaged checkpoint" in line]
+    assert len(skipped) == 1 and os.path.join(ckpts[0], "state.pt") in skipped[0], err
+    assert f"resuming from {ckpts[1]}" in err
+    again = json.loads((tmp_path / "runs" / "tiny" / "result.json").read_text())
+    assert again["alpha_digest"] == first["alpha_digest"] and again["arch"] == first["arch"]
+    assert (run_dir / f"damaged_{os.path.basename(ckpts[0])}").is_dir()
+    for folder in ray_checkpoints(str(run_dir)):
+        truncate(os.path.join(folder, "state.pt"))
+    newest = ray_checkpoints(str(run_dir))[0]
+    before = {rel: (tmp_path / rel).read_bytes() for rel in _files(tmp_path)}
+    assert main(["search", str(path), "--resume"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and os.path.join(newest, "state.pt") in lines[0] and "truncated" in lines[0]
+    assert {rel: (tmp_path / rel).read_bytes() for rel in _files(tmp_path)} == before
+
+
+def truncate(path: str) -> None:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+
+
+def _files(folder) -> set[str]:
+    return {os.path.relpath(os.path.join(root, f), folder) for root, _, files in os.walk(folder) for f in files}

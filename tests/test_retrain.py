@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from proxyless_ray.arch import Arch
-from proxyless_ray.config import Experiment
 from proxyless_ray.cli import main
+from proxyless_ray.config import Experiment
 from proxyless_ray.retrain import measure_latency_ms, resolve_arch, run_retrain
 from proxyless_ray.trainer import run_local
 

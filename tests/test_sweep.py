@@ -145,3 +145,37 @@ def test_trials_hold_a_share_of_the_driver_slots(tmp_path):
     assert trial_resources(gpus, {"CPU": 16.0, "GPU": 2.0, "driver_slot": 64.0}) == ({"driver_slot": 32.0}, None)
     # a cluster without driver slots (started by hand): a sliver of a CPU, capped by max_concurrent_trials
     assert trial_resources(sweep(max_concurrent_trials=2), {"CPU": 2.0}) == ({"CPU": 0.01}, 2)
+
+
+def test_ctrl_c_stops_the_sweep_and_says_how_to_resume(tmp_path):
+    """Ctrl-C at a terminal (SIGINT to the process group) during the first trial: Tune's handler stops the sweep and
+    returns from fit as if it had ended; the driver says so, marks the folder and writes no report, exit 130."""
+    import signal
+
+    cfg, sweep_dir = write_config(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", "sweep", str(cfg)], stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True, cwd=tmp_path)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("[sweep") and " epoch " in line:  # the first trial reported its first epoch
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_session(proc)
+    last = [x for x in rest.splitlines() if x.startswith("proxyless-ray sweep: interrupted")]
+    assert code == 130 and len(last) == 1, "".join(seen)[-2000:] + rest[-3000:]
+    assert "SIGINT" in last[0] and str(sweep_dir / "tune") in last[0] and f"sweep {cfg} --resume" in last[0]
+    assert (sweep_dir / "INCOMPLETE").exists()
+    assert not (sweep_dir / "pareto.csv").exists() and not (sweep_dir / "summary.json").exists()
+    # the command it printed finishes the sweep (trials the signal reached resume as errored ones)
+    done = subprocess.run([sys.executable, "-m", "proxyless_ray.cli", "sweep", str(cfg), "--resume"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (sweep_dir / "summary.json").exists() and not (sweep_dir / "INCOMPLETE").exists()

@@ -98,6 +98,19 @@ def test_unwritable_sqlite_folder_fails_fast(tmp_path):
         Tracker(exp).check()
 
 
+def test_experiments_are_of_the_model_training_kind(tmp_path):
+    """A new experiment gets MLflow's kind tag; one made without it (an older version, or MLflow) gets it too."""
+    exp, uri = _tracked(tmp_path)
+    client = MlflowClient(uri)
+    eid = Tracker(exp).ensure_experiment()
+    assert client.get_experiment(eid).tags["mlflow.experimentKind"] == "custom_model_development"
+    other = with_overrides(exp, tracking={"experiment": "older"})
+    old = client.create_experiment("older", artifact_location=(tmp_path / "mlruns").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert Tracker(other).ensure_experiment() == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 # -- one tracked search ------------------------------------------------------------------------------------------
 
 

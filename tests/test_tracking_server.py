@@ -146,10 +146,12 @@ def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
 
 def test_ui_command_serves_the_sqlite_store_on_localhost(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    MlflowClient(uri).create_experiment("proxyless-ray", artifact_location=(tmp_path / "mlruns").as_uri())
+    eid = MlflowClient(uri).create_experiment("proxyless-ray", artifact_location=(tmp_path / "mlruns").as_uri())
     assert main(["ui", "--tracking-uri", uri, "--background"]) == 0
     out = capsys.readouterr().out
     url = re.search(r"MLflow UI: (http://127\.0\.0\.1:\d+)", out).group(1)
+    # the link opens the experiment's runs in the "Model training" view (MLflow's UI opens GenAI otherwise)
+    assert f"MLflow UI: {url}/#/experiments/{eid}/runs?workflowType=machine_learning " in out
     pid = int(re.search(r"pid (\d+)", out).group(1))
     try:
         wait_healthy(url, timeout_s=10)

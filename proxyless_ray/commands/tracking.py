@@ -14,7 +14,7 @@ import urllib.request
 
 from proxyless_ray.config import TrackingConfig
 from proxyless_ray.tracking import check_reachable, local_artifact_root, resolve_uri
-from proxyless_ray.tracking_store import check_existing_store
+from proxyless_ray.tracking_store import check_existing_store, ui_link
 
 UI_START_TIMEOUT_S = 180.0  # ~15 s on an idle machine; minutes on a loaded one
 
@@ -67,7 +67,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = _store(args)
     if uri.startswith(("http://", "https://")):
         check_reachable(uri)
-        print(f"MLflow UI: {uri} (the tracking server serves its own UI)", flush=True)
+        print(f"MLflow UI: {ui_link(uri, experiment_id(uri, args.experiment))} (the tracking server serves its own "
+              f"UI)", flush=True)
         return 0
     host = args.host
     port = args.port or free_port(host)
@@ -82,7 +83,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     except (RuntimeError, KeyboardInterrupt):
         stop_group(proc)
         raise
-    print(f"MLflow UI: {url}  (store {uri})", flush=True)
+    print(f"MLflow UI: {ui_link(url, experiment_id(url, args.experiment))}  (store {uri})", flush=True)
     if args.background:
         print(f"pid {proc.pid}; stop it with: kill -- -{proc.pid}", flush=True)
         return 0
@@ -94,6 +95,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop_group(proc)
         return 0
+
+
+def experiment_id(server: str, name: str) -> str | None:
+    """The id of experiment ``name`` on a running tracking server (None when it has no such experiment yet)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = MlflowClient(server).get_experiment_by_name(name)
+    except MlflowException:  # the link then opens the list of experiments; the UI itself is up
+        return None
+    return found.experiment_id if found is not None and found.lifecycle_stage == "active" else None
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -138,6 +151,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--background", action="store_true", help="print the address and PID and return")
+    p.add_argument("--experiment", default=TrackingConfig.experiment, help="MLflow experiment the printed link opens "
+                                                                            "(default: %(default)s)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("results", help="print the Pareto table per hardware from MLflow",
