@@ -89,6 +89,30 @@ def front_hypervolume(part: pd.DataFrame, col: str, ref: tuple[float, float]) ->
     return hypervolume_2d(pts[pareto_front_mask(pts)], ref) if len(pts) else 0.0
 
 
+def matched_summary(df: pd.DataFrame) -> dict[str, list[dict]]:
+    """Per hardware and searched network: its accuracy against its latency-matched random networks (mean, std over
+    networks, each the mean of its seeds) and the seed-to-seed spread, which says how small a margin can be read."""
+    def base_name(name: str) -> str:  # "04-matched-..." -> "matched-..."
+        return name.split("-", 1)[1]
+
+    out: dict[str, list[dict]] = {}
+    names = df["name"].map(base_name)
+    for hw in HARDWARE:
+        for _, srow in df[(df["kind"] == "searched") & (df["searched_for"] == hw)].iterrows():
+            rand = df[(df["kind"] == "matched") & names.str.startswith(f"matched-{hw}-{base_name(srow['name'])}-")]
+            if len(rand) < 2:
+                continue
+            mean, std = float(rand["test_acc"].mean()), float(rand["test_acc"].std())
+            seeds = [s for accs in df["test_acc_seeds"] if len(accs) > 1 for s in [pd.Series(accs).std()]]
+            out.setdefault(hw, []).append({
+                "searched": srow["name"], "searched_acc": float(srow["test_acc"]), "random_mean": mean,
+                "random_std": std, "random_n": len(rand), "margin_in_std": (srow["test_acc"] - mean) / max(std, 1e-9),
+                "searched_rank": int((rand["test_acc"] > srow["test_acc"]).sum()) + 1,
+                "mean_seed_std": float(sum(seeds) / len(seeds)) if seeds else None,
+                "searched_beats_mean_plus_std": bool(srow["test_acc"] >= mean + std)})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -102,7 +126,13 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=0, help="training images (default 12000, 3000 quick)")
     parser.add_argument("--test-subset", type=int, default=0, help="test images (default: all, 3000 quick)")
     parser.add_argument("--search-epochs", type=int, default=0, help="search epochs after the 2 warm-up epochs")
+    parser.add_argument("--analyse", default="", help="recompute the summaries from this benchmark's JSON output")
     args = parser.parse_args()
+    if args.analyse:
+        with open(args.analyse) as fh:
+            saved = json.load(fh)
+        print(json.dumps({"matched_latency": matched_summary(pd.DataFrame(saved["networks"]))}, default=float))
+        return
     out = args.out or tempfile.mkdtemp(prefix="bench-quality-")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     tune_allocator()  # measured latencies under the same allocator as the profiles and the CLI
@@ -171,7 +201,7 @@ def main() -> None:
         ref = (0.0, 1.1 * float(df[col].max()))
 
         hv_s, hv_r = front_hypervolume(searched, col, ref), front_hypervolume(rand, col, ref)
-        hv[hw] = {"searched": hv_s, "random": hv_r, "searched_above_random": hv_s > hv_r}
+        hv[hw] = {"searched": hv_s, "random": hv_r, "searched_above_random": hv_s > hv_r if len(rand) else None}
         best = searched.sort_values("test_acc", ascending=False).head(1)
         if len(best):
             acc = float(best["test_acc"].iloc[0])
@@ -179,17 +209,7 @@ def main() -> None:
             fastest[hw] = {"searched_net": best["name"].iloc[0], "its_ms": float(best[col].iloc[0]),
                            "fastest_similar": similar.sort_values(col).iloc[0]["name"],
                            "is_fastest": similar.sort_values(col).iloc[0]["name"] == best["name"].iloc[0]}
-    matched = {}
-    for hw in HARDWARE:
-        for _, srow in df[(df["kind"] == "searched") & (df["searched_for"] == hw)].iterrows():
-            rand = df[(df["kind"] == "matched") & df["name"].str.startswith(f"matched-{hw}-{srow['name']}-")]
-            if len(rand) < 2:
-                continue
-            mean, std = float(rand["test_acc"].mean()), float(rand["test_acc"].std())
-            matched.setdefault(hw, []).append({
-                "searched": srow["name"], "searched_acc": float(srow["test_acc"]), "random_mean": mean,
-                "random_std": std, "random_n": len(rand), "margin_in_std": (srow["test_acc"] - mean) / max(std, 1e-9),
-                "searched_beats_mean_plus_std": bool(srow["test_acc"] >= mean + std)})
+    matched = matched_summary(df)
     cross = {hw: df[(df["kind"] == "searched") & (df["searched_for"] == hw)]
              [[f"pred_{h}_ms" for h in HARDWARE] + ["test_acc"]].mean().to_dict() for hw in HARDWARE}
     print(json.dumps({"benchmark": "search_quality", "retrain_epochs": args.epochs, "networks": rows,
