@@ -266,6 +266,21 @@ def test_latency_check_and_calibrate_cli(tmp_path, capsys, tiny_profile):
     assert all(n["ratio"] == pytest.approx(n["predicted_ms"] / n["measured_ms"]) for n in report["networks"])
 
 
+def test_latency_check_names_exported_networks_by_their_folder(tmp_path, capsys, tiny_profile):
+    prof_path = tmp_path / "tiny.yaml"
+    tiny_profile.save(prof_path)
+    archs = []
+    for trial, choices in (("trial-a", [0, 0]), ("trial-b", [1, 1])):
+        p = tmp_path / trial / "network" / "arch.json"
+        p.parent.mkdir(parents=True)
+        TINY.arch_from_choices(choices, name="arch").save(p)  # every exported network is called "arch"
+        archs.append(str(p))
+    args = ["latency", "--check", "--profile", str(prof_path), "--arch", *archs, "--min-time", "0.02", "--json"]
+    assert cli.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [n["arch"] for n in report["networks"]] == [str(tmp_path / t / "network") for t in ("trial-a", "trial-b")]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--calibrate"], "--calibrate needs -o"),
     (["--profile", "pixel1", "--check"], "mobile"),

@@ -196,6 +196,8 @@ def _run_check(args: argparse.Namespace, profile: Profile, archs: list[Arch], ou
 
     md = profile.metadata
     names = [a.name or Path(p).stem for a, p in zip(archs, args.arch)]
+    if len(set(names)) < len(names):  # exported networks are all called "arch": their folders tell them apart
+        names = [str(Path(p).parent) if Path(p).suffix == ".json" else str(p) for p in args.arch]
     rows = check_profile(profile, archs, args.min_time, args.repeats, names)
     fit = fit_scale(rows) if args.calibrate else None
     if args.json:
@@ -208,9 +210,10 @@ def _run_check(args: argparse.Namespace, profile: Profile, archs: list[Arch], ou
         print(f"profile {profile.name} vs this machine: {md.get('statistic', 'median')} of end-to-end runs "
               f"({md.get('clock', 'wall')} clock), "
               f"{md['threads']} thread(s), batch {md['batch_size']}")
-        print(f"{'network':<28} {'predicted ms':>12} {'measured ms':>12} {'pred/meas':>9}")
+        width = max([28] + [len(r.arch) for r in rows])
+        print(f"{'network':<{width}} {'predicted ms':>12} {'measured ms':>12} {'pred/meas':>9}")
         for r in rows:
-            print(f"{r.arch[:28]:<28} {r.predicted_ms:>12.3f} {r.measured_ms:>12.3f} {r.ratio:>9.2f}")
+            print(f"{r.arch:<{width}} {r.predicted_ms:>12.3f} {r.measured_ms:>12.3f} {r.ratio:>9.2f}")
         if fit is not None:
             loo = "n/a (fewer than 3 networks)" if fit.loo_mape is None else f"{fit.loo_mape:.1f} %"
             print(f"calibration: scale x{fit.scale:.4f} on {fit.n} network(s); error {fit.mape_before:.1f} % -> "
