@@ -1,12 +1,14 @@
-"""Latency trade-off sweeps on Ray Tune: hardware profiles x latency coefficients, each trial a Ray Train search.
+"""Latency trade-off sweeps on Ray Tune: hardware profiles x latency coefficients, each trial one search.
 
-Train-in-Tune the Ray 2.60 way (Train V2): the Tune trial function :func:`train_driver_fn` builds a
-``TorchTrainer`` whose ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune; the trainer's run name
-is the trial key, so a restored trial continues its own checkpoints. The weight warm-up does not depend on the
-hardware or the coefficient, so it runs once per (search space, data, seed) and every trial's search phase starts
-from its checkpoint. Schedulers: FIFO, ASHA on a scalarised score, or the Pareto-aware MO-ASHA
-(:mod:`proxyless_ray.schedulers`), whose rung records are persisted beside the Tune experiment so ``--resume``
-(``Tuner.restore``) keeps them. The grid of trials and the saved plan are :mod:`proxyless_ray.sweep_plan`.
+A trial of one worker runs its search in its Tune actor, and actors are reused from trial to trial
+(:mod:`proxyless_ray.sweep_trial`). A trial of several workers is Train-in-Tune the Ray 2.60 way (Train V2): the
+Tune trial function :func:`train_driver_fn` builds a ``TorchTrainer`` whose ``TuneReportCallback`` forwards rank
+0's per-epoch metrics to Tune; the trainer's run name is the trial key, so a restored trial continues its own
+checkpoints. The weight warm-up does not depend on the hardware or the coefficient, so it runs once per (search
+space, data, seed) and every trial's search phase starts from its checkpoint (:func:`run_warmup`). Schedulers:
+FIFO, ASHA on a scalarised score, or the Pareto-aware MO-ASHA (:mod:`proxyless_ray.schedulers`), whose rung
+records are persisted beside the Tune experiment so ``--resume`` (``Tuner.restore``) keeps them. The grid of
+trials and the saved plan are :mod:`proxyless_ray.sweep_plan`.
 """
 
 from __future__ import annotations
@@ -25,18 +27,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.model import load_latency_model_for
-from proxyless_ray.sweep_plan import (
-    SWEEP_STATE,
-    TRIALS_DIR,
-    SweepPlan,
-    TrialSpec,
-    load_plan,
-    save_plan,
-    sweep_grid,
-    trial_experiment,
-    warmup_key,
-)
+from proxyless_ray.sweep_plan import SWEEP_STATE, TRIALS_DIR, SweepPlan, load_plan, save_plan, sweep_grid
 from proxyless_ray.sweep_report import written_metrics
+from proxyless_ray.sweep_trial import in_actor, run_warmup, trial_fn, trial_of, tune_fault_settings, with_score
 
 TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler_state.json"
@@ -48,7 +41,7 @@ RETRAINED_DIR = "retrained"  # the demo's fine-tuned front networks
 
 
 def train_driver_fn(config: dict[str, Any]) -> None:
-    """A Tune trial: one distributed search (a ``TorchTrainer``), metrics forwarded to Tune.
+    """A Tune trial of several workers: one distributed search (a ``TorchTrainer``), metrics forwarded to Tune.
 
     ``config`` holds the base experiment, this trial's spec, the sweep folder and the shared warm-up checkpoint.
     """
@@ -56,11 +49,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     from proxyless_ray.results import write_search_outputs
     from proxyless_ray.trainer import shipped_models
 
-    base = Experiment.from_dict(config["experiment"], source="sweep config")
-    t = config["trial"]
-    spec = TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"])
-    exp = trial_experiment(base, spec, config["sweep_dir"])
-    weight = config.get("score_weight", 0.05)
+    exp, spec, weight = trial_of(config)
     written = written_metrics(exp.output_dir)
     if written is not None:
         # Restored after a kill that fell between this trial writing its outputs and Tune recording its end: the
@@ -102,15 +91,6 @@ class ScoreReportCallback(TuneReportCallback):
         if metrics:
             with_score(metrics[0], self.weight)
         super().after_report(run_context, metrics, checkpoint)
-
-
-def with_score(m: dict[str, Any], weight: float) -> dict[str, Any]:
-    """``m`` with ``score = acc - weight * ln(latency)`` added (in place) when it holds both."""
-    from proxyless_ray.pareto import scalarised_score
-
-    if "heldout_acc" in m and m.get("expected_latency_ms", 0) > 0:
-        m["score"] = scalarised_score(m["heldout_acc"], m["expected_latency_ms"], weight)
-    return m
 
 
 # -- progress ------------------------------------------------------------------------------------------------------
@@ -164,21 +144,26 @@ def _shutdown_after():
 def trial_resources(exp: Experiment, cluster: dict[str, float]) -> tuple[dict[str, float], int | None]:
     """A Tune trial's resources, and ``max_concurrent_trials`` (None when the resources cap concurrency).
 
-    A trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster
-    has a ``driver_slot`` resource (the embedded one always does), each trial holds ``1/n`` of it, so at most ``n``
-    trials run at once; paused trials hold none, which a synchronous first rung needs (Tune's
-    ``max_concurrent_trials`` counts paused trials as running). Otherwise trials take a sliver of a CPU and
-    ``max_concurrent_trials`` caps them.
+    A trial of one worker computes in its own actor (:mod:`proxyless_ray.sweep_trial`), so it holds what that worker
+    would: ``dist.cpus_per_worker`` CPUs, its GPUs and custom resources. A trial of several workers only drives its
+    TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster has a ``driver_slot``
+    resource (the embedded one always does), each trial also holds ``1/n`` of it, so at most ``n`` trials run at
+    once; paused trials hold none, which a synchronous first rung needs (Tune's ``max_concurrent_trials`` counts
+    paused trials as running). Otherwise ``max_concurrent_trials`` caps them, and a Train driver takes a sliver of
+    a CPU.
 
     Args:
         exp: The sweep's experiment.
         cluster: The cluster's total resources (``ray.cluster_resources()``).
     """
     n = max_concurrent(exp, cluster)
+    d = exp.dist
+    own = ({"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker > 0 else {}),
+            **d.resources_per_worker} if in_actor(exp) else {})
     slots = cluster.get(DRIVER_SLOT, 0.0)
     if slots >= n:
-        return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4}, None  # Ray keeps 4 decimals of a resource
-    return {"CPU": 0.01}, n
+        return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4, **own}, None  # Ray keeps 4 decimals of a resource
+    return own or {"CPU": 0.01}, n
 
 
 def fallback_note(exp: Experiment, cluster: dict[str, float]) -> str | None:
@@ -187,7 +172,8 @@ def fallback_note(exp: Experiment, cluster: dict[str, float]) -> str | None:
     if max_trials is None:
         return None
     sync_rung = exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung
-    return (f"the cluster has no {DRIVER_SLOT!r} resource, falling back: each trial takes 0.01 CPU, at most "
+    share = f"{exp.dist.cpus_per_worker:g} CPU" if in_actor(exp) else "0.01 CPU"
+    return (f"the cluster has no {DRIVER_SLOT!r} resource, falling back: each trial takes {share}, at most "
             f"{max_trials} run at once{', the Pareto first rung is asynchronous' * sync_rung} (give the head one: "
             f"ray start --head --resources '{{\"{DRIVER_SLOT}\": 64}}')")
 
@@ -220,53 +206,6 @@ def resolve_local_profiles(exp: Experiment) -> dict[str, str]:
         if is_local(hw):
             out[hw] = model.to_yaml()
     return out
-
-
-def run_warmup(exp: Experiment, sweep_dir: str, profiles: dict[str, str] | None = None) -> tuple[str, str]:
-    """Run (or reuse) the shared weight warm-up; returns ``(key, checkpoint path)``.
-
-    The warm-up is a normal search stopped after ``train.warmup_epochs`` epochs; it is cached under
-    ``<out_dir>/warmup/<key>`` so a second sweep with the same space, data and seed reuses it.
-    """
-    from proxyless_ray.ray_trainer import build_trainer
-    from proxyless_ray.search_state import read_meta
-
-    key = warmup_key(exp)
-    cache = os.path.abspath(os.path.join(exp.out_dir, "warmup"))
-    d = exp.to_dict()
-    d["name"] = key
-    d["dist"]["workers"] = max(exp.sweep.workers_per_trial, 1)
-    d["dist"]["storage_path"] = cache
-    d["latency"]["profile"] = exp.sweep.hardware[0]  # only priced for metrics; alpha is frozen in warm-up
-    wexp = Experiment.from_dict(d, source="warm-up")
-    done = _latest_warmup_checkpoint(os.path.join(cache, key), exp.train.warmup_epochs)
-    if done is not None:
-        print(f"[sweep] reusing shared warm-up {key} ({done})", file=sys.stderr, flush=True)
-        return key, done
-    print(f"[sweep] shared warm-up {key}: {exp.train.warmup_epochs} epochs, once for every trial",
-          file=sys.stderr, flush=True)
-    text = (profiles or {}).get(exp.sweep.hardware[0])
-    result = build_trainer(wexp, key, {"until_epoch": exp.train.warmup_epochs, "progress": False,
-                                       **({"latency_profile": text} if text else {})}).fit()
-    if result.error is not None:
-        raise result.error
-    path = result.checkpoint.path
-    if read_meta(path)["epoch"] != exp.train.warmup_epochs:
-        raise RuntimeError(f"warm-up checkpoint {path!r} is not at epoch {exp.train.warmup_epochs}")
-    return key, path
-
-
-def _latest_warmup_checkpoint(run_dir: str, epoch: int) -> str | None:
-    if not os.path.isdir(run_dir):
-        return None
-    from proxyless_ray.search_state import META_FILE, read_meta
-
-    for name in sorted(os.listdir(run_dir), reverse=True):
-        folder = os.path.join(run_dir, name)
-        if name.startswith("checkpoint_") and os.path.isfile(os.path.join(folder, META_FILE)):
-            if read_meta(folder)["epoch"] == epoch:
-                return folder
-    return None
 
 
 def build_tune_scheduler(exp: Experiment, sweep_dir: str, group_sizes: dict[str, int] | None = None):
@@ -346,9 +285,9 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             if os.path.exists(os.path.join(sweep_dir, name)):
                 os.unlink(os.path.join(sweep_dir, name))
         os.makedirs(sweep_dir, exist_ok=True)
-    from proxyless_ray.data import build_splits
+    from proxyless_ray.data import cached_splits
 
-    build_splits(exp.data, exp.space)  # bad data fails before any worker starts
+    cached_splits(exp.data, exp.space)  # bad data fails before any worker starts (and a local warm-up reuses it)
     local_profiles = resolve_local_profiles(exp)
     embedded = effective_address(exp.dist.address) is None
     # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): always on here.
@@ -378,7 +317,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         note = fallback_note(exp, ray.cluster_resources())
         if note:
             print(f"[proxyless-ray] {note}", file=sys.stderr, flush=True)
-        trainable = tune.with_resources(train_driver_fn, resources)
+        trainable = tune.with_resources(trial_fn if in_actor(exp) else train_driver_fn, resources)
         group_sizes = None
         if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung and max_trials is None:
             group_sizes = dict(Counter(spec.hardware for spec in plan.trials))
@@ -392,9 +331,10 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(scheduler=build_tune_scheduler(exp, sweep_dir, group_sizes),
-                                            max_concurrent_trials=max_trials,
+                                            max_concurrent_trials=max_trials, reuse_actors=in_actor(exp),
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir, callbacks=callbacks, verbose=0),
+                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir, callbacks=callbacks, verbose=0,
+                                          **(tune_fault_settings(exp) if in_actor(exp) else {})),
             )
         grid = tuner.fit()
         plan.stats["sweep_s"] = plan.stats.get("sweep_s", 0.0) + time.time() - t0
