@@ -318,6 +318,10 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         if note:
             print(f"[proxyless-ray] {note}", file=sys.stderr, flush=True)
         trainable = tune.with_resources(trial_fn if in_actor(exp) else train_driver_fn, resources)
+        if in_actor(exp):
+            # Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints since the last one
+            # and warns (three lines) when that happens twice in 5 s: epochs of seconds do, harmlessly (local files)
+            os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         group_sizes = None
         if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung and max_trials is None:
             group_sizes = dict(Counter(spec.hardware for spec in plan.trials))

@@ -15,6 +15,7 @@ through ``tune.get_checkpoint`` (a trial resumed, restored or retried after a fa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -126,6 +127,8 @@ def trial_fn(config: dict[str, Any]) -> None:
 
     from proxyless_ray.results import write_search_outputs
 
+    # Tune logs every checkpoint it persists at INFO; the driver prints one line per epoch already
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     exp, spec, weight = trial_of(config)
     written = written_metrics(exp.output_dir)
     if written is not None:

@@ -124,24 +124,29 @@ def test_workers_per_trial_beyond_the_cluster(tmp_path, capsys):
 
 
 def test_trials_hold_a_share_of_the_driver_slots(tmp_path):
-    """Running trials are capped by a resource (paused trials hold none), else by max_concurrent_trials."""
+    """Running trials are capped by a resource (paused trials hold none), else by max_concurrent_trials; a trial of
+    one worker computes in its own actor and holds that worker's CPUs (GPUs), a Train driver none."""
     from proxyless_ray.sweep import trial_resources
 
     cfg, _ = write_config(tmp_path)
     data = yaml.safe_load(cfg.read_text())
 
-    def sweep(**values):
-        return Experiment.from_dict({**data, "sweep": {**data["sweep"], **values}})
+    def sweep(dist=None, **values):
+        return Experiment.from_dict({**data, "sweep": {**data["sweep"], **values}, "dist": dist or {}})
 
     embedded = {"CPU": 2.0, "driver_slot": 64.0}  # what run_sweep's embedded cluster has
-    assert trial_resources(sweep(max_concurrent_trials=2), embedded) == ({"driver_slot": 32.0}, None)
+    assert trial_resources(sweep(max_concurrent_trials=2), embedded) == ({"driver_slot": 32.0, "CPU": 1.0}, None)
+    assert trial_resources(sweep(max_concurrent_trials=2, workers_per_trial=2), embedded) == ({"driver_slot": 32.0},
+                                                                                              None)
     share, cap = trial_resources(sweep(max_concurrent_trials=3), embedded)
     assert cap is None and 3 * share["driver_slot"] <= 64 < 4 * share["driver_slot"]
     # unset: as many trials as the CPUs (or GPUs) hold their workers
     assert trial_resources(sweep(max_concurrent_trials=0, workers_per_trial=2), {"CPU": 8.0, "driver_slot": 64.0}) \
         == ({"driver_slot": 16.0}, None)
-    gpus = Experiment.from_dict({**data, "sweep": {**data["sweep"], "max_concurrent_trials": 0},
-                                 "dist": {"gpus_per_worker": 1}})
-    assert trial_resources(gpus, {"CPU": 16.0, "GPU": 2.0, "driver_slot": 64.0}) == ({"driver_slot": 32.0}, None)
-    # a cluster without driver slots (started by hand): a sliver of a CPU, capped by max_concurrent_trials
-    assert trial_resources(sweep(max_concurrent_trials=2), {"CPU": 2.0}) == ({"CPU": 0.01}, 2)
+    gpus = sweep({"gpus_per_worker": 1, "cpus_per_worker": 2}, max_concurrent_trials=0)
+    assert trial_resources(gpus, {"CPU": 16.0, "GPU": 2.0, "driver_slot": 64.0}) \
+        == ({"driver_slot": 32.0, "CPU": 2.0, "GPU": 1.0}, None)
+    # a cluster without driver slots (started by hand): capped by max_concurrent_trials; a Train driver takes a
+    # sliver of a CPU
+    assert trial_resources(sweep(max_concurrent_trials=2), {"CPU": 2.0}) == ({"CPU": 1.0}, 2)
+    assert trial_resources(sweep(max_concurrent_trials=2, workers_per_trial=2), {"CPU": 2.0}) == ({"CPU": 0.01}, 2)
