@@ -21,14 +21,14 @@ from conftest import TINY_SPACE, requires_fmnist
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
 
-def write_config(tmp_path, scheduler="pareto"):
+def write_config(tmp_path, scheduler="pareto", steps=4, images=256):
     cfg = {
         "name": "sweep",
         "out_dir": str(tmp_path / "runs"),
         "space": TINY_SPACE,
-        "data": {"train_subset": 256, "heldout_size": 128, "test_subset": 256, "batch_size": 32,
+        "data": {"train_subset": images, "heldout_size": 128, "test_subset": 256, "batch_size": 32,
                  "eval_batch_size": 128},
-        "train": {"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
+        "train": {"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": steps, "threads": 1,
                   "channels_last": False, "arch_lr": 0.05},
         "sweep": {"hardware": ["pixel1", "v100_roofline"], "lambdas": [0.5], "scheduler": scheduler,
                   "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1},
@@ -61,8 +61,9 @@ def _sid(pid: int) -> int | None:
 def test_sweep_killed_then_resumed_reports_the_pareto_front(tmp_path):
     """One trial per hardware, one at a time: the driver is killed once the first trial finished and before the
     second could, so the resumed sweep must keep the first and run the second (synchronous rungs through real Tune
-    are tested in test_pareto_asha.py; each Train-in-Tune trial here costs ~30 s of start-up)."""
-    cfg, sweep_dir = write_config(tmp_path)
+    are tested in test_pareto_asha.py, paused and retried trials in reused processes in test_sweep_trial.py). Trials
+    of a few seconds each, so the kill falls between the two."""
+    cfg, sweep_dir = write_config(tmp_path, steps=24, images=1024)
     cmd = [sys.executable, "-m", "proxyless_ray.cli", "sweep", str(cfg)]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -75,7 +76,7 @@ def test_sweep_killed_then_resumed_reports_the_pareto_front(tmp_path):
             if done:
                 finished_before = {p.parent.name: p.stat().st_mtime for p in done}
                 break
-            time.sleep(1)
+            time.sleep(0.2)
         assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + open(log.name).read()[-3000:]
         assert len(finished_before) == 1, f"expected one finished trial at the kill, got {finished_before}"
         records_before = json.loads((sweep_dir / "scheduler_state.json").read_text())["records"]
