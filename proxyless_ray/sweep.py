@@ -290,9 +290,10 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
     cached_splits(exp.data, exp.space)  # bad data fails before any worker starts (and a local warm-up reuses it)
     local_profiles = resolve_local_profiles(exp)
     embedded = effective_address(exp.dist.address) is None
-    # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): always on here.
+    # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): on for Train trials.
+    # Trials in their own actor start no Train run, and Tune frees its own placement groups: the lean cluster.
     endpoint = connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None,
-                       dashboard=True)
+                       dashboard=True if not in_actor(exp) else None)
     t0 = time.time()
     with HeadWatch(endpoint), _shutdown_after():
         check_placeable(exp, workers=max(exp.sweep.workers_per_trial, 1))
