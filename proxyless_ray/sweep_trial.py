@@ -31,7 +31,9 @@ from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import cached_splits
 from proxyless_ray.latency.model import LatencyModel
+from proxyless_ray.pareto import scalarised_score
 from proxyless_ray.ray_trainer import build_trainer, worker_latency_model
+from proxyless_ray.results import write_search_outputs
 from proxyless_ray.search_state import META_FILE, read_meta
 from proxyless_ray.sweep_plan import TrialSpec, trial_experiment, warmup_key
 from proxyless_ray.sweep_report import written_metrics
@@ -67,8 +69,6 @@ def trial_of(config: dict[str, Any]) -> tuple[Experiment, TrialSpec, float]:
 
 def with_score(m: dict[str, Any], weight: float) -> dict[str, Any]:
     """``m`` with ``score = acc - weight * ln(latency)`` added (in place) when it holds both."""
-    from proxyless_ray.pareto import scalarised_score
-
     if "heldout_acc" in m and m.get("expected_latency_ms", 0) > 0:
         m["score"] = scalarised_score(m["heldout_acc"], m["expected_latency_ms"], weight)
     return m
@@ -124,8 +124,6 @@ def trial_fn(config: dict[str, Any]) -> None:
     """
     import ray
     from ray import tune
-
-    from proxyless_ray.results import write_search_outputs
 
     # Tune logs every checkpoint it persists at INFO; the driver prints one line per epoch already
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
