@@ -1,12 +1,14 @@
-"""Latency trade-off sweeps on Ray Tune: hardware profiles x latency coefficients, each trial a Ray Train search.
+"""Latency trade-off sweeps on Ray Tune: hardware profiles x latency coefficients, each trial one search.
 
-Train-in-Tune the Ray 2.60 way (Train V2): the Tune trial function :func:`train_driver_fn` builds a
-``TorchTrainer`` whose ``TuneReportCallback`` forwards rank 0's per-epoch metrics to Tune; the trainer's run name
-is the trial key, so a restored trial continues its own checkpoints. The weight warm-up does not depend on the
-hardware or the coefficient, so it runs once per (search space, data, seed) and every trial's search phase starts
-from its checkpoint. Schedulers: FIFO, ASHA on a scalarised score, or the Pareto-aware MO-ASHA
-(:mod:`proxyless_ray.schedulers`), whose rung records are persisted beside the Tune experiment so ``--resume``
-(``Tuner.restore``) keeps them. The grid of trials and the saved plan are :mod:`proxyless_ray.sweep_plan`.
+A trial of one worker runs its search in its Tune actor, and actors are reused from trial to trial
+(:mod:`proxyless_ray.sweep_trial`). A trial of several workers is Train-in-Tune the Ray 2.60 way (Train V2): the
+Tune trial function :func:`train_driver_fn` builds a ``TorchTrainer`` whose ``TuneReportCallback`` forwards rank
+0's per-epoch metrics to Tune; the trainer's run name is the trial key, so a restored trial continues its own
+checkpoints. The weight warm-up does not depend on the hardware or the coefficient, so it runs once per (search
+space, data, seed) and every trial's search phase starts from its checkpoint (:func:`run_warmup`). Schedulers:
+FIFO, ASHA on a scalarised score, or the Pareto-aware MO-ASHA (:mod:`proxyless_ray.schedulers`), whose rung
+records are persisted beside the Tune experiment so ``--resume`` (``Tuner.restore``) keeps them. The grid of
+trials and the saved plan are :mod:`proxyless_ray.sweep_plan`.
 """
 
 from __future__ import annotations
@@ -30,17 +32,16 @@ from proxyless_ray.sweep_plan import (
     SWEEP_STATE,
     TRIALS_DIR,
     SweepPlan,
-    TrialSpec,
     check_trusted,
     fallback_note,
+    in_actor,
     load_plan,
     save_plan,
     sweep_grid,
-    trial_experiment,
     trial_resources,
-    warmup_key,
 )
 from proxyless_ray.sweep_report import written_metrics
+from proxyless_ray.sweep_trial import run_warmup, trial_fn, trial_of, tune_fault_settings, with_score
 
 TUNE_DIR = "tune"
 SCHEDULER_STATE = "scheduler_state.json"
@@ -51,7 +52,7 @@ RETRAINED_DIR = "retrained"  # the demo's fine-tuned front networks
 
 
 def train_driver_fn(config: dict[str, Any]) -> None:
-    """A Tune trial: one distributed search (a ``TorchTrainer``), metrics forwarded to Tune.
+    """A Tune trial of several workers: one distributed search (a ``TorchTrainer``), metrics forwarded to Tune.
 
     ``config`` holds the base experiment, this trial's spec, the sweep folder and the shared warm-up checkpoint.
     """
@@ -59,11 +60,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     from proxyless_ray.results import write_search_outputs
     from proxyless_ray.trainer import shipped_models
 
-    base = Experiment.from_dict(config["experiment"], source="sweep config")
-    t = config["trial"]
-    spec = TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"])
-    exp = trial_experiment(base, spec, config["sweep_dir"])
-    weight = config.get("score_weight", 0.05)
+    exp, spec, weight = trial_of(config)
     written = written_metrics(exp.output_dir)
     if written is not None:
         # Restored after a kill that fell between this trial writing its outputs and Tune recording its end: the
@@ -105,15 +102,6 @@ class ScoreReportCallback(TuneReportCallback):
         if metrics:
             with_score(metrics[0], self.weight)
         super().after_report(run_context, metrics, checkpoint)
-
-
-def with_score(m: dict[str, Any], weight: float) -> dict[str, Any]:
-    """``m`` with ``score = acc - weight * ln(latency)`` added (in place) when it holds both."""
-    from proxyless_ray.pareto import scalarised_score
-
-    if "heldout_acc" in m and m.get("expected_latency_ms", 0) > 0:
-        m["score"] = scalarised_score(m["heldout_acc"], m["expected_latency_ms"], weight)
-    return m
 
 
 # -- progress ------------------------------------------------------------------------------------------------------
@@ -181,53 +169,6 @@ def resolve_local_profiles(exp: Experiment) -> dict[str, str]:
         if is_local(hw):
             out[hw] = model.to_yaml()
     return out
-
-
-def run_warmup(exp: Experiment, sweep_dir: str, profiles: dict[str, str] | None = None) -> tuple[str, str]:
-    """Run (or reuse) the shared weight warm-up; returns ``(key, checkpoint path)``.
-
-    The warm-up is a normal search stopped after ``train.warmup_epochs`` epochs; it is cached under
-    ``<out_dir>/warmup/<key>`` so a second sweep with the same space, data and seed reuses it.
-    """
-    from proxyless_ray.ray_trainer import build_trainer
-    from proxyless_ray.search_state import read_meta
-
-    key = warmup_key(exp)
-    cache = os.path.abspath(os.path.join(exp.out_dir, "warmup"))
-    d = exp.to_dict()
-    d["name"] = key
-    d["dist"]["workers"] = max(exp.sweep.workers_per_trial, 1)
-    d["dist"]["storage_path"] = cache
-    d["latency"]["profile"] = exp.sweep.hardware[0]  # only priced for metrics; alpha is frozen in warm-up
-    wexp = Experiment.from_dict(d, source="warm-up")
-    done = _latest_warmup_checkpoint(os.path.join(cache, key), exp.train.warmup_epochs)
-    if done is not None:
-        print(f"[sweep] reusing shared warm-up {key} ({done})", file=sys.stderr, flush=True)
-        return key, done
-    print(f"[sweep] shared warm-up {key}: {exp.train.warmup_epochs} epochs, once for every trial",
-          file=sys.stderr, flush=True)
-    text = (profiles or {}).get(exp.sweep.hardware[0])
-    result = build_trainer(wexp, key, {"until_epoch": exp.train.warmup_epochs, "progress": False,
-                                       **({"latency_profile": text} if text else {})}).fit()
-    if result.error is not None:
-        raise result.error
-    path = result.checkpoint.path
-    if read_meta(path)["epoch"] != exp.train.warmup_epochs:
-        raise RuntimeError(f"warm-up checkpoint {path!r} is not at epoch {exp.train.warmup_epochs}")
-    return key, path
-
-
-def _latest_warmup_checkpoint(run_dir: str, epoch: int) -> str | None:
-    if not os.path.isdir(run_dir):
-        return None
-    from proxyless_ray.search_state import META_FILE, read_meta
-
-    for name in sorted(os.listdir(run_dir), reverse=True):
-        folder = os.path.join(run_dir, name)
-        if name.startswith("checkpoint_") and os.path.isfile(os.path.join(folder, META_FILE)):
-            if read_meta(folder)["epoch"] == epoch:
-                return folder
-    return None
 
 
 def build_tune_scheduler(exp: Experiment, sweep_dir: str, group_sizes: dict[str, int] | None = None):
@@ -309,14 +250,15 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             if os.path.exists(os.path.join(sweep_dir, name)):
                 os.unlink(os.path.join(sweep_dir, name))
         os.makedirs(sweep_dir, exist_ok=True)
-    from proxyless_ray.data import build_splits
+    from proxyless_ray.data import cached_splits
 
-    build_splits(exp.data, exp.space)  # bad data fails before any worker starts
+    cached_splits(exp.data, exp.space)  # bad data fails before any worker starts (and a local warm-up reuses it)
     local_profiles = resolve_local_profiles(exp)
     embedded = effective_address(exp.dist.address) is None
-    # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): always on here.
+    # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): on for Train trials.
+    # Trials in their own actor start no Train run, and Tune frees its own placement groups: the lean cluster.
     endpoint = connect(exp, num_cpus=os.cpu_count(), resources={DRIVER_SLOT: 64} if embedded else None,
-                       dashboard=True)
+                       dashboard=True if not in_actor(exp) else None)
     t0 = time.time()
     with HeadWatch(endpoint), _shutdown_after():
         check_placeable(exp, workers=max(exp.sweep.workers_per_trial, 1))
@@ -341,7 +283,11 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         note = fallback_note(exp, ray.cluster_resources())
         if note:
             print(f"[proxyless-ray] {note}", file=sys.stderr, flush=True)
-        trainable = tune.with_resources(train_driver_fn, resources)
+        trainable = tune.with_resources(trial_fn if in_actor(exp) else train_driver_fn, resources)
+        if in_actor(exp):
+            # Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints since the last one
+            # and warns (three lines) when that happens twice in 5 s: epochs of seconds do, harmlessly (local files)
+            os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         group_sizes = None
         if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung and max_trials is None:
             group_sizes = dict(Counter(spec.hardware for spec in plan.trials))
@@ -355,9 +301,10 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(scheduler=build_tune_scheduler(exp, sweep_dir, group_sizes),
-                                            max_concurrent_trials=max_trials,
+                                            max_concurrent_trials=max_trials, reuse_actors=in_actor(exp),
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir, callbacks=callbacks, verbose=0),
+                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir, callbacks=callbacks, verbose=0,
+                                          **(tune_fault_settings(exp) if in_actor(exp) else {})),
             )
         with TuneSigint() as sigint:
             grid = tuner.fit()

@@ -158,24 +158,34 @@ def load_plan(sweep_dir: str) -> SweepPlan:
                      d.get("stats", {}))
 
 
+def in_actor(exp: Experiment) -> bool:
+    """Whether the sweep's trials run their search in their Tune actor (one worker each), not on Ray Train."""
+    return exp.sweep.workers_per_trial <= 1
+
+
 def trial_resources(exp: Experiment, cluster: dict[str, float]) -> tuple[dict[str, float], int | None]:
     """A Tune trial's resources, and ``max_concurrent_trials`` (None when the resources cap concurrency).
 
-    A trial only drives its TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster
-    has a ``driver_slot`` resource (the embedded one always does), each trial holds ``1/n`` of it, so at most ``n``
-    trials run at once; paused trials hold none, which a synchronous first rung needs (Tune's
-    ``max_concurrent_trials`` counts paused trials as running). Otherwise trials take a sliver of a CPU and
-    ``max_concurrent_trials`` caps them.
+    A trial of one worker computes in its own actor (:mod:`proxyless_ray.sweep_trial`), so it holds what that worker
+    would: ``dist.cpus_per_worker`` CPUs, its GPUs and custom resources. A trial of several workers only drives its
+    TorchTrainer; giving it a CPU would deadlock a 2-core laptop (facts P2). When the cluster has a ``driver_slot``
+    resource (the embedded one always does), each trial also holds ``1/n`` of it, so at most ``n`` trials run at
+    once; paused trials hold none, which a synchronous first rung needs (Tune's ``max_concurrent_trials`` counts
+    paused trials as running). Otherwise ``max_concurrent_trials`` caps them, and a Train driver takes a sliver of
+    a CPU.
 
     Args:
         exp: The sweep's experiment.
         cluster: The cluster's total resources (``ray.cluster_resources()``).
     """
     n = max_concurrent(exp, cluster)
+    d = exp.dist
+    own = ({"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker > 0 else {}),
+            **d.resources_per_worker} if in_actor(exp) else {})
     slots = cluster.get(DRIVER_SLOT, 0.0)
     if slots >= n:
-        return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4}, None  # Ray keeps 4 decimals of a resource
-    return {"CPU": 0.01}, n
+        return {DRIVER_SLOT: math.floor(slots / n * 1e4) / 1e4, **own}, None  # Ray keeps 4 decimals of a resource
+    return own or {"CPU": 0.01}, n
 
 
 def fallback_note(exp: Experiment, cluster: dict[str, float]) -> str | None:
@@ -184,7 +194,8 @@ def fallback_note(exp: Experiment, cluster: dict[str, float]) -> str | None:
     if max_trials is None:
         return None
     sync_rung = exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung
-    return (f"the cluster has no {DRIVER_SLOT!r} resource, falling back: each trial takes 0.01 CPU, at most "
+    share = f"{exp.dist.cpus_per_worker:g} CPU" if in_actor(exp) else "0.01 CPU"
+    return (f"the cluster has no {DRIVER_SLOT!r} resource, falling back: each trial takes {share}, at most "
             f"{max_trials} run at once{', the Pareto first rung is asynchronous' * sync_rung} (give the head one: "
             f"ray start --head --resources '{{\"{DRIVER_SLOT}\": 64}}')")
 

@@ -78,7 +78,8 @@ def front_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def compute_spent(exp: Experiment, rows: list[dict[str, Any]], plan) -> dict[str, Any]:
-    """Worker-epochs actually trained: the shared warm-up once, then each trial's own epochs."""
+    """Worker-epochs actually trained: the shared warm-up once, then each trial's own epochs; wall times: the
+    shared warm-up's (``warmup_s``) and the whole sweep's once the cluster was up (``sweep_s``, warm-up included)."""
     workers = max(exp.sweep.workers_per_trial, 1)
     shared = plan.warmup_checkpoint is not None
     warm = exp.train.warmup_epochs if shared else 0

@@ -21,14 +21,14 @@ from conftest import TINY_SPACE, requires_fmnist
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
 
-def write_config(tmp_path, scheduler="pareto"):
+def write_config(tmp_path, scheduler="pareto", steps=4, images=256):
     cfg = {
         "name": "sweep",
         "out_dir": str(tmp_path / "runs"),
         "space": TINY_SPACE,
-        "data": {"train_subset": 256, "heldout_size": 128, "test_subset": 256, "batch_size": 32,
+        "data": {"train_subset": images, "heldout_size": 128, "test_subset": 256, "batch_size": 32,
                  "eval_batch_size": 128},
-        "train": {"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
+        "train": {"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": steps, "threads": 1,
                   "channels_last": False, "arch_lr": 0.05},
         "sweep": {"hardware": ["pixel1", "v100_roofline"], "lambdas": [0.5], "scheduler": scheduler,
                   "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1},
@@ -61,8 +61,9 @@ def _sid(pid: int) -> int | None:
 def test_sweep_killed_then_resumed_reports_the_pareto_front(tmp_path):
     """One trial per hardware, one at a time: the driver is killed once the first trial finished and before the
     second could, so the resumed sweep must keep the first and run the second (synchronous rungs through real Tune
-    are tested in test_pareto_asha.py; each Train-in-Tune trial here costs ~30 s of start-up)."""
-    cfg, sweep_dir = write_config(tmp_path)
+    are tested in test_pareto_asha.py, paused and retried trials in reused processes in test_sweep_trial.py). Trials
+    of a few seconds each, so the kill falls between the two."""
+    cfg, sweep_dir = write_config(tmp_path, steps=24, images=1024)
     cmd = [sys.executable, "-m", "proxyless_ray.cli", "sweep", str(cfg)]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -75,7 +76,7 @@ def test_sweep_killed_then_resumed_reports_the_pareto_front(tmp_path):
             if done:
                 finished_before = {p.parent.name: p.stat().st_mtime for p in done}
                 break
-            time.sleep(1)
+            time.sleep(0.2)
         assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + open(log.name).read()[-3000:]
         assert len(finished_before) == 1, f"expected one finished trial at the kill, got {finished_before}"
         records_before = json.loads((sweep_dir / "scheduler_state.json").read_text())["records"]
@@ -124,27 +125,32 @@ def test_workers_per_trial_beyond_the_cluster(tmp_path, capsys):
 
 
 def test_trials_hold_a_share_of_the_driver_slots(tmp_path):
-    """Running trials are capped by a resource (paused trials hold none), else by max_concurrent_trials."""
+    """Running trials are capped by a resource (paused trials hold none), else by max_concurrent_trials; a trial of
+    one worker computes in its own actor and holds that worker's CPUs (GPUs), a Train driver none."""
     from proxyless_ray.sweep import trial_resources
 
     cfg, _ = write_config(tmp_path)
     data = yaml.safe_load(cfg.read_text())
 
-    def sweep(**values):
-        return Experiment.from_dict({**data, "sweep": {**data["sweep"], **values}})
+    def sweep(dist=None, **values):
+        return Experiment.from_dict({**data, "sweep": {**data["sweep"], **values}, "dist": dist or {}})
 
     embedded = {"CPU": 2.0, "driver_slot": 64.0}  # what run_sweep's embedded cluster has
-    assert trial_resources(sweep(max_concurrent_trials=2), embedded) == ({"driver_slot": 32.0}, None)
+    assert trial_resources(sweep(max_concurrent_trials=2), embedded) == ({"driver_slot": 32.0, "CPU": 1.0}, None)
+    assert trial_resources(sweep(max_concurrent_trials=2, workers_per_trial=2), embedded) == ({"driver_slot": 32.0},
+                                                                                              None)
     share, cap = trial_resources(sweep(max_concurrent_trials=3), embedded)
     assert cap is None and 3 * share["driver_slot"] <= 64 < 4 * share["driver_slot"]
     # unset: as many trials as the CPUs (or GPUs) hold their workers
     assert trial_resources(sweep(max_concurrent_trials=0, workers_per_trial=2), {"CPU": 8.0, "driver_slot": 64.0}) \
         == ({"driver_slot": 16.0}, None)
-    gpus = Experiment.from_dict({**data, "sweep": {**data["sweep"], "max_concurrent_trials": 0},
-                                 "dist": {"gpus_per_worker": 1}})
-    assert trial_resources(gpus, {"CPU": 16.0, "GPU": 2.0, "driver_slot": 64.0}) == ({"driver_slot": 32.0}, None)
-    # a cluster without driver slots (started by hand): a sliver of a CPU, capped by max_concurrent_trials
-    assert trial_resources(sweep(max_concurrent_trials=2), {"CPU": 2.0}) == ({"CPU": 0.01}, 2)
+    gpus = sweep({"gpus_per_worker": 1, "cpus_per_worker": 2}, max_concurrent_trials=0)
+    assert trial_resources(gpus, {"CPU": 16.0, "GPU": 2.0, "driver_slot": 64.0}) \
+        == ({"driver_slot": 32.0, "CPU": 2.0, "GPU": 1.0}, None)
+    # a cluster without driver slots (started by hand): capped by max_concurrent_trials; a Train driver takes a
+    # sliver of a CPU
+    assert trial_resources(sweep(max_concurrent_trials=2), {"CPU": 2.0}) == ({"CPU": 1.0}, 2)
+    assert trial_resources(sweep(max_concurrent_trials=2, workers_per_trial=2), {"CPU": 2.0}) == ({"CPU": 0.01}, 2)
 
 
 def test_ctrl_c_stops_the_sweep_and_says_how_to_resume(tmp_path):

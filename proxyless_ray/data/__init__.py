@@ -71,6 +71,23 @@ def build_splits(data_cfg, space) -> Splits:
     return splits
 
 
+_CACHED: dict[tuple, Splits] = {}
+
+
+def cached_splits(data_cfg, space) -> Splits:
+    """:func:`build_splits`, once per process for one data config and input shape.
+
+    A process that runs sweep trial after sweep trial (Tune's actor reuse) reads and decodes its data once. Users
+    only read the splits (batches are drawn by index with the caller's generator), so trials cannot leak state
+    through them. Only the latest entry is kept: a process moving on to other data does not hold both.
+    """
+    key = (data_cfg, space.resolution, space.in_chs, space.num_classes)
+    if key not in _CACHED:
+        _CACHED.clear()
+        _CACHED[key] = build_splits(data_cfg, space)
+    return _CACHED[key]
+
+
 def check_shapes(splits: Splits, resolution: int, in_chs: int, num_classes: int) -> None:
     """Refuse a network whose input shape or class count does not match the data."""
     if splits.resolution != resolution or splits.in_chs != in_chs:
