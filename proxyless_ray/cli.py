@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_process_defaults()  # before torch loads OpenMP; Ray workers inherit the environment
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.own_process = argv is None  # the command line's own process, not a caller's: it may re-execute itself
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as err:

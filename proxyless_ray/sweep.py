@@ -20,11 +20,14 @@ import time
 from collections import Counter
 from typing import Any
 
+import ray
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.model import load_latency_model_for
+from proxyless_ray.ray_cluster import node_cpus
+from proxyless_ray.runtime import describe, ray_worker_policy
 from proxyless_ray.sweep_plan import (
     SWEEP_STATE,
     TRIALS_DIR,
@@ -73,7 +76,8 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     text = (config.get("latency_profiles") or {}).get(spec.hardware)  # resolved once on the sweep driver
     extra = {"init_checkpoint": config.get("warmup_checkpoint"), "progress": False,
              **({"latency_profile": text} if text else {})}
-    trainer = build_trainer(exp, f"trial-{spec.key}", extra, callbacks=[ScoreReportCallback(weight)])
+    trainer = build_trainer(exp, f"trial-{spec.key}", extra, callbacks=[ScoreReportCallback(weight)],
+                            concurrent=max_concurrent(exp, ray.cluster_resources()), log=False)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -153,8 +157,6 @@ class TrialLogCallback(Callback):
 
 @contextlib.contextmanager
 def _shutdown_after():
-    import ray
-
     try:
         yield
     finally:
@@ -378,6 +380,9 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         note = fallback_note(exp, ray.cluster_resources())
         if note:
             print(f"[proxyless-ray] {note}", file=sys.stderr, flush=True)
+        policy, threads, why = ray_worker_policy(exp, node_cpus(exp.dist.cpus_per_worker),
+                                                 max_concurrent(exp, ray.cluster_resources()))
+        print(describe(policy, threads, why, "trials' Ray Train workers"), file=sys.stderr, flush=True)
         trainable = tune.with_resources(train_driver_fn, resources)
         group_sizes = None
         if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung and max_trials is None:
