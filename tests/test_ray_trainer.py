@@ -132,9 +132,13 @@ def test_workers_start_with_the_wait_policy_of_their_placement(tmp_path, local_r
         ray.train.report({k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
 
     exp = tiny_experiment(tmp_path, train={"threads": threads}, dist={"workers": 2, "cpus_per_worker": 1})
-    result = build_trainer(exp, f"policy-{threads}", train_fn=report_thread_env).fit()
+    log = str(tmp_path / "reports.jsonl")
+    result = build_trainer(exp, f"policy-{threads}", callbacks=[ReportLog(log)], train_fn=report_thread_env).fit()
     assert result.error is None
-    assert {k: result.metrics[k] for k in THREAD_ENV_KEYS} == thread_env(expected == "passive")
+    (report,) = read_report_log(log)
+    assert len(report["metrics"]) == 2  # both workers
+    for metrics in report["metrics"]:
+        assert {k: metrics[k] for k in THREAD_ENV_KEYS} == thread_env(expected == "passive")
     line = capsys.readouterr().err
     assert (f"Ray Train workers: {threads} torch thread(s), OpenMP threads {expected} "
             f"(OMP_WAIT_POLICY={thread_env(expected == 'passive')['OMP_WAIT_POLICY']}") in line
