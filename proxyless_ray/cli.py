@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from proxyless_ray.runtime import apply_process_defaults
 
-    apply_process_defaults()  # before torch loads OpenMP; Ray workers inherit the environment
+    apply_process_defaults()  # before torch loads OpenMP: allocator, and the wait policy of a process owning its cores
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.own_process = argv is None  # the command line's own process, not a caller's: it may re-execute itself
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError) as err:

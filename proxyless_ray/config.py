@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from proxyless_ray.runtime import WAIT_POLICIES
 from proxyless_ray.space import PRESETS, SearchSpace, space_from_preset
 
 
@@ -77,6 +78,9 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0: off
     seed: int = 0  # weights, gates and data order
     threads: int = 0  # torch threads per worker (0: leave torch's default)
+    # How idle OpenMP threads wait between ops (proxyless_ray.runtime): spin (fast while each thread has a core),
+    # passive (sleep at once: for processes that share cores), auto (spin unless the placement shares cores).
+    wait_policy: str = "auto"
     channels_last: bool = True  # NHWC activations: 1.3-1.5x faster depthwise convs and BN on CPU
     max_steps_per_epoch: int = 0  # 0: the whole split; small values for smoke tests
     finetune_epochs: int = 0  # after the search: fine-tune the derived network from its inherited weights
@@ -301,6 +305,8 @@ def validate(exp: Experiment) -> None:
     if t.weight_sharing not in WEIGHT_SHARING:
         raise ValueError(f"train.weight_sharing {t.weight_sharing!r} is unknown; expected one of "
                          f"{list(WEIGHT_SHARING)}")
+    if t.wait_policy not in WAIT_POLICIES:
+        raise ValueError(f"train.wait_policy {t.wait_policy!r} is unknown; expected one of {list(WAIT_POLICIES)}")
     if t.warmup_method not in WARMUP_METHODS:
         raise ValueError(f"train.warmup_method {t.warmup_method!r} is unknown; expected one of "
                          f"{list(WARMUP_METHODS)}")

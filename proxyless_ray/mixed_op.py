@@ -255,10 +255,17 @@ class _FullV2Gate(torch.autograd.Function):
         if detached.requires_grad:
             (grad_x,) = torch.autograd.grad(out, detached, grad_out, retain_graph=False)
         gate_grad = torch.zeros(len(mixed.candidates), dtype=grad_out.dtype, device=grad_out.device)
+        # zero's output is 0, so its gate gradient is 0
+        others = [k for k in range(len(mixed.ops)) if k not in (mixed.active, mixed.zero_index)]
         with torch.no_grad():
-            for k, op in enumerate(mixed.ops):
-                if k == mixed.zero_index:
-                    continue  # zero's output is 0, so its gate gradient is 0
-                o_k = out.detach() if k == mixed.active else op(detached.detach())
+            if mixed.elastic is not None and others:  # nested weights: the candidates share most of their work
+                views = [mixed.ops[k] for k in others]
+                outs = mixed.elastic.candidate_outputs(detached.detach(), [(v.kernel_size, v.exp_ratio)
+                                                                           for v in views])
+            else:
+                outs = [mixed.ops[k](detached.detach()) for k in others]
+            for k, o_k in zip(others, outs):
                 gate_grad[k] = (o_k * grad_out).sum()
+            if mixed.active != mixed.zero_index:
+                gate_grad[mixed.active] = (out.detach() * grad_out).sum()
         return grad_x, gate_grad, None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from proxyless_ray.arch import Arch, parse_block, umask_mode
-from proxyless_ray.ops import Classifier, ConvBNAct, ResidualBlock, init_weights
+from proxyless_ray.ops import Classifier, ConvBNAct, ResidualBlock, init_weights, training_layout
 
 
 class ProxylessNet(nn.Module):
@@ -41,7 +41,8 @@ class ProxylessNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.feature_mix(self.blocks(self.stem(x))))
+        x = training_layout(self.stem(training_layout(x)))  # after the stem too: a 1-channel batch is both layouts
+        return self.classifier(self.feature_mix(self.blocks(x)))
 
 
 def export_network(net: ProxylessNet, out_dir: str | os.PathLike, batch_size: int = 1) -> dict[str, str]:

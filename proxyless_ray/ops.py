@@ -18,6 +18,20 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.1
 
 
+def training_layout(x: torch.Tensor) -> torch.Tensor:
+    """The layout a CPU training step computes in: channels-last, whatever the batch's layout.
+
+    oneDNN's depthwise convolutions run 2-3x longer on NCHW tensors on CPU (their backward above all), which made
+    ``train.channels_last: false`` steps up to twice as slow; converting the batch once here costs one copy of the
+    input. Parameters, state dicts and inference (no autograd: evaluation, latency measurement, exported networks)
+    keep their own layout; GPUs keep NCHW.
+    """
+    if (x.device.type == "cpu" and x.dim() == 4 and torch.is_grad_enabled()
+            and not x.is_contiguous(memory_format=torch.channels_last)):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def conv_bn(
     in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1, act: bool = True
 ) -> nn.Sequential:
@@ -133,6 +147,27 @@ class ElasticBatchNorm2d(nn.BatchNorm2d):
                                         self.bias[:c], training, self.momentum, self.eps)
 
 
+def _bn_batch(x: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm of ``x``'s ``C`` channels with the batch's statistics and ``bn``'s first ``C`` affine parameters,
+    the running statistics untouched; returns the output, the batch mean and the unbiased batch variance."""
+    c = x.shape[1]
+    out, mean, invstd = torch.native_batch_norm(x, bn.weight[:c], bn.bias[:c], None, None, True, 0.0, bn.eps)
+    n = x.numel() // c
+    return out, mean, (invstd.pow(-2) - bn.eps) * (n / max(n - 1, 1))
+
+
+def _update_running(bn: nn.BatchNorm2d, c: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """What a training-mode forward of ``bn`` over the first ``c`` channels does to its buffers
+    (:class:`ElasticBatchNorm2d` counts batches only when it runs on all its channels)."""
+    if bn.running_mean is None:
+        return
+    m = bn.momentum
+    bn.running_mean[:c].mul_(1 - m).add_(mean[:c], alpha=m)
+    bn.running_var[:c].mul_(1 - m).add_(var[:c], alpha=m)
+    if c == bn.num_features and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+
+
 class ElasticMBConv(nn.Module):
     """Every MBConv candidate of one mixed layer in one set of weights (Single-Path NAS's superkernel,
     https://arxiv.org/abs/1904.02877; Once-for-All's elastic kernel and width, https://arxiv.org/abs/1908.09791).
@@ -174,6 +209,46 @@ class ElasticMBConv(nn.Module):
             x = nn.functional.conv2d(x, w, None, self.stride, pad, 1, mid)
         x = nn.functional.relu6(self.depthwise_bn(x))
         return self.project_bn(nn.functional.conv2d(x, self.project_conv.weight[:, :mid]))
+
+    @torch.no_grad()
+    def candidate_outputs(self, x: torch.Tensor, candidates: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The outputs of several candidates ``(kernel_size, exp_ratio)`` on ``x``, without a graph, sharing the work
+        they have in common: one expansion at the largest ratio (a smaller ratio's channels are its first ones) and
+        one depthwise conv per kernel size over those channels; the projections stay one per candidate.
+
+        The same numbers as calling the candidates one by one in this order, up to rounding, BatchNorm's
+        running statistics included: per-channel batch statistics do not depend on which other channels run
+        alongside, and each candidate's update is applied in turn.
+        """
+        if not (self.expand_bn.training and self.depthwise_bn.training and self.project_bn.training):
+            return [self(x, k, e) for k, e in candidates]  # frozen BN (running statistics): nothing to share
+        expanded: torch.Tensor | None = None
+        top = max((e for _, e in candidates if e != 1), default=1)
+        expand_stats = None
+        if top != 1:
+            expanded, *expand_stats = _bn_batch(nn.functional.conv2d(x, self.expand_conv.weight[:self.in_chs * top]),
+                                                self.expand_bn)
+            expanded = nn.functional.relu6(expanded)
+        mids: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        outs = []
+        for k, e in candidates:
+            mid = self.in_chs * e
+            if e != 1:
+                _update_running(self.expand_bn, mid, *expand_stats)
+            key = (k, e == 1)
+            if key not in mids:  # depthwise once per kernel size (and once more for ratio 1, whose input is x)
+                src = x if e == 1 else expanded
+                c = src.shape[1]
+                dw = nn.functional.conv2d(src, self.depthwise_weight(k, c), None, self.stride, k // 2, 1, c)
+                dw, mean, var = _bn_batch(dw, self.depthwise_bn)
+                mids[key] = (nn.functional.relu6(dw), mean, var)
+            h, mean, var = mids[key]
+            _update_running(self.depthwise_bn, mid, mean, var)
+            out, mean, var = _bn_batch(nn.functional.conv2d(h[:, :mid], self.project_conv.weight[:, :mid]),
+                                       self.project_bn)
+            _update_running(self.project_bn, self.out_chs, mean, var)
+            outs.append(out)
+        return outs
 
     def candidate_state_dict(self, kernel_size: int, exp_ratio: int) -> dict[str, torch.Tensor]:
         """The weights of one candidate under :class:`MBConv`'s state-dict keys (a standalone copy)."""

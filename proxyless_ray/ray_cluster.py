@@ -49,6 +49,19 @@ class Endpoint:
         return f"{'ray://' if self.client else ''}{self.host}:{self.port}"
 
 
+def node_cpus(cpus_per_worker: float) -> int:
+    """CPUs of the smallest alive node of the connected cluster that fits a worker (this machine's when Ray is not
+    connected): where a worker's threads meet the fewest cores."""
+    import ray
+
+    if ray.is_initialized():
+        cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        fits = [c for c in cpus if c >= cpus_per_worker]
+        if fits:
+            return max(int(min(fits)), 1)
+    return os.cpu_count() or 1
+
+
 def effective_address(address: str | None) -> str | None:
     """The configured address, else ``RAY_ADDRESS`` (set inside ``ray job submit``), else None (embedded Ray).
 

@@ -20,9 +20,9 @@ from typing import Any
 from ray.train import UserCallback
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.ray_cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address
+from proxyless_ray.ray_cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address, node_cpus
 from proxyless_ray.ray_resume import latest_ray_checkpoint, resume_point
-from proxyless_ray.runtime import WORKER_ENV
+from proxyless_ray.runtime import WORKER_ENV, describe, ray_worker_policy, thread_env
 
 RUN_PREFIX = "search"
 # Set, unless the user already has, when connect() starts an embedded cluster without the dashboard: nothing reads
@@ -237,15 +237,21 @@ def trainer_class():
 
 
 def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | None = None,
-                  callbacks: list | None = None, train_fn: Callable[[dict[str, Any]], None] = train_fn_per_worker):
+                  callbacks: list | None = None, train_fn: Callable[[dict[str, Any]], None] = train_fn_per_worker,
+                  concurrent: int = 1, log: bool = True):
     """The ``TorchTrainer`` of a search (``train_driver_fn``'s body; Tune trials call it too).
 
     ``train_fn`` replaces the per-worker function (a benchmark's own loop over the same workers and resources).
+    ``concurrent`` trainers like this one may run at once (a sweep's trials): with the workers' threads and CPUs it
+    picks their OpenMP wait policy (:func:`~proxyless_ray.runtime.ray_worker_policy`), logged unless ``log`` is off.
     """
     import ray.train
     from ray.train.torch import TorchConfig
 
     d = exp.dist
+    policy, threads, why = ray_worker_policy(exp, node_cpus(d.cpus_per_worker), concurrent)
+    if log:
+        print(describe(policy, threads, why, "Ray Train workers"), file=sys.stderr, flush=True)
     use_gpu = d.gpus_per_worker > 0
     resources = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
     if use_gpu:
@@ -265,7 +271,7 @@ def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | Non
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # one line per epoch is ours to print
-            worker_runtime_env={"env_vars": WORKER_ENV},
+            worker_runtime_env={"env_vars": {**WORKER_ENV, **thread_env(policy == "passive")}},
         ),
     )
 

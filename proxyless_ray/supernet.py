@@ -15,7 +15,7 @@ from torch import nn
 
 from proxyless_ray.arch import Arch, parse_block
 from proxyless_ray.mixed_op import Forward, GateMode, MixedOp, WeightSharing
-from proxyless_ray.ops import Classifier, ConvBNAct, ResidualBlock, init_weights
+from proxyless_ray.ops import Classifier, ConvBNAct, ResidualBlock, init_weights, training_layout
 from proxyless_ray.space import SearchSpace
 
 
@@ -72,7 +72,7 @@ class SuperNet(nn.Module):
                 m.alpha.normal_(0.0, alpha_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = training_layout(self.stem(training_layout(x)))  # after the stem too: a 1-channel batch is both layouts
         if self.first is not None:
             x = self.first(x)
         for block in self.blocks:

@@ -22,11 +22,14 @@ import time
 from collections import Counter
 from typing import Any
 
+import ray
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.model import load_latency_model_for
+from proxyless_ray.ray_cluster import node_cpus
+from proxyless_ray.runtime import describe, ray_worker_policy
 from proxyless_ray.sweep_plan import (
     DRIVER_SLOT,
     SWEEP_STATE,
@@ -36,6 +39,7 @@ from proxyless_ray.sweep_plan import (
     fallback_note,
     in_actor,
     load_plan,
+    max_concurrent,
     save_plan,
     sweep_grid,
     trial_resources,
@@ -73,7 +77,8 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     text = (config.get("latency_profiles") or {}).get(spec.hardware)  # resolved once on the sweep driver
     extra = {"init_checkpoint": config.get("warmup_checkpoint"), "progress": False,
              **({"latency_profile": text} if text else {})}
-    trainer = build_trainer(exp, f"trial-{spec.key}", extra, callbacks=[ScoreReportCallback(weight)])
+    trainer = build_trainer(exp, f"trial-{spec.key}", extra, callbacks=[ScoreReportCallback(weight)],
+                            concurrent=max_concurrent(exp, ray.cluster_resources()), log=False)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -144,8 +149,6 @@ class TrialLogCallback(Callback):
 
 @contextlib.contextmanager
 def _shutdown_after():
-    import ray
-
     try:
         yield
     finally:
@@ -288,6 +291,10 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             # Tune snapshots the experiment whenever a trial has saved num_to_keep checkpoints since the last one
             # and warns (three lines) when that happens twice in 5 s: epochs of seconds do, harmlessly (local files)
             os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        else:  # a trial in its actor runs train.threads threads in a process of Ray's default environment
+            policy, threads, why = ray_worker_policy(exp, node_cpus(exp.dist.cpus_per_worker),
+                                                     max_concurrent(exp, ray.cluster_resources()))
+            print(describe(policy, threads, why, "trials' Ray Train workers"), file=sys.stderr, flush=True)
         group_sizes = None
         if exp.sweep.scheduler == "pareto" and exp.sweep.synchronous_first_rung and max_trials is None:
             group_sizes = dict(Counter(spec.hardware for spec in plan.trials))

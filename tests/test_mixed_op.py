@@ -1,8 +1,11 @@
 """Binary gates: BinaryConnect gradients, rescaling, REINFORCE, single-path weight steps, zero semantics."""
 
+import copy
+
+import pytest
 import torch
 
-from proxyless_ray.mixed_op import Forward, GateMode, MixedOp, binary_connect_grad, reinforce_grad
+from proxyless_ray.mixed_op import Forward, GateMode, MixedOp, WeightSharing, binary_connect_grad, reinforce_grad
 from proxyless_ray.space import SearchSpace
 from proxyless_ray.supernet import SuperNet
 
@@ -196,3 +199,31 @@ def test_zero_gradient_lets_the_loss_argue_for_a_layer_that_zero_removes():
         assert m.alpha.grad is not None and m.alpha.grad[0] != 0 and m.alpha.grad[m.zero_index] != 0
     m.forward_mode = Forward.SINGLE  # weight steps and evaluation still skip the layer
     assert m.skips_layer
+
+
+NESTED = ("mb_k3_e3_c16_s2", "mb_k5_e3_c16_s2", "mb_k7_e3_c16_s2", "mb_k3_e6_c16_s2", "mb_k5_e6_c16_s2",
+          "mb_k7_e6_c16_s2", "mb_k5_e1_c16_s2")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("active", [0, 4, 6])
+def test_full_v2_shared_candidate_runs_equal_running_each_candidate_alone(channels_last, active):
+    # training-mode BN: every re-run candidate normalises with its own batch statistics and moves the shared running
+    # statistics, in candidate order; the shared expansion and depthwise convs must give the same numbers
+    torch.manual_seed(0)
+    op = MixedOp(NESTED, in_chs=8, sharing=WeightSharing.NESTED).train()
+    x, w = torch.randn(4, 8, 10, 10), torch.randn(4, 16, 5, 5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    op, x, w = op.to(memory_format=fmt), x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
+    ref = copy.deepcopy(op)
+    op.active, op.forward_mode = active, Forward.FULL_V2
+    (op(x) * w).sum().backward()
+    order = [active] + [k for k in range(len(NESTED)) if k != active]  # forward first, then the re-runs in order
+    expected = torch.zeros(len(NESTED))
+    with torch.no_grad():  # the reference: each candidate run by itself, as the paper's code does
+        for k in order:
+            expected[k] = (ref.ops[k](x) * w).sum()
+    torch.testing.assert_close(op.gates.grad, expected, rtol=1e-5, atol=1e-4)
+    for (name, got), (_, want) in zip(op.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    assert op.elastic.project_bn.num_batches_tracked.item() == len(NESTED)  # the reference's count, active included

@@ -30,6 +30,7 @@ from proxyless_ray.ray_trainer import (
     read_report_log,
     run_ray_search,
 )
+from proxyless_ray.runtime import THREAD_ENV_KEYS, thread_env
 from proxyless_ray.search_state import read_meta
 from proxyless_ray.train_loop import SearchLoop
 
@@ -122,6 +123,30 @@ def test_two_workers_equal_one_worker_double_batch_and_ranks_agree(tmp_path, loc
     assert "TrainController" in classes and "PlacementGroupCleaner" not in classes
     # nor the dataset manager: the search reads its own shards, not Ray Datasets
     assert "DatasetManager" not in classes
+
+
+@pytest.mark.parametrize(("threads", "expected"), [(1, "spin"), (2, "passive")])
+def test_workers_start_with_the_wait_policy_of_their_placement(tmp_path, local_ray, capsys, threads, expected):
+    # 2 workers x 1 CPU on the 2-CPU cluster: 1 thread each has a core (spin); 2 threads each share (passive)
+    def report_thread_env(config):  # nested: pickled by value, the workers cannot import this test module
+        import os
+
+        import ray.train
+
+        ray.train.report({k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
+
+    exp = tiny_experiment(tmp_path, train={"threads": threads}, dist={"workers": 2, "cpus_per_worker": 1})
+    log = str(tmp_path / "reports.jsonl")
+    result = build_trainer(exp, f"policy-{threads}", callbacks=[ReportLog(log)], train_fn=report_thread_env).fit()
+    assert result.error is None
+    (report,) = read_report_log(log)
+    assert len(report["metrics"]) == 2  # both workers
+    for metrics in report["metrics"]:
+        assert {k: metrics[k] for k in THREAD_ENV_KEYS} == thread_env(expected == "passive")
+    line = capsys.readouterr().err
+    assert (f"Ray Train workers: {threads} torch thread(s), OpenMP threads {expected} "
+            f"(OMP_WAIT_POLICY={thread_env(expected == 'passive')['OMP_WAIT_POLICY']}") in line
+    assert f"2 process(es) x {threads} thread(s) on 2 CPUs" in line
 
 
 def test_worker_killed_mid_run_recovers_without_losing_or_repeating_epochs(tmp_path, local_ray):

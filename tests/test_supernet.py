@@ -94,3 +94,45 @@ def test_weight_parameters_are_every_parameter_but_alpha_and_follow_swapped_tens
     weights = net.weight_parameters()
     assert ids(weights) == ids(p for n, p in net.named_parameters() if not n.endswith(".alpha"))
     assert all(p.dtype == torch.float64 for p in weights)
+
+
+@pytest.mark.parametrize("model", ["supernet", "child"])
+def test_an_nchw_training_step_computes_the_channels_last_step(model):
+    # train.channels_last false keeps NCHW parameters and batches but computes in channels-last on CPU (oneDNN's
+    # NCHW depthwise kernels are slow): the same loss and gradients as the channels-last model, NCHW gradients
+    import copy
+
+    from proxyless_ray.mixed_op import GateMode
+
+    torch.manual_seed(0)
+    net = SuperNet(SPACE, weight_sharing="nested")
+    if model == "child":
+        net = ProxylessNet(net.derive([0] * len(net.mixed_ops())).without_zeros())
+    else:
+        net.sample_for_arch(GateMode.FULL_V2, torch.Generator().manual_seed(0))
+    cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    layouts = []
+    stem = set(net.stem.modules())  # a 1-channel batch is both layouts: the stem's conv keeps NCHW
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and m not in stem):
+        bn.register_forward_pre_hook(lambda mod, args: layouts.append(args[0].is_contiguous(
+            memory_format=torch.channels_last)))
+    losses = []
+    for m, batch in ((net, x), (cl, x.contiguous(memory_format=torch.channels_last))):
+        loss = torch.nn.functional.cross_entropy(m(batch), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    assert layouts and all(layouts)  # the NCHW model's layers saw channels-last activations
+    for (name, p), q in zip(net.named_parameters(), cl.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+        assert p.is_contiguous() and p.grad.is_contiguous(), name
+    # inference keeps the batch's layout (latency measurement and exported networks see the layers as built)
+    from proxyless_ray.ops import training_layout
+
+    assert training_layout(x).is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert training_layout(x) is x

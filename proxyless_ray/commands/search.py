@@ -37,7 +37,29 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     if getattr(args, "no_tracking", False):
         overrides.append("tracking.enabled=false")
-    return load_experiment(args.experiment, overrides)
+    exp = load_experiment(args.experiment, overrides)
+    if exp.dist.workers == 0:
+        settle_local_threads(exp, reexec=getattr(args, "own_process", False))
+    return exp
+
+
+def settle_local_threads(exp: Experiment, reexec: bool) -> None:
+    """Log, and put in place, the OpenMP wait policy of a search or retraining in this process.
+
+    Args:
+        exp: The experiment (``dist.workers == 0``).
+        reexec: This process is the command line's own: it may re-execute itself when torch already read another
+            policy (see :func:`proxyless_ray.runtime.ensure_thread_env`).
+    """
+    import sys
+
+    from proxyless_ray.runtime import describe, ensure_thread_env, local_policy
+
+    policy, threads, why = local_policy(exp)
+    line = describe(policy, threads, why, "this process")
+    if not ensure_thread_env(policy, reexec=reexec):
+        line += "; NOT in force: torch was loaded with another (set it in the environment before Python starts)"
+    print(line, file=sys.stderr, flush=True)
 
 
 def check_cluster(exp: Experiment) -> None:
