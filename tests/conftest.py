@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.data.fashion_mnist import DEFAULT_DIR
 
+# A shell starts background jobs with SIGINT ignored and Python keeps it so, as do the processes it starts: the
+# Ctrl-C tests need Python's own handler here and the default in the commands they run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
