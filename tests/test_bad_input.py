@@ -512,29 +512,12 @@ def test_ctrl_c_says_where_to_resume_from(case, capsys, monkeypatch, after_check
 @pytest.mark.ray
 def test_ctrl_c_to_a_ray_search_process_group(tmp_path):
     """Ctrl-C at a terminal reaches the whole process group; Ray Train's own handler would exit 1 saying nothing."""
-    import signal
-    import subprocess
-    import sys
-
     d = tiny_experiment(tmp_path, train={"epochs": 6}, dist={"workers": 1}).to_dict()
     exp = tmp_path / "e.yaml"
     exp.write_text("# t\n" + yaml.safe_dump(d))
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", "search", str(exp)], stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True, cwd=tmp_path)
-    try:
-        for line in proc.stderr:
-            if "epoch   1 " in line:  # the controller's line for epoch 1: its checkpoint is committed
-                break
-        os.killpg(proc.pid, signal.SIGINT)
-        rest = proc.stderr.read()
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    last = [x for x in rest.splitlines() if "interrupted" in x]
-    assert code == 130 and len(last) == 1, rest[-2000:]
+    # the controller's line for epoch 1: its checkpoint is committed
+    code, last = interrupt_cli(tmp_path, ["search", exp], "epoch   1 ", group=True)
+    assert code == 130
     assert "checkpoint_" in last[0] and "--resume" in last[0] and "SIGINT" in last[0]
     assert (tmp_path / "runs" / "tiny" / "INCOMPLETE").exists()
     assert not (tmp_path / "runs" / "tiny" / "arch.json").exists()
