@@ -30,6 +30,7 @@ from proxyless_ray.arch import umask_mode
 from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import cached_splits
+from proxyless_ray.latency.fingerprint import check_machine
 from proxyless_ray.latency.model import LatencyModel
 from proxyless_ray.pareto import scalarised_score
 from proxyless_ray.ray_trainer import build_trainer, worker_latency_model
@@ -41,6 +42,7 @@ from proxyless_ray.train_loop import Reporter, SearchLoop
 from proxyless_ray.trainer import shipped_models
 
 _SHIPPED: dict[str, LatencyModel] | None = None  # every shipped profile, read once per process
+_TARGETS: dict[tuple[str, bool, str, str | None], LatencyModel] = {}  # trials' target models, read once per process
 
 
 def tune_fault_settings(exp: Experiment) -> dict[str, Any]:
@@ -77,6 +79,17 @@ def shipped() -> dict[str, LatencyModel]:
     return _SHIPPED
 
 
+def target_model(exp: Experiment, text: str | None, where: str) -> LatencyModel:
+    """:func:`proxyless_ray.ray_trainer.worker_latency_model`, its profile parsed once per process (trials only read
+    it); the line comparing a measured profile with this machine is still said by every trial."""
+    key = (exp.latency.profile, exp.latency.strict, exp.space.fingerprint(), text)
+    if key not in _TARGETS:
+        _TARGETS[key] = worker_latency_model(exp, {"latency_profile": text} if text else {}, 0, where)
+    else:
+        check_machine(_TARGETS[key], strict=exp.latency.strict, where=where, unmeasured=False)
+    return _TARGETS[key]
+
+
 def fresh_trial_loop(exp: Experiment, config: dict[str, Any], report: Reporter, resume: str | None = None,
                      where: str = "this process") -> SearchLoop:
     """A trial's search loop with nothing carried over from what this process ran before.
@@ -96,8 +109,7 @@ def fresh_trial_loop(exp: Experiment, config: dict[str, Any], report: Reporter, 
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.set_num_threads(exp.train.threads or max(int(exp.dist.cpus_per_worker), 1))
-    text = (config.get("latency_profiles") or {}).get(exp.latency.profile)
-    model = worker_latency_model(exp, {"latency_profile": text} if text else {}, 0, where)
+    model = target_model(exp, (config.get("latency_profiles") or {}).get(exp.latency.profile), where)
     device = "cuda" if exp.dist.gpus_per_worker > 0 else "cpu"  # Ray shows the actor only the GPU it holds
     loop = SearchLoop(exp, Comm(), report, splits=cached_splits(exp.data, exp.space), latency_model=model,
                       other_models=shipped(), device=device, progress=False)

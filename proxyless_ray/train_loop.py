@@ -124,6 +124,7 @@ class SearchLoop:
         self.balancer = BatchBalancer(b * comm.world, comm.world, enabled=exp.dist.balance_batches and comm.active)
         self._heldout_plan: tuple[int, list[torch.Tensor]] = (-1, [])
         self.derived: ProxylessNet | None = None
+        self._last_child: tuple[list[int], ProxylessNet] | None = None  # the final epoch's BN-recalibrated child
         self._frozen_alpha = False  # this epoch's weight steps take warm-up paths (alpha frozen)
 
     # -- public ------------------------------------------------------------------------------------------------
@@ -195,8 +196,11 @@ class SearchLoop:
         check_finite_loss(loss_sum, epoch + 1, exp)  # NaN weights: stop before the epoch is reported or derived
         # [3] end of epoch: the current argmax architecture, as a network with inherited weights, on held-out data
         choices = net.argmax_choices()
-        heldout_acc, heldout_ce = accuracy(self._inherited_child(choices), self.splits.heldout, self.comm,
-                                           exp.data.eval_batch_size, device=self.device, channels_last=self.cl)
+        child = self._inherited_child(choices)
+        heldout_acc, heldout_ce = accuracy(child, self.splits.heldout, self.comm, exp.data.eval_batch_size,
+                                           device=self.device, channels_last=self.cl)
+        # the last epoch's child is the one the final metrics test: nothing changes the supernet in between
+        self._last_child = (choices, child) if epoch + 1 == t.epochs else None
         arch = net.derive(choices)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -339,7 +343,9 @@ class SearchLoop:
     def _final_metrics(self) -> dict[str, Any]:
         """Test accuracy of the derived network with inherited weights (BN statistics recalibrated), and after
         the optional short fine-tune (``train.finetune_epochs``) that the exported network then carries."""
-        child = self._inherited_child()
+        choices = self.state.net.argmax_choices()
+        kept, self._last_child = self._last_child, None
+        child = kept[1] if kept is not None and kept[0] == choices else self._inherited_child(choices)
         data, t = self.exp.data, self.exp.train
         inherited_acc, _ = accuracy(child, self.splits.test, self.comm, data.eval_batch_size, device=self.device,
                                     channels_last=self.cl)

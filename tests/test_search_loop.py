@@ -111,6 +111,23 @@ def test_heldout_accuracy_reads_the_derived_network_and_leaves_the_supernet_alon
     assert any(not torch.allclose(a, b) for a, b in zip(stale_bn, own_bn))
 
 
+def test_final_metrics_test_the_last_epochs_child_as_a_fresh_recalibration_would(tmp_path):
+    """The final metrics reuse the child the last epoch recalibrated for its held-out reading: it is the network a
+    recalibration after the search gives, weights and BN statistics bit for bit, and its test accuracy."""
+    from proxyless_ray.evaluate import accuracy
+
+    exp = tiny_experiment(tmp_path, train={"epochs": 2, "warmup_epochs": 1})
+    seen = []
+    loop = SearchLoop(exp, Comm(), lambda m, f: seen.append(m), progress=False)
+    loop.run()
+    fresh = loop._inherited_child(loop.state.net.argmax_choices())
+    kept = loop.derived.state_dict()
+    assert kept.keys() == fresh.state_dict().keys()
+    assert all(torch.equal(v, kept[k]) for k, v in fresh.state_dict().items())
+    assert seen[-1]["test_acc"] == accuracy(fresh, loop.splits.test, Comm(), exp.data.eval_batch_size)[0]
+    assert loop._last_child is None  # not held after the search
+
+
 def test_unreachable_readiness_postpones_arch_steps_then_decides_with_a_message(tmp_path, capsys):
     exp = tiny_experiment(tmp_path, train={"epochs": 4, "warmup_epochs": 1, "ready_acc": 0.99, "ready_samples": 1,
                                            "arch_lr": 0.05})
