@@ -57,19 +57,3 @@ def test_descendants_lists_the_process_tree_and_running_drops_the_exited():
         child.wait()
     assert not _running(child.pid)
 
-
-@pytest.mark.ray
-def test_shutdown_and_wait_returns_once_ray_processes_have_exited(monkeypatch):
-    import os
-
-    import ray
-
-    from proxyless_ray.demo import _descendants, _running, shutdown_and_wait
-
-    monkeypatch.setenv("RAY_ADDRESS", "")
-    before = _descendants(os.getpid())
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    started = _descendants(os.getpid()) - before
-    assert started, "ray.init started no process here"
-    shutdown_and_wait(timeout_s=60)
-    assert not [pid for pid in started if _running(pid)]
