@@ -37,8 +37,8 @@ def demo_experiment_path() -> str:
 def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=None) -> pd.DataFrame:
     """Fine-tune every finished front network briefly from its inherited weights, then measure each here.
 
-    The fine-tunes run side by side (:func:`fit_in_parallel`); the latency measurements follow one at a time, so a
-    network is never timed while another one trains.
+    The fine-tunes run side by side (:func:`fit_in_parallel`); the latency measurements follow once they are done
+    and Ray has exited (:func:`measure_front`), so a network is never timed while another one trains.
     """
     from proxyless_ray.config import with_overrides
     from proxyless_ray.retrain import measure_retrained
@@ -56,9 +56,10 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
         jobs.append((r["trial_id"], texp, os.path.join(sweep_dir, TRIALS_DIR, r["trial_id"], "network")))
     # the search's peak rate: at a fifth of it one epoch barely moved the inherited weights (figures: README)
     fitted = fit_in_parallel(exp, jobs, exp.sweep.retrain_epochs, exp.train.lr)
+    measured = measure_front(jobs, fitted)
     rows = []
     for trial_id, texp, _ in jobs:
-        res = measure_retrained(texp, fitted[trial_id])
+        res = measure_retrained(texp, fitted[trial_id], measured[trial_id])
         if tracker is not None:
             tracker.log_retrain(res, trial_key=trial_id)
         rows.append({"trial_id": trial_id, "retrained_test_acc": res["test_acc"],
@@ -69,6 +70,28 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
                                                    "measured_threads", "measured_clock", "predicted_ms",
                                                    "latency_ratio"]),
                        on="trial_id", how="left")
+
+
+def measure_front(jobs: list[tuple[str, Experiment, str]], fitted: dict[str, dict[str, Any]],
+                  min_time_s: float = 2.0, rounds: int = 10) -> dict[str, dict[str, Any]]:
+    """Time every fitted network here, each as its target is timed (:func:`proxyless_ray.retrain.cpu_timing`), all
+    together in ``rounds`` interleaved windows: a slow spell of a shared machine then slows every network alike,
+    and the ratios of one table come from one measurement."""
+    from proxyless_ray.latency.model import load_latency_model_for
+    from proxyless_ray.network import load_network
+    from proxyless_ray.retrain import cpu_timing, measure_latencies_ms
+
+    groups: dict[tuple[int, str], list[str]] = {}
+    for tid, texp, _ in jobs:
+        model = load_latency_model_for(texp.latency.profile, texp.space, strict=texp.latency.strict)
+        groups.setdefault(cpu_timing(model), []).append(tid)
+    out: dict[str, dict[str, Any]] = {}
+    for (threads, clock), tids in groups.items():
+        nets = [load_network(os.path.join(fitted[tid]["out_dir"], "network")) for tid in tids]
+        ms = measure_latencies_ms(nets, [n.arch for n in nets], threads=threads, min_time_s=min_time_s, clock=clock,
+                                  rounds=rounds)
+        out.update(zip(tids, ms))
+    return out
 
 
 def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], epochs: int, lr: float,
@@ -106,7 +129,51 @@ def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], ep
         return out
     finally:
         if started:
-            ray.shutdown()
+            shutdown_and_wait()
+
+
+def shutdown_and_wait(timeout_s: float = 60.0) -> None:
+    """``ray.shutdown()``, then wait until the processes it started (GCS, raylet, workers) have exited: they keep
+    a core busy for seconds after the call returns, and latency measured then is not this machine's."""
+    import ray
+
+    procs = _descendants(os.getpid())
+    ray.shutdown()
+    t_end = time.monotonic() + timeout_s
+    while procs and time.monotonic() < t_end:
+        procs = {pid for pid in procs if _running(pid)}
+        time.sleep(0.2)
+    if procs:
+        print(f"[demo] {len(procs)} Ray process(es) still running {timeout_s:.0f} s after shutdown: {sorted(procs)}",
+              file=sys.stderr, flush=True)
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first, parent pid second), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _descendants(root: int) -> set[int]:
+    """Process ids below ``root`` (Linux ``/proc``; empty elsewhere)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        fields = _stat(name) if name.isdigit() else None
+        if fields:
+            parents[int(name)] = int(fields[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
 
 
 def _num(value: Any, fmt: str) -> str:

@@ -100,11 +100,19 @@ def measure_latency_ms(net: nn.Module, arch: Arch, batch: int = 1, threads: int 
     """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up, timed as profiles are
     (tuned allocator, pinned threads; ``clock`` as the target profile's, see
     :func:`proxyless_ray.latency.check.measure_network`)."""
-    from proxyless_ray.latency.check import measure_network
+    return measure_latencies_ms([net], [arch], batch, threads, min_time_s, repeats, clock)[0]
 
-    m = measure_network(arch, "cpu", threads, batch, "median", min_time_s, repeats, clock=clock, net=net)
-    return {"median_ms": m["ms"], "iqr_ms": m["spread_ms"] * 1.349, "count": m["count"], "threads": threads,
-            "batch": batch, "clock": clock}
+
+def measure_latencies_ms(nets: list[nn.Module], archs: list[Arch], batch: int = 1, threads: int = 1,
+                         min_time_s: float = 1.0, repeats: int = 30, clock: str = "wall",
+                         rounds: int = 1) -> list[dict[str, float]]:
+    """:func:`measure_latency_ms` of several networks timed together in ``rounds`` interleaved windows."""
+    from proxyless_ray.latency.check import measure_networks
+
+    ms = measure_networks(archs, "cpu", threads, batch, "median", min_time_s, repeats, clock=clock, nets=nets,
+                          rounds=rounds)
+    return [{"median_ms": m["ms"], "iqr_ms": m["spread_ms"] * 1.349, "count": m["count"], "threads": threads,
+             "batch": batch, "clock": clock} for m in ms]
 
 
 class RetrainLoop:
@@ -301,21 +309,31 @@ def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
             "files": files, "out_dir": out}
 
 
-def measure_retrained(exp: Experiment, fitted: dict[str, Any]) -> dict[str, Any]:
-    """The measuring half of :func:`run_retrain`: time the exported network on this CPU, predict it on the
-    experiment's profile and write ``result.json``."""
+def cpu_timing(model: Any) -> tuple[int, str]:
+    """Threads and clock a network is timed with here for ``model``'s target: as a CPU profile was timed; for
+    another target as ``cpu_local`` times it, so one network gets one figure."""
     from proxyless_ray.latency.local import quick_settings
+
+    md = getattr(model, "metadata", None) or {}
+    if md.get("device") == "cpu":
+        return int(md.get("threads", 1)), str(md.get("clock", "wall"))
+    return 1, quick_settings(1).clock
+
+
+def measure_retrained(exp: Experiment, fitted: dict[str, Any], measured: dict[str, Any] | None = None,
+                      ) -> dict[str, Any]:
+    """The measuring half of :func:`run_retrain`: time the exported network on this CPU (unless ``measured``, from
+    :func:`measure_latencies_ms` with :func:`cpu_timing`, is given), predict it on the experiment's profile and
+    write ``result.json``."""
     from proxyless_ray.latency.model import arch_latency, load_latency_model_for
 
     out = fitted["out_dir"]
     net = load_network(os.path.join(out, "network"))
     arch = net.arch
     model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
-    md = getattr(model, "metadata", None) or {}
-    # Timed as the CPU profile was timed; for another target as cpu_local times it, so one network gets one figure
-    on_cpu = md.get("device") == "cpu"
-    measured = measure_latency_ms(net, arch, threads=int(md.get("threads", 1)) if on_cpu else 1,
-                                  clock=str(md.get("clock", "wall")) if on_cpu else quick_settings(1).clock)
+    if measured is None:
+        threads, clock = cpu_timing(model)
+        measured = measure_latency_ms(net, arch, threads=threads, clock=clock)
     predicted = arch_latency(model, arch)[0]
     compare = latency_comparison(model, predicted, measured)
     log(f"[train] latency: predicted {predicted:.3f} ms on {model.name}, measured {measured['median_ms']:.3f} ms "

@@ -34,3 +34,26 @@ def test_front_quality_reads_the_best_network_its_depth_and_the_span():
     gpu = q["gpu"]
     assert gpu["front_size"] == 1 and gpu["accuracy"] == "heldout_acc"  # nothing retrained: the held-out reading
     assert gpu["latency_non_increasing_in_lambda"] is False  # 1.0 -> 1.1 ms as lambda grows
+
+
+def test_descendants_lists_the_process_tree_and_running_drops_the_exited():
+    import os
+    import subprocess
+    import time
+
+    from proxyless_ray.demo import _descendants, _running
+
+    child = subprocess.Popen(["sh", "-c", "sleep 5 & wait"])
+    try:
+        t_end = time.monotonic() + 5
+        while not _descendants(child.pid) and time.monotonic() < t_end:
+            time.sleep(0.05)  # the grandchild appears once sh has forked it
+        grandchildren = _descendants(child.pid)
+        found = _descendants(os.getpid())
+        assert grandchildren and child.pid in found and grandchildren <= found
+        assert all(_running(pid) for pid in grandchildren)
+    finally:
+        child.kill()
+        child.wait()
+    assert not _running(child.pid)
+

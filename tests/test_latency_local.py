@@ -14,7 +14,7 @@ import yaml
 
 from proxyless_ray import cli
 from proxyless_ray.latency import local
-from proxyless_ray.latency.check import CheckRow, fit_scale
+from proxyless_ray.latency.check import CheckRow, fit_scale, measure_network, measure_networks
 from proxyless_ray.latency.fingerprint import (
     FingerprintMismatch,
     check_machine,
@@ -203,6 +203,7 @@ def test_profile_quick_fills_the_cache_and_latency_reads_it(cache, tmp_path, cap
     written = read_profile(local.cache_path(cpu_fingerprint(1), TINY, 1))
     md = written.metadata
     assert md["statistic"] == "median" and md["settings"]["warmup"] == local.QUICK["warmup"] and md["clock"] == "thread"
+    assert md["settings"]["max_repeats"] == local.QUICK["max_repeats"]  # the cap that would cut its windows short
     monkeypatch.setattr(local, "profile_spaces", lambda *a, **k: pytest.fail("measured again"))
     arch = tmp_path / "a.json"
     TINY.arch_from_choices([0, 1], name="a").save(arch)
@@ -238,6 +239,19 @@ def test_fit_scale_and_its_error():
     assert 1.0 < noisy.scale < 2.0 and noisy.loo_mape is None and noisy.mape_after > 0
     with pytest.raises(ValueError, match="at least one"):
         fit_scale([])
+
+
+def test_measure_networks_times_each_network_in_interleaved_rounds():
+    archs = [TINY.arch_from_choices(list(c), name=f"n{i}") for i, c in enumerate(([0, 0], [1, 1]))]
+    out = measure_networks(archs, repeats=12, min_time_s=0.0, warmup=1, clock="thread", rounds=4)
+    assert len(out) == 2 and all(m["count"] == 12 and m["rounds"] == 4 and m["ms"] > 0 for m in out)
+    assert all(m["clock"] == "thread" and m["statistic"] == "median" for m in out)
+    one = measure_network(archs[0], repeats=5, min_time_s=0.0, warmup=1)
+    assert one["count"] == 5 and one["rounds"] == 1
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        measure_networks(archs, rounds=0)
+    with pytest.raises(ValueError, match="1 networks for 2 architectures"):
+        measure_networks(archs, nets=[None])
 
 
 def test_latency_check_and_calibrate_cli(tmp_path, capsys, tiny_profile):

@@ -90,14 +90,17 @@ def test_unknown_sources_and_missing_data(searched, tmp_path, capsys):
 @pytest.mark.slow
 def test_parallel_fine_tunes_on_ray_match_one_in_process(searched, tmp_path):
     """The demo's side-by-side fine-tunes (Ray tasks) give what the same fit gives in this process, file for file."""
-    from proxyless_ray.demo import fit_in_parallel
+    from proxyless_ray.demo import _descendants, _running, fit_in_parallel
     from proxyless_ray.network import load_network
     from proxyless_ray.retrain import fit_network, measure_retrained
 
     exp = tiny_experiment(tmp_path)
     spec = os.path.join(searched.output_dir, "network")
     jobs = [(f"trial{i}", Experiment.from_dict({**exp.to_dict(), "name": f"trial{i}"}), spec) for i in range(2)]
+    before = _descendants(os.getpid())
     remote = fit_in_parallel(exp, jobs, epochs=1, lr=0.01)
+    # its latency measurements follow: the Ray processes it started have exited when it returns
+    assert not [pid for pid in _descendants(os.getpid()) - before if _running(pid)]
     assert sorted(remote) == ["trial0", "trial1"]
     local = fit_network(Experiment.from_dict({**exp.to_dict(), "out_dir": str(tmp_path / "local")}), spec,
                         finetune=True, epochs=1, lr=0.01)

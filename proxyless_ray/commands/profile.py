@@ -71,6 +71,8 @@ def _settings(args: argparse.Namespace):
     given = {"warmup": args.warmup, "repeats": args.repeats, "min_time_s": args.min_time, "rounds": args.rounds,
              "statistic": args.statistic, "clock": args.clock}
     timing = {k: full[k] if v is None else v for k, v in given.items()}
+    if args.quick:  # its many short rounds need more runs per layer than the default cap
+        timing["max_repeats"] = quick_settings(args.threads, args.device).max_repeats
     return ProfilerSettings(args.device, args.threads, args.batch_size, context=args.context, **timing)
 
 

@@ -24,20 +24,37 @@ from proxyless_ray.latency.predictor import LinearPredictor, RooflinePredictor
 from proxyless_ray.latency.profile import Entry, Profile
 from proxyless_ray.latency.profiler import check_device, robust_stats
 
+# End-to-end checks split each network's timing into this many windows, interleaved across the networks
+CHECK_ROUNDS = 10
+
 
 def measure_network(arch: Arch, device: str = "cpu", threads: int = 1, batch_size: int = 1,
                     statistic: str = "median", min_time_s: float = 1.0, repeats: int = 30,
-                    warmup: int = 5, clock: str = "wall", net: Any = None) -> dict[str, Any]:
-    """End-to-end forward latency of ``arch`` (``net`` when given, else random weights; eval mode) on this machine.
+                    warmup: int = 5, clock: str = "wall", net: Any = None, rounds: int = 1) -> dict[str, Any]:
+    """End-to-end forward latency of ``arch`` (``net`` when given, else random weights; eval mode) on this machine:
+    :func:`measure_networks` of one network."""
+    return measure_networks([arch], device, threads, batch_size, statistic, min_time_s, repeats, warmup, clock,
+                            None if net is None else [net], rounds)[0]
+
+
+def measure_networks(archs: Sequence[Arch], device: str = "cpu", threads: int = 1, batch_size: int = 1,
+                     statistic: str = "median", min_time_s: float = 1.0, repeats: int = 30, warmup: int = 5,
+                     clock: str = "wall", nets: Sequence[Any] | None = None, rounds: int = 1) -> list[dict[str, Any]]:
+    """End-to-end forward latency of each network (``nets`` when given, else random weights; eval mode) here.
 
     The allocator is tuned and the thread count pinned as when profiles are measured; on CUDA the stream is
-    synchronised after every run. ``ms`` is ``statistic`` of the runs (:func:`robust_stats`) on ``clock``
-    (``wall``, or ``thread``: this thread's CPU time, 1 CPU thread only), so it compares with a profile measured
-    the same way.
+    synchronised after every run. Each network gets ``min_time_s`` seconds and ``repeats`` runs at least, split
+    into ``rounds`` short windows that visit the networks in a new order each round: a machine whose speed
+    drifts (other processes, a busy neighbour on the host) then slows every network alike instead of the few
+    timed during a slow spell. ``ms`` is ``statistic`` of all runs (:func:`robust_stats`) on ``clock`` (``wall``,
+    or ``thread``: this thread's CPU time, 1 CPU thread only), so it compares with a profile measured the same way.
 
     Returns:
-        ``{"ms", "spread_ms", "count", "statistic", "threads", "batch_size", "device"}``.
+        Per network ``{"ms", "median_ms", "spread_ms", "count", "statistic", "clock", "threads", "batch_size",
+        "device", "rounds"}``.
     """
+    import random
+
     import torch
 
     from proxyless_ray.network import ProxylessNet
@@ -46,31 +63,47 @@ def measure_network(arch: Arch, device: str = "cpu", threads: int = 1, batch_siz
     check_device(device)
     if clock == "thread" and (device != "cpu" or threads != 1):
         raise ValueError(f"clock 'thread' needs device 'cpu' and 1 thread, got {device!r} and {threads}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if nets is not None and len(nets) != len(archs):
+        raise ValueError(f"got {len(nets)} networks for {len(archs)} architectures")
     now = time.thread_time if clock == "thread" else time.perf_counter
     tune_allocator()
     dev = torch.device(device)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    share_n, share_s = -(-repeats // rounds), min_time_s / rounds
+    samples: list[list[float]] = [[] for _ in archs]
     try:
-        net = (net if net is not None else ProxylessNet(arch.without_zeros())).to(dev).eval()
-        x = torch.randn(batch_size, arch.in_chs, arch.resolution, arch.resolution, device=dev)
+        nets = [(n if n is not None else ProxylessNet(a.without_zeros())).to(dev).eval()
+                for a, n in zip(archs, nets or [None] * len(archs))]
+        xs = [torch.randn(batch_size, a.in_chs, a.resolution, a.resolution, device=dev) for a in archs]
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-        samples: list[float] = []
+        order, shuffle = list(range(len(archs))), random.Random(0)
         with torch.inference_mode():
-            for _ in range(warmup):
-                net(x)
-            sync()
-            t_end = time.perf_counter() + min_time_s
-            while len(samples) < repeats or time.perf_counter() < t_end:
-                t0 = now()
-                net(x)
-                sync()
-                samples.append((now() - t0) * 1e3)
+            for r in range(rounds):
+                for i in order:
+                    net, x = nets[i], xs[i]
+                    for _ in range(warmup if r == 0 else min(warmup, 2)):
+                        net(x)
+                    sync()
+                    n, t_end = 0, time.perf_counter() + share_s
+                    while n < share_n or time.perf_counter() < t_end:
+                        t0 = now()
+                        net(x)
+                        sync()
+                        samples[i].append((now() - t0) * 1e3)
+                        n += 1
+                shuffle.shuffle(order)
     finally:
         torch.set_num_threads(old)
-    ms, spread = robust_stats(samples, statistic)
-    return {"ms": ms, "spread_ms": spread, "count": len(samples), "statistic": statistic, "clock": clock,
-            "threads": threads, "batch_size": batch_size, "device": device}
+    out = []
+    for s in samples:
+        ms, spread = robust_stats(s, statistic)
+        out.append({"ms": ms, "median_ms": robust_stats(s)[0], "spread_ms": spread, "count": len(s),
+                    "statistic": statistic, "clock": clock, "threads": threads, "batch_size": batch_size,
+                    "device": device, "rounds": rounds})
+    return out
 
 
 def profile_device(profile: Profile) -> str:
@@ -110,20 +143,19 @@ class CheckRow:
 
 
 def check_profile(profile: Profile, archs: Sequence[Arch], min_time_s: float = 1.0, repeats: int = 30,
-                  names: Sequence[str] | None = None) -> list[CheckRow]:
+                  names: Sequence[str] | None = None, rounds: int = CHECK_ROUNDS) -> list[CheckRow]:
     """Predict and measure every network of ``archs`` with ``profile``'s device, threads, batch, statistic and
-    clock."""
+    clock; the networks are timed together in ``rounds`` interleaved windows (:func:`measure_networks`)."""
     md = profile.metadata
     device = profile_device(profile)
     stat = str(md.get("statistic") or "median")
     clock = str(md.get("clock") or "wall")
+    measured = measure_networks(archs, device, int(md["threads"]), int(md["batch_size"]), stat, min_time_s, repeats,
+                                clock=clock, rounds=rounds)
     rows = []
-    for i, arch in enumerate(archs):
-        predicted = arch_latency(profile, arch)[0]
-        m = measure_network(arch, device, int(md["threads"]), int(md["batch_size"]), stat, min_time_s, repeats,
-                            clock=clock)
+    for i, (arch, m) in enumerate(zip(archs, measured)):
         label = (names[i] if names else None) or arch.name or f"arch{i}"
-        rows.append(CheckRow(label, predicted, m["ms"], m["spread_ms"], m["count"]))
+        rows.append(CheckRow(label, arch_latency(profile, arch)[0], m["ms"], m["spread_ms"], m["count"]))
     return rows
 
 
@@ -199,4 +231,5 @@ def calibrated(profile: Profile, fit: ScaleFit, rows: Sequence[CheckRow], name: 
     return Profile(name, md, entries, pred, profile.strict)
 
 
-__all__ = ["CheckRow", "ScaleFit", "calibrated", "check_profile", "fit_scale", "measure_network", "profile_device"]
+__all__ = ["CHECK_ROUNDS", "CheckRow", "ScaleFit", "calibrated", "check_profile", "fit_scale", "measure_network",
+           "measure_networks", "profile_device"]

@@ -28,14 +28,15 @@ from proxyless_ray.space import SearchSpace
 
 LOCAL_CPU = "cpu_local"
 _LOCAL_RE = re.compile(r"^cpu_local(?:_(\d+)threads?)?$")
-# Quick mode: the median over ~0.6 s of runs per cover network in each of 4 rounds (the full mode shipped
-# profiles use spends ~1 s per round, 5 rounds, after twice the warm-up); the median, not the minimum, because
-# networks are then timed by their median.
+# Quick mode: the median over 6 s of runs per cover network, in 12 rounds of 0.5 s that visit the cover networks
+# in a new order each time (the machine's speed can drift by tens of percent over seconds on a shared VM: short,
+# many, interleaved windows let a slow spell hit every network alike, and spread the profile over ~45 s so that
+# it averages the drift as a later measurement does); the median, not the minimum, because networks are then
+# timed by their median. max_repeats lifts the cap that would otherwise cut a 0.5 s window short.
 # On one thread the clock is the timing thread's CPU time: other processes on the machine (a browser, a second
 # search) then lengthen neither the profile nor the networks checked against it; it equals wall time when the CPU
 # is free. Several threads are timed by the wall clock (CPU time would add the threads up).
-QUICK = {"warmup": 5, "repeats": 40, "min_time_s": 2.4, "rounds": 4, "statistic": "median"}
-
+QUICK = {"warmup": 5, "repeats": 40, "min_time_s": 6.0, "rounds": 12, "max_repeats": 6000, "statistic": "median"}
 
 def local_threads(spec: str) -> int | None:
     """Torch threads a local CPU name means (``cpu_local`` -> 1, ``cpu_local_2threads`` -> 2), else ``None``."""
