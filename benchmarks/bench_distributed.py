@@ -65,7 +65,7 @@ def experiment(workers: int, batch: int, steps: int, out: str, balance: bool = F
         "train": {"epochs": 2, "warmup_epochs": 2, "max_steps_per_epoch": steps, "threads": threads,
                   "wait_policy": wait_policy},
         "latency": {"profile": "flops"},
-        "dist": {"workers": workers, "cpus_per_worker": 1, "checkpoint_every": 0, "storage_path": out,
+        "dist": {"workers": workers, "cpus_per_worker": 1, "checkpoint_every": 1000, "storage_path": out,
                  "balance_batches": balance},
         "tracking": {"enabled": False},
     })
