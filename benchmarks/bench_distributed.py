@@ -294,7 +294,8 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="bench-dist-")
 
     def use(policy: str) -> str:  # this policy's train.wait_policy; its variables for the plain processes
-        runtime.SPIN_COUNT = int(policy[4:]) if policy[4:] else default_spin  # read when the workers' env is built
+        # read when the workers' environment is built
+        runtime.SPIN_COUNT = int(policy[4:]) if policy[:4] == "spin" and policy[4:] else default_spin
         setting = "spin" if policy.startswith("spin") else policy
         chosen = choose_wait_policy(setting, args.threads, 2, os.cpu_count() or 2)[0]
         os.environ.update(thread_env(chosen == "passive"))
