@@ -11,7 +11,10 @@
 2. Data path: JPEG decode + augment throughput of the Parquet reader against torchvision ImageFolder + PIL on the
    same images, 1 core (``benchmarks/bench_data.py``, run in a subprocess; target >= 1.5x).
 
-Usage: ``python benchmarks/bench_distributed.py [--global-batch 128 256] [--steps 60] [--skip-data]``. The scaling
+Usage: ``python benchmarks/bench_distributed.py [--global-batch 128 256] [--steps 60] [--skip-data] [--threads 1]
+[--wait-policy auto]``; ``--threads`` torch threads per worker (each reserves 1 CPU, so 2 puts 4 threads on the 2
+cores), ``--wait-policy`` one run per value, in turn (``auto``, ``spin``, ``passive`` or ``spin<N>``: spinning
+workers with ``GOMP_SPINCOUNT=N``); ``--rounds 0`` measures only the drift-free run. The scaling
 runs are interleaved ``--rounds`` times and the medians reported, so a busy machine hits both alike. Each run is a
 minute or more, and on the shared development VM the host's load moves on that scale (rounds of one run differed by
 0.6-0.9), so the same ratio is also measured drift-free (``interleaved``): one 2-worker Ray Train run whose workers
@@ -46,19 +49,23 @@ import time
 
 import ray
 
+from proxyless_ray import runtime
 from proxyless_ray.config import Experiment
 from proxyless_ray.ray_trainer import ReportLog, build_trainer, connect, quiet_worker_logs, read_report_log
+from proxyless_ray.runtime import WAIT_POLICIES, choose_wait_policy, thread_env
 
 GLOBAL_BATCHES = (128, 256)  # default --global-batch
 
 
-def experiment(workers: int, batch: int, steps: int, out: str, balance: bool = False) -> Experiment:
+def experiment(workers: int, batch: int, steps: int, out: str, balance: bool = False, threads: int = 1,
+               wait_policy: str = "auto") -> Experiment:
     return Experiment.from_dict({
         "name": f"scaling-{workers}w", "out_dir": out,
         "data": {"batch_size": batch, "heldout_size": 512, "train_subset": 0},
-        "train": {"epochs": 2, "warmup_epochs": 2, "max_steps_per_epoch": steps, "threads": 1},
+        "train": {"epochs": 2, "warmup_epochs": 2, "max_steps_per_epoch": steps, "threads": threads,
+                  "wait_policy": wait_policy},
         "latency": {"profile": "flops"},
-        "dist": {"workers": workers, "cpus_per_worker": 1, "checkpoint_every": 0, "storage_path": out,
+        "dist": {"workers": workers, "cpus_per_worker": 1, "checkpoint_every": 1000, "storage_path": out,
                  "balance_batches": balance},
         "tracking": {"enabled": False},
     })
@@ -74,8 +81,9 @@ def fit_and_read(exp: Experiment, tag: str, config: dict, out: str, **kwargs) ->
     return read_report_log(log)[-1]["metrics"]
 
 
-def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = False) -> dict:
-    last = fit_and_read(experiment(workers, batch, steps, out, balance), f"{workers}w", {"until_epoch": 2}, out)
+def run_once(workers: int, batch: int, steps: int, out: str, balance: bool = False, **train) -> dict:
+    last = fit_and_read(experiment(workers, batch, steps, out, balance, **train), f"{workers}w", {"until_epoch": 2},
+                        out)
     r0 = last[0]
     return {"images_per_s": r0["weight_images_per_s"], "batch_split": r0["batch_split"],
             "allreduce_share_of_weight_steps": max(m.get("allreduce_share", 0.0) * m["epoch_s"] / m["weight_step_s"]
@@ -176,9 +184,10 @@ def plain_worker(rank: int, port: int, exp: Experiment, phases: int, phase_steps
         dist.destroy_process_group()
 
 
-def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str, plain: bool = False) -> dict:
-    """The drift-free measurement on Ray Train, or (``plain``) in two plain processes without Ray running."""
-    exp = experiment(2, global_batch // 2, phases * phase_steps, out)  # one epoch's learning-rate schedule
+def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str, plain: bool = False, **train) -> dict:
+    """The drift-free measurement on Ray Train, or (``plain``) in two plain processes without Ray running.
+    ``train``: the workers' ``threads`` and ``wait_policy``."""
+    exp = experiment(2, global_batch // 2, phases * phase_steps, out, **train)  # one epoch's learning-rate schedule
     if plain:
         ranks = run_plain(exp, phases, phase_steps)
     else:
@@ -230,14 +239,20 @@ def run_plain(exp: Experiment, phases: int, phase_steps: int) -> list[dict]:
     return ranks
 
 
-def scaling(global_batch: int, args: argparse.Namespace, out: str, plain: dict | None = None) -> dict:
-    """Both scaling measurements at one global batch (1 x ``global_batch`` against 2 x half of it)."""
-    interleaved = run_interleaved(global_batch, args.phases, args.phase_steps, out)
+def scaling(global_batch: int, args: argparse.Namespace, out: str, plain: dict | None = None,
+            wait_policy: str = "auto") -> dict:
+    """Both scaling measurements at one global batch (1 x ``global_batch`` against 2 x half of it); only the
+    drift-free one with ``--rounds 0``."""
+    train = {"threads": args.threads, "wait_policy": wait_policy}
+    interleaved = run_interleaved(global_batch, args.phases, args.phase_steps, out, **train)
+    head = {"global_batch": global_batch, "threads_per_worker": args.threads}
+    if args.rounds == 0:
+        return {**head, "interleaved": interleaved, **({"interleaved_without_ray": plain} if plain else {})}
     one, two, balanced = [], [], []
     for _ in range(args.rounds):
-        one.append(run_once(1, global_batch, args.steps, out))
-        two.append(run_once(2, global_batch // 2, args.steps, out))
-        balanced.append(run_once(2, global_batch // 2, args.steps, out, balance=True))
+        one.append(run_once(1, global_batch, args.steps, out, **train))
+        two.append(run_once(2, global_batch // 2, args.steps, out, **train))
+        balanced.append(run_once(2, global_batch // 2, args.steps, out, balance=True, **train))
     thr1 = statistics.median(r["images_per_s"] for r in one)
 
     def two_workers(runs: list[dict]) -> dict:  # the 2-worker runs of one split against the 1-worker runs
@@ -247,8 +262,8 @@ def scaling(global_batch: int, args: argparse.Namespace, out: str, plain: dict |
                 "efficiency_per_round": [b["images_per_s"] / (2 * a["images_per_s"]) for a, b in zip(one, runs)],
                 "allreduce_share_2w": statistics.median(r["allreduce_share_of_weight_steps"] for r in runs)}
 
-    return {"global_batch": global_batch, "steps_per_epoch": args.steps, "rounds": args.rounds,
-            "threads_per_worker": 1, "thr1_images_per_s": thr1, **two_workers(two), "target_efficiency": 0.8,
+    return {**head, "steps_per_epoch": args.steps, "rounds": args.rounds, "thr1_images_per_s": thr1,
+            **two_workers(two), "target_efficiency": 0.8,
             "balanced_split": two_workers(balanced),
             "runs_1w": one, "runs_2w": two, "runs_2w_balanced": balanced,
             "interleaved": interleaved, **({"interleaved_without_ray": plain} if plain else {})}
@@ -264,18 +279,42 @@ def main() -> None:
     parser.add_argument("--phase-steps", type=int, default=10)
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--skip-plain", action="store_true", help="leave out the drift-free run without Ray")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1 CPU reserved each)")
+    parser.add_argument("--wait-policy", nargs="+", default=["auto"],
+                        help="train.wait_policy values to measure in turn (auto, spin, passive), or spin<N>: spin "
+                             "with GOMP_SPINCOUNT=N")
     args = parser.parse_args()
     bad = [g for g in args.global_batch if g < 2 or g % 2]
     if bad:
         parser.error(f"--global-batch {bad[0]}: expected an even number of images, at least 2")
+    bad = [p for p in args.wait_policy if p not in WAIT_POLICIES and not (p[:4] == "spin" and p[4:].isdigit())]
+    if bad or args.threads < 1 or args.rounds < 0:
+        parser.error(f"--wait-policy {bad}, --threads {args.threads}, --rounds {args.rounds}: expected policies in "
+                     f"{list(WAIT_POLICIES)} or spin<N>, at least 1 thread, 0 or more rounds")
     out = tempfile.mkdtemp(prefix="bench-dist-")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    def use(policy: str) -> str:  # this policy's train.wait_policy; its variables for the plain processes
+        # read when the workers' environment is built
+        runtime.SPIN_COUNT = int(policy[4:]) if policy[:4] == "spin" and policy[4:] else default_spin
+        setting = "spin" if policy.startswith("spin") else policy
+        chosen = choose_wait_policy(setting, args.threads, 2, os.cpu_count() or 2)[0]
+        os.environ.update(thread_env(chosen == "passive"))
+        return setting
+
+    default_spin = runtime.SPIN_COUNT
     # before Ray starts, so that none of its processes run beside the plain ones
-    plain = {} if args.skip_plain else {g: run_interleaved(g, args.phases, args.phase_steps, out, plain=True)
-                                        for g in args.global_batch}
+    plain = {} if args.skip_plain else {
+        (p, g): run_interleaved(g, args.phases, args.phase_steps, out, plain=True, threads=args.threads,
+                                wait_policy=use(p))
+        for p in args.wait_policy for g in args.global_batch}
     connect(experiment(1, 128, args.steps, out), num_cpus=2)  # the embedded cluster `proxyless-ray search` starts
     try:
-        results = [scaling(g, args, out, plain.get(g)) for g in args.global_batch]
+        results = []
+        for p in args.wait_policy:
+            setting = use(p)
+            spin = thread_env(False)["GOMP_SPINCOUNT"]  # what a spinning worker gets
+            results += [{"wait_policy": p, "spin_count": spin, **scaling(g, args, out, plain.get((p, g)), setting)}
+                        for g in args.global_batch]
     finally:
         ray.shutdown()
     report = {"benchmark": "distributed", "scaling": results, "load_average": os.getloadavg()}

@@ -5,7 +5,9 @@ every cell runs in a fresh interpreter with its environment set before torch is 
 of the search (``weight``: ``SearchLoop.weight_step``; ``two`` / ``full_v2``: ``SearchLoop._arch_step`` in that gate
 mode; ``child``: the derived network's training step, ``RetrainLoop.run``'s loop body) in one setting (``A``: the
 paper's ImageNet space at 224 px, batch 8, 1000 classes; ``B``: 64 px, batch 32, 10 classes), on a fixed random
-batch, with a thread count, a memory layout and a policy:
+batch, with a thread count, a memory layout and a policy (``matmul``: one 1536 x 1536 float matrix product, an op
+coarse enough that how threads wait hardly matters, the reference for what any step can keep beside a busy
+process):
 
 * ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once after each parallel region);
 * ``unset``: libgomp's default (spin a while, then sleep; less spinning when it sees more threads than CPUs);
@@ -16,7 +18,8 @@ batch, with a thread count, a memory layout and a policy:
 ``--load`` adds, per cell, a run beside one busy single-threaded process (another job on one of the cores). Cells
 are interleaved round by round (rotating order) and each reports the median step time (wall clock) and the process
 CPU time per step over wall time (``cpu_per_wall``: about 2 when two threads spin, nearer 1 when they sleep), which
-shows whether the policy took effect.
+shows whether the policy took effect, and ``foreign_cores_max``: the cores that other processes than the cell's
+took while it ran (a few hundredths on a quiet machine; more flags a cell someone else's job slowed).
 
 Usage: ``python benchmarks/bench_threads.py [--cells A:child:2:passive,...] [--load] [--steps 8] [--rounds 1]``.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,11 +37,12 @@ import time
 from typing import Any
 
 SETTINGS = {"A": (224, 8, 1000), "B": (64, 32, 10)}  # resolution, batch, classes
-KINDS = ("weight", "two", "full_v2", "child")
+KINDS = ("weight", "two", "full_v2", "child", "matmul")
 POLICIES = ("passive", "unset", "active", "owner", "shared")
 DEFAULT_CELLS = ("A:child:1:owner,A:child:2:owner,A:child:2:passive,A:child:2:unset,A:full_v2:2:owner,"
                  "A:full_v2:2:passive,B:child:2:owner,B:child:2:passive")
 BUSY = "while True: pass"
+MATMUL_N = 1536
 
 
 def policy_env(policy: str) -> dict[str, str | None]:
@@ -60,6 +65,11 @@ def build_step(setting: str, kind: str, threads: int, channels_last: bool):
     """The step function of one cell; everything is built before it is returned."""
     import torch
     from torch import nn
+
+    if kind == "matmul":  # one coarse op, barely any waiting between parallel regions: the floor beside a busy core
+        torch.set_num_threads(threads)
+        a = torch.randn(MATMUL_N, MATMUL_N)
+        return lambda: a @ a
 
     from proxyless_ray.comm import Comm
     from proxyless_ray.config import DataConfig, DistConfig, Experiment, LatencyConfig, TrackingConfig, TrainConfig
@@ -129,6 +139,22 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 # -- the driver ----------------------------------------------------------------------------------------------------
 
 
+def busy_cpu_s() -> float | None:
+    """Seconds all CPUs of this machine have been busy (Linux ``/proc/stat``); ``None`` elsewhere."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_cell(cell: str, loaded: bool, steps: int, warmup: int) -> dict[str, Any]:
     setting, kind, threads, policy, *layout = cell.split(":")
     spec = {"setting": setting, "kind": kind, "threads": int(threads), "steps": steps, "warmup": warmup,
@@ -138,6 +164,7 @@ def run_cell(cell: str, loaded: bool, steps: int, warmup: int) -> dict[str, Any]
         env.pop(key, None)
         if value is not None:
             env[key] = value
+    busy_0, ours_0, t0 = busy_cpu_s(), children_cpu_s(), time.perf_counter()
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if loaded else None
     try:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
@@ -146,9 +173,15 @@ def run_cell(cell: str, loaded: bool, steps: int, warmup: int) -> dict[str, Any]
         if busy is not None:
             busy.kill()
             busy.wait()
+    busy_1, ours_1, wall = busy_cpu_s(), children_cpu_s(), time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"cell {cell} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    # cores taken by processes other than this cell's (the worker and the busy one) while it ran: a quiet machine
+    # shows a few hundredths; more means someone else's job was timed too
+    if busy_0 is not None and busy_1 is not None:
+        res["foreign_cores"] = max(busy_1 - busy_0 - (ours_1 - ours_0), 0.0) / wall
+    return res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         if (len(parts) not in (4, 5) or parts[0] not in SETTINGS or parts[1] not in KINDS
                 or not (parts[3] in POLICIES or parts[3][4:].isdigit()) or parts[4:] not in ([], ["nchw"], ["cl"])):
             raise SystemExit(f"bad cell {c!r}; expected SETTING:KIND:THREADS:POLICY[:nchw|cl] with SETTING in "
-                             f"{sorted(SETTINGS)}, KIND in weight|two|full_v2|child, POLICY in {list(POLICIES)}")
+                             f"{sorted(SETTINGS)}, KIND in {'|'.join(KINDS)}, POLICY in {list(POLICIES)}")
     runs = [(c, False) for c in cells] + ([(c, True) for c in cells] if args.load else [])
     samples: dict[str, dict[str, list[float]]] = {}
     load: list[float] = []
@@ -179,18 +212,22 @@ def main(argv: list[str] | None = None) -> None:
         k = r % len(runs)
         for cell, loaded in runs[k:] + runs[:k]:
             res = run_cell(cell, loaded, args.steps, args.warmup)
-            s = samples.setdefault(f"{cell}{'+busy' if loaded else ''}", {"wall_ms": [], "cpu_ms": []})
+            s = samples.setdefault(f"{cell}{'+busy' if loaded else ''}", {"wall_ms": [], "cpu_ms": [], "foreign": []})
             s["wall_ms"] += res["wall_ms"]
             s["cpu_ms"] += res["cpu_ms"]
+            s["foreign"].append(res.get("foreign_cores", 0.0))
             load.append(round(os.getloadavg()[0], 2))
             print(f"{cell}{' +busy' if loaded else ''}: {statistics.median(res['wall_ms']):.1f} ms "
-                  f"(policy {res['omp_wait_policy']}, spincount {res['gomp_spincount']})", file=sys.stderr, flush=True)
+                  f"(policy {res['omp_wait_policy']}, spincount {res['gomp_spincount']}, other processes "
+                  f"{res.get('foreign_cores', 0.0):.2f} cores)", file=sys.stderr, flush=True)
     result: dict[str, Any] = {"benchmark": "bench_threads", "steps": args.steps, "warmup": args.warmup,
                               "rounds": args.rounds, "load_1min_after_each_cell": load,
-                              "env": {p: policy_env(p) for p in POLICIES}, "median_ms": {}, "cpu_per_wall": {}}
+                              "env": {p: policy_env(p) for p in POLICIES}, "median_ms": {}, "cpu_per_wall": {},
+                              "foreign_cores_max": {}}
     for name, s in samples.items():
         result["median_ms"][name] = round(statistics.median(s["wall_ms"]), 1)
         result["cpu_per_wall"][name] = round(sum(s["cpu_ms"]) / sum(s["wall_ms"]), 2)
+        result["foreign_cores_max"][name] = round(max(s["foreign"]), 2)
     med = result["median_ms"]
     result["busy_over_quiet"] = {c: round(med[f"{c}+busy"] / med[c], 3) for c in cells if f"{c}+busy" in med}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)

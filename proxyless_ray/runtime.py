@@ -11,7 +11,8 @@ Between two parallel regions (every op of a step is one) torch's OpenMP threads 
 or asleep. Asleep (``OMP_WAIT_POLICY=PASSIVE``) every op pays for waking them, and two threads step no faster than
 one; spinning, a thread whose core another process needs burns that core's time. So the policy follows the
 placement (:func:`choose_wait_policy`, ``train.wait_policy``): a process whose threads have cores to themselves
-spins a bounded while, processes that together run more threads than the node has CPUs sleep at once. libgomp reads
+spins a bounded while, processes that together run more threads than the node has CPUs sleep at once, and so does a
+run in this process that starts beside another busy process (:func:`other_processes_cores`). libgomp reads
 the policy once, when torch loads it, so it must be in the environment before ``import torch``: Ray workers get it
 through their runtime environment, and the command line re-executes itself when torch came too early
 (:func:`ensure_thread_env`).
@@ -76,6 +77,7 @@ WAIT_POLICIES = ("auto", "spin", "passive")  # train.wait_policy: auto picks spi
 THREAD_ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SPIN_COUNT = 300_000  # libgomp's own default spin before sleeping (a few ms); set explicitly so workers get it too
 _REEXEC_GUARD = "PROXYLESS_RAY_THREAD_ENV_SET"
+_BUSY_ENV = "PROXYLESS_RAY_BUSY_CORES"  # what the process measured before it re-executed itself
 
 
 def thread_env(shares_cores: bool) -> dict[str, str]:
@@ -89,7 +91,8 @@ def thread_env(shares_cores: bool) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": str(SPIN_COUNT)}
 
 
-def choose_wait_policy(setting: str, threads: int, processes: int, node_cpus: int) -> tuple[str, str]:
+def choose_wait_policy(setting: str, threads: int, processes: int, node_cpus: int,
+                       busy_cores: float = 0.0) -> tuple[str, str]:
     """``spin`` or ``passive``, and why, for ``processes`` processes of ``threads`` torch threads on one node.
 
     Args:
@@ -97,15 +100,39 @@ def choose_wait_policy(setting: str, threads: int, processes: int, node_cpus: in
         threads: Torch threads per process.
         processes: How many of them may run on one node at once.
         node_cpus: CPUs of that node.
+        busy_cores: Cores of that node other processes keep busy (:func:`other_processes_cores`); rounded, they
+            are not the threads' to spin on.
     """
     if setting not in WAIT_POLICIES:
         raise ValueError(f"train.wait_policy {setting!r} is unknown; expected one of {list(WAIT_POLICIES)}")
+    taken = round(busy_cores)
     placement = f"{processes} process(es) x {threads} thread(s) on {node_cpus} CPUs"
+    if taken:
+        placement += f", {busy_cores:.1f} of them busy with other processes"
     if setting != "auto":
         return setting, f"train.wait_policy: {setting}; {placement}"
-    if threads * processes > node_cpus:
-        return "passive", f"auto: {placement} share cores"
+    if threads * processes > node_cpus - taken:
+        return "passive", f"auto: {placement}: they share cores"
     return "spin", f"auto: {placement}, each thread has a core"
+
+
+def other_processes_cores(window_s: float = 0.2) -> float:
+    """Cores that processes other than this one kept busy over the next ``window_s`` seconds (Linux
+    ``/proc/stat``; 0.0 where it cannot be read)."""
+    import time
+
+    def busy_s() -> float:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        busy_0, own_0, t0 = busy_s(), time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        busy_1, own_1, t1 = busy_s(), time.process_time(), time.perf_counter()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(busy_1 - busy_0 - (own_1 - own_0), 0.0) / (t1 - t0)
 
 
 def ray_worker_policy(exp, node_cpus: int, concurrent: int = 1) -> tuple[str, int, str]:
@@ -124,14 +151,22 @@ def ray_worker_policy(exp, node_cpus: int, concurrent: int = 1) -> tuple[str, in
     return policy, threads, why
 
 
-def local_policy(exp) -> tuple[str, int, str]:
+def local_policy(exp, busy_cores: float | None = None) -> tuple[str, int, str]:
     """Wait policy, torch threads and the reason for a search or retraining in this process (``dist.workers: 0``).
 
-    The threads are ``train.threads``, else torch's default (one per core it sees).
+    The threads are ``train.threads``, else torch's default (one per core it sees). ``auto`` also counts the cores
+    other processes keep busy (``busy_cores``; by default measured now, :func:`other_processes_cores`): beside a
+    busy process spinning threads are several times slower, sleeping ones lose far less.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = exp.train.threads or cpus
-    policy, why = choose_wait_policy(exp.train.wait_policy, threads, 1, cpus)
+    if busy_cores is None and exp.train.wait_policy == "auto":
+        if os.environ.get(_REEXEC_GUARD) and _BUSY_ENV in os.environ:  # re-executed for the choice made before
+            busy_cores = float(os.environ[_BUSY_ENV])
+        else:
+            busy_cores = other_processes_cores()
+            os.environ[_BUSY_ENV] = f"{busy_cores:.2f}"
+    policy, why = choose_wait_policy(exp.train.wait_policy, threads, 1, cpus, busy_cores or 0.0)
     return policy, threads, why
 
 

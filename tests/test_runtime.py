@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -16,6 +17,7 @@ from proxyless_ray.runtime import (
     WAIT_POLICIES,
     choose_wait_policy,
     local_policy,
+    other_processes_cores,
     ray_worker_policy,
     thread_env,
 )
@@ -67,8 +69,32 @@ def test_ray_workers_policy_follows_threads_cpus_and_concurrent_trainers(tmp_pat
 
 def test_local_policy_uses_this_machines_cpus(tmp_path):
     cpus = len(os.sched_getaffinity(0))
-    assert local_policy(tiny_experiment(tmp_path, train={"threads": cpus}))[:2] == ("spin", cpus)
-    assert local_policy(tiny_experiment(tmp_path, train={"threads": cpus + 1}))[0] == "passive"
+    assert local_policy(tiny_experiment(tmp_path, train={"threads": cpus}), busy_cores=0.0)[:2] == ("spin", cpus)
+    assert local_policy(tiny_experiment(tmp_path, train={"threads": cpus + 1}), busy_cores=0.0)[0] == "passive"
+
+
+def test_auto_counts_cores_other_processes_keep_busy():
+    assert choose_wait_policy("auto", 2, 1, 2, busy_cores=0.3)[0] == "spin"  # a passing command, not a job
+    policy, why = choose_wait_policy("auto", 2, 1, 2, busy_cores=0.9)
+    assert policy == "passive" and "0.9 of them busy with other processes" in why
+    assert choose_wait_policy("auto", 1, 1, 2, busy_cores=1.0)[0] == "spin"  # one thread, one free core
+    assert choose_wait_policy("spin", 2, 1, 2, busy_cores=1.0)[0] == "spin"  # the user's word wins
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux /proc/stat")
+def test_a_busy_neighbour_is_measured_and_makes_a_local_run_sleep(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROXYLESS_RAY_BUSY_CORES", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # past its start-up
+        assert other_processes_cores(0.5) > 0.6
+        policy, _, why = local_policy(tiny_experiment(tmp_path, train={"threads": cpus}))
+    finally:
+        busy.kill()
+        busy.wait()
+    assert policy == "passive" and "busy with other processes" in why
+    assert float(os.environ["PROXYLESS_RAY_BUSY_CORES"]) > 0.6  # what a re-executed copy of the process reuses
 
 
 def test_wait_policy_is_validated_and_overridable(tmp_path):
