@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from proxyless_ray.nn.space import PRESETS, SearchSpace, space_from_preset
 from proxyless_ray.runtime import WAIT_POLICIES
-from proxyless_ray.space import PRESETS, SearchSpace, space_from_preset
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,14 @@ class TrainConfig:
     # expansions as its first channels), so sampled sub-networks learn as fast as one network; separate: the
     # paper's weights per candidate, which need thousands of steps before sampled paths can be ranked.
     weight_sharing: str = "nested"
-    warmup_method: str = "uniform"  # uniform | fair | sandwich | largest_first (proxyless_ray.path_sampling)
+    warmup_method: str = "uniform"  # uniform | fair | sandwich | largest_first (proxyless_ray.search.path_sampling)
     # Architecture steps start only once sampled sub-networks reach this held-out accuracy (0: right after the
     # warm-up, the paper's schedule). Checked at the end of every warm-up epoch; if it is not met when the warm-up
     # ends, alpha stays frozen for up to half of the search epochs, then the search decides anyway and says so.
     ready_acc: float = 0.0
     ready_samples: int = 4  # random sub-networks whose mean held-out accuracy measures readiness (0: don't measure)
     # An architecture step whose sampled path is zero still reads the other candidates' gate gradients, so the loss
-    # can argue for keeping a layer that zero would remove (the paper skips such layers; see proxyless_ray.mixed_op).
+    # can argue for keeping a layer that zero would remove (the paper skips such layers; see proxyless_ray.nn.mixed_op).
     zero_gradient: bool = True
     lr: float = 0.05  # weight SGD, cosine per batch (paper: 0.025 at batch 256 on ImageNet)
     warmup_lr: float = 0.05  # paper: hard-coded lr_max 0.05 for warm-up
@@ -90,7 +90,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """Hardware target and the latency loss (formulas in :mod:`proxyless_ray.objective`)."""
+    """Hardware target and the latency loss (formulas in :mod:`proxyless_ray.search.objective`)."""
 
     profile: str = "flops"  # a name in hardware_profiles/, a path to a profile, or 'flops' (placeholder model)
     loss: str = "add"  # add | mul_log | none
@@ -117,7 +117,7 @@ class DistConfig:
     max_failures: int = 1
     connect_timeout_s: float = 60.0  # bound on reaching a cluster address
     # Split each global batch by the workers' measured speed so a persistent straggler (a slower node or GPU) does
-    # not hold the others up (proxyless_ray.balance). The gradient stays exact. Off by default: on evenly matched
+    # not hold the others up (proxyless_ray.search.balance). The gradient stays exact. Off by default: on evenly matched
     # workers it chases noise (5 % slower on the 2-vCPU VM) and costs bit-reproducibility with BatchNorm.
     balance_batches: bool = False
     # Embedded cluster only: Ray's dashboard and metrics agent. Off by default: on a 2-core laptop they take ~7 % of

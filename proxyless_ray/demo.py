@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from proxyless_ray.arch import atomic_write_text
 from proxyless_ray.config import Experiment
+from proxyless_ray.nn.arch import atomic_write_text
 
 DEMO_EXPERIMENT = "demo.yaml"
 
@@ -41,9 +41,9 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     network is never timed while another one trains.
     """
     from proxyless_ray.config import with_overrides
-    from proxyless_ray.retrain import measure_retrained
-    from proxyless_ray.sweep import RETRAINED_DIR
-    from proxyless_ray.sweep_plan import TRIALS_DIR
+    from proxyless_ray.distributed.retrain import measure_retrained
+    from proxyless_ray.sweeps.plan import TRIALS_DIR
+    from proxyless_ray.sweeps.sweep import RETRAINED_DIR
 
     jobs = []
     front = table[table["on_front"] & table["finished"]]
@@ -74,15 +74,16 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
 def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], epochs: int, lr: float,
                     finetune: bool = True) -> dict[str, dict[str, Any]]:
     """Train ``jobs`` (key, experiment, network folder or ``arch.json``) as Ray tasks of ``train.threads`` CPUs each,
-    as many at once as the cluster's CPUs allow; returns each key's :func:`proxyless_ray.retrain.fit_network` result.
+    as many at once as the cluster's CPUs allow; returns each key's
+    :func:`proxyless_ray.distributed.retrain.fit_network` result.
 
     One network at a time leaves cores idle: a fine-tune runs ``train.threads`` threads (the demo's 1), and small
     networks do not scale across threads. With one job or one slot the fit runs here, with its progress bar.
     """
     import ray
 
-    from proxyless_ray.ray_trainer import connect
-    from proxyless_ray.retrain import fit_network
+    from proxyless_ray.distributed.ray_trainer import connect
+    from proxyless_ray.distributed.retrain import fit_network
 
     threads = max(1, exp.train.threads)
     if len(jobs) < 2 or (os.cpu_count() or 1) < 2 * threads:
@@ -184,12 +185,12 @@ def format_front_quality(quality: dict[str, dict[str, Any]]) -> str:
 
 def run_demo(exp: Experiment) -> dict[str, Any]:
     """Sweep, retrain the fronts, print the table and how to open the MLflow UI."""
-    from proxyless_ray.sweep import run_sweep
+    from proxyless_ray.sweeps.sweep import run_sweep
 
     t0 = time.time()
     tracker = None
     if exp.tracking.enabled:
-        from proxyless_ray.tracking import Tracker
+        from proxyless_ray.tracking.tracker import Tracker
 
         tracker = Tracker(exp)
         tracker.check()

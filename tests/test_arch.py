@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from proxyless_ray.arch import (
+from proxyless_ray.nn.arch import (
     Arch,
     BlockSpec,
     format_block,
@@ -124,7 +124,7 @@ def test_published_configs_convert():
 
 
 def test_pure_python_no_torch():
-    code = "import sys, proxyless_ray.arch, proxyless_ray.space; print('torch' in sys.modules)"
+    code = "import sys, proxyless_ray.nn.arch, proxyless_ray.nn.space; print('torch' in sys.modules)"
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from proxyless_ray import cli
-from proxyless_ray.arch import Arch
 from proxyless_ray.latency.importers import UnparsedKeysError, convert_key, convert_table, import_table
 from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.profile import read_profile
+from proxyless_ray.nn.arch import Arch
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MOBILE_TRIM = REFERENCE / "proxylessnas" / "mobile_trim.yaml"

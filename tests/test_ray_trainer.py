@@ -16,11 +16,9 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from proxyless_ray import ray_trainer
 from proxyless_ray.cli import main
-from proxyless_ray.comm import Comm
-from proxyless_ray.ray_resume import RAY_SNAPSHOT, ray_checkpoints
-from proxyless_ray.ray_trainer import (
+from proxyless_ray.distributed import ray_trainer
+from proxyless_ray.distributed.ray_trainer import (
     LEAN_ENV,
     ClusterError,
     ReportLog,
@@ -30,9 +28,11 @@ from proxyless_ray.ray_trainer import (
     read_report_log,
     run_ray_search,
 )
+from proxyless_ray.distributed.resume import RAY_SNAPSHOT, ray_checkpoints
 from proxyless_ray.runtime import THREAD_ENV_KEYS, thread_env
-from proxyless_ray.search_state import read_meta
-from proxyless_ray.train_loop import SearchLoop
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.loop import SearchLoop
+from proxyless_ray.search.state import read_meta
 
 from conftest import requires_fmnist, tiny_experiment
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from proxyless_ray.pareto_asha import ParetoASHAScheduler
-from proxyless_ray.schedulers import SCHEDULERS, asha_scalarised, build_scheduler
+from proxyless_ray.sweeps.pareto_asha import ParetoASHAScheduler
+from proxyless_ray.sweeps.schedulers import SCHEDULERS, asha_scalarised, build_scheduler
 
 
 def test_build_scheduler():

@@ -3,7 +3,7 @@
 import pytest
 
 from proxyless_ray.cli import main
-from proxyless_ray.sweep_plan import TrialSpec, load_plan, sweep_grid, trial_experiment, warmup_key
+from proxyless_ray.sweeps.plan import TrialSpec, load_plan, sweep_grid, trial_experiment, warmup_key
 
 from conftest import tiny_experiment
 

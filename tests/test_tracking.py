@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 
 from proxyless_ray.cli import main
 from proxyless_ray.config import TrackingConfig, with_overrides
-from proxyless_ray.tracking import Tracker, TrackingUnavailable, resolve_uri, search_tags
-from proxyless_ray.tracking_registry import load_registered, model_versions
-from proxyless_ray.trainer import run_local
+from proxyless_ray.distributed.trainer import run_local
+from proxyless_ray.tracking.registry import load_registered, model_versions
+from proxyless_ray.tracking.tracker import Tracker, TrackingUnavailable, resolve_uri, search_tags
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -306,7 +306,7 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
     assert t.finish_sweep(parent, sweep_dir, {"name": "cb"}) is True  # resumed sweep: no second version
     assert len(model_versions(uri, "pixel1")) == 1
     # only the trial that ran to the end is a front candidate when read back from MLflow
-    from proxyless_ray.tracking_results import results_table
+    from proxyless_ray.tracking.results import results_table
 
     table = results_table(uri, "sweep-callback", parent_id=parent)
     assert table["trial_id"].tolist() == [a.info.run_id]
@@ -314,7 +314,7 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
 
 @requires_fmnist
 def test_retrain_run_is_nested_under_the_search_that_found_the_network(searched):
-    from proxyless_ray.retrain import run_retrain
+    from proxyless_ray.distributed.retrain import run_retrain
 
     exp, uri, _ = searched
     res = run_retrain(exp, os.path.join(exp.output_dir, "network"), finetune=True, epochs=1)

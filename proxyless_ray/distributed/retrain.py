@@ -1,0 +1,403 @@
+"""Retrain a derived network (from scratch, or fine-tuned from inherited weights) and measure it on this device.
+
+The architecture comes from an ``arch.json`` (or an exported network folder), an MLflow run (``runs:/<id>``) or a
+registered model (``models:/<name>/<version>``). Training runs through the same drivers as the search: in-process
+for ``dist.workers == 0``, else Ray Train workers with the same sharding and gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from proxyless_ray.config import Experiment
+from proxyless_ray.data import check_shapes, iterate, load_splits
+from proxyless_ray.data.sharding import shard_batches
+from proxyless_ray.nn.arch import Arch, atomic_write_text
+from proxyless_ray.nn.network import ProxylessNet, export_network, load_network, load_tensors
+from proxyless_ray.progress import Progress
+from proxyless_ray.runtime import tune_allocator
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.evaluate import accuracy, to_device
+from proxyless_ray.search.state import check_finite_loss, cosine_lr
+
+
+@dataclass
+class ArchSource:
+    """A resolved ``--arch``: the architecture, optional weights to fine-tune from, and where it came from."""
+
+    arch: Arch
+    state_dict: dict[str, torch.Tensor] | None
+    run_id: str | None  # the MLflow run that produced it, if known
+    label: str
+
+
+def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
+    """Resolve ``arch.json`` / a network folder / ``runs:/<id>[/path]`` / ``models:/<name>/<version>``.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the spec when it cannot be found or parsed.
+    """
+    if spec.startswith(("runs:/", "models:/")):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from proxyless_ray.tracking.registry import load_registered
+        from proxyless_ray.tracking.store import check_existing_store
+
+        check_existing_store(tracking_uri or mlflow.get_tracking_uri())  # a lookup never creates a store
+        try:
+            if spec.startswith("models:/"):
+                model = load_registered(tracking_uri or mlflow.get_tracking_uri(), spec)
+                if not isinstance(model, ProxylessNet):
+                    raise ValueError(f"{spec} is not a proxyless_ray network (got {type(model).__name__})")
+                name, _, version = spec[len("models:/"):].partition("/")
+                client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                mv = client.get_model_version(name, version) if version.isdigit() else None
+                return ArchSource(model.arch, model.state_dict(), mv.run_id if mv else None, spec)
+            run_id, _, path = spec[len("runs:/"):].partition("/")
+            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path or "",
+                                                         dst_path=tempfile.mkdtemp(prefix="proxyless-arch-"),
+                                                         tracking_uri=tracking_uri)
+        except MlflowException as err:
+            raise ValueError(f"cannot resolve --arch {spec!r}: {err.message}") from None
+        src = _from_path(os.path.join(folder, "arch.json") if os.path.isdir(folder) else folder, spec)
+        return ArchSource(src.arch, src.state_dict, run_id, spec)
+    return _from_path(spec, spec)
+
+
+def _from_path(path: str, label: str) -> ArchSource:
+    if os.path.isdir(path):
+        from proxyless_ray.tracking.registry import network_files
+
+        path = network_files(path) or path  # a run's artifacts keep them under network/
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    arch_path = os.path.join(path, "arch.json") if os.path.isdir(path) else path
+    if not os.path.exists(arch_path):
+        raise FileNotFoundError(f"--arch {label!r}: {arch_path!r} does not exist")
+    arch = Arch.load(arch_path).without_zeros()
+    state = None
+    for candidate in (os.path.join(folder, "state_dict.pt"), os.path.join(folder, "network", "state_dict.pt")):
+        if os.path.isfile(candidate):
+            state = load_tensors(candidate)  # weights only: a file beside an arch.json is not trusted to run code
+            break
+    run_id = arch.meta.get("mlflow_run_id")
+    return ArchSource(arch, state, run_id, label)
+
+
+def measure_latency_ms(net: nn.Module, arch: Arch, batch: int = 1, threads: int = 1, min_time_s: float = 1.0,
+                       repeats: int = 30, clock: str = "wall") -> dict[str, float]:
+    """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up, timed as profiles are
+    (tuned allocator, pinned threads; ``clock`` as the target profile's, see
+    :func:`proxyless_ray.latency.check.measure_network`)."""
+    from proxyless_ray.latency.check import measure_network
+
+    m = measure_network(arch, "cpu", threads, batch, "median", min_time_s, repeats, clock=clock, net=net)
+    return {"median_ms": m["ms"], "iqr_ms": m["spread_ms"] * 1.349, "count": m["count"], "threads": threads,
+            "batch": batch, "clock": clock}
+
+
+class RetrainLoop:
+    """Plain supervised training of one network, sharded like the search (the per-worker function's body)."""
+
+    def __init__(self, exp: Experiment, arch: Arch, comm: Comm, report, state_dict=None, epochs: int | None = None,
+                 lr: float | None = None, device: torch.device | str = "cpu", progress: bool = True, splits=None):
+        tune_allocator()
+        self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
+        if exp.train.threads > 0:
+            torch.set_num_threads(exp.train.threads)
+        self.splits = splits or build_splits_for(exp, arch)
+        torch.manual_seed(exp.train.seed)
+        self.net = ProxylessNet(arch).to(self.device)
+        if state_dict is not None:
+            try:
+                self.net.load_state_dict(state_dict)
+            except RuntimeError as err:
+                reason = str(err).splitlines()[0].rstrip(":. \t")
+                raise ValueError(f"the weights that come with {arch.name or 'the architecture'} do not fit it "
+                                 f"({reason})") from None
+        comm.broadcast_([p.data for p in self.net.parameters()])
+        self.cl = exp.train.channels_last
+        if self.cl:
+            self.net.to(memory_format=torch.channels_last)
+        self.epochs = epochs or exp.train.epochs
+        self.lr = lr or exp.train.lr
+        t = exp.train
+        decay = [p for p in self.net.parameters() if p.dim() > 1]
+        no_decay = [p for p in self.net.parameters() if p.dim() <= 1]
+        self.opt = torch.optim.SGD([{"params": decay, "weight_decay": t.weight_decay},
+                                    {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, momentum=t.momentum,
+                                   nesterov=t.nesterov)
+        self.epoch = 0
+        self.progress = progress and comm.rank == 0
+
+    def run(self) -> dict[str, Any]:
+        exp, t = self.exp, self.exp.train
+        plan_len = len(shard_batches(len(self.splits.train), exp.data.batch_size, self.comm.rank, self.comm.world,
+                                     0, t.seed, max_steps=t.max_steps_per_epoch))
+        metrics: dict[str, Any] = {}
+        while self.epoch < self.epochs:
+            e = self.epoch
+            plan = shard_batches(len(self.splits.train), exp.data.batch_size, self.comm.rank, self.comm.world, e,
+                                 t.seed, max_steps=t.max_steps_per_epoch)
+            self.net.train()
+            bar = Progress(len(plan), f"retrain epoch {e + 1}/{self.epochs}", enabled=self.progress)
+            seen = correct = loss_sum = 0.0
+            t0 = time.perf_counter()
+            for i, (x, y) in enumerate(iterate(self.splits.train, plan, train=True, seed=t.seed * 10_007 + e)):
+                x, y = to_device(x, self.device, self.cl), y.to(self.device)
+                for g in self.opt.param_groups:
+                    g["lr"] = cosine_lr(self.lr, e * plan_len + i, self.epochs * plan_len)
+                self.opt.zero_grad(set_to_none=True)
+                logits = self.net(x)
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+                loss.backward()
+                self.comm.mean_([p.grad for p in self.net.parameters() if p.grad is not None])
+                self.opt.step()
+                seen += len(y)
+                correct += float((logits.argmax(1) == y).sum())
+                loss_sum += loss.item() * len(y)
+                bar.update(1, loss=loss.item())
+            bar.close()
+            seen, correct, loss_sum = self.comm.sum([seen, correct, loss_sum])
+            check_finite_loss(loss_sum, e + 1, exp, "retraining")  # NaN weights: stop before anything is exported
+            test_acc, test_ce = accuracy(self.net, self.splits.test, self.comm, exp.data.eval_batch_size,
+                                         device=self.device, channels_last=self.cl)
+            self.epoch = e + 1
+            metrics = {"epoch": self.epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                       "test_acc": test_acc, "test_ce": test_ce,
+                       "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+                       "finished": self.epoch == self.epochs}
+            self.report(metrics, self)
+        return metrics
+
+
+def build_splits_for(exp: Experiment, arch: Arch):
+    """Data splits for a network: its input shape must match the data set (checked before training starts)."""
+    splits = load_splits(exp.data, arch.resolution, arch.in_chs)
+    check_shapes(splits, arch.resolution, arch.in_chs, arch.num_classes)
+    return splits
+
+
+def save_retrained(net: ProxylessNet, folder: str, metrics: dict[str, Any]) -> None:
+    """Checkpoint of a retrained network: ``arch.json``, ``state_dict.pt`` and ``metrics.json``."""
+    os.makedirs(folder, exist_ok=True)
+    net.arch.save(os.path.join(folder, "arch.json"))
+    tmp = os.path.join(folder, ".state_dict.pt.tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, os.path.join(folder, "state_dict.pt"))
+    atomic_write_text(os.path.join(folder, "metrics.json"), json.dumps(metrics) + "\n")
+
+
+def retrain_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point of ``proxyless-ray train``."""
+    import ray.train
+
+    from proxyless_ray.distributed.ray_trainer import quiet_worker_logs
+
+    quiet_worker_logs()
+
+    exp = Experiment.from_dict(config["experiment"])
+    arch = Arch.from_dict(config["arch"])
+    ctx = ray.train.get_context()
+    comm = Comm(ctx.get_world_rank(), ctx.get_world_size())
+    state = config.get("state_dict")  # travels in the config: workers on other nodes share no disk
+
+    def report(metrics: dict[str, Any], loop: RetrainLoop) -> None:
+        folder = None
+        if comm.rank == 0 and metrics.get("finished"):
+            folder = tempfile.mkdtemp(prefix="proxyless-retrain-")
+            save_retrained(loop.net, folder, metrics)
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+        finally:
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    import ray.train.torch
+
+    RetrainLoop(exp, arch, comm, report, state, config.get("epochs"), config.get("lr"),
+                device=ray.train.torch.get_device(), progress=False).run()
+
+
+def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int | None = None,
+                lr: float | None = None) -> dict[str, Any]:
+    """Train the network ``spec`` names on the experiment's data, export it and measure it on this device.
+
+    Args:
+        exp: Experiment (data, training recipe, ``dist`` for workers, ``latency.profile`` for the prediction).
+        spec: ``arch.json`` / network folder / ``runs:/<id>`` / ``models:/<name>/<version>``.
+        finetune: Start from the inherited weights that come with the architecture (else from scratch).
+        epochs: Training epochs (default ``train.epochs``).
+        lr: Peak learning rate (default ``train.lr``).
+
+    Returns:
+        The ``result.json`` content: test top-1, measured and predicted latency, files.
+    """
+    return measure_retrained(exp, fit_network(exp, spec, finetune, epochs, lr))
+
+
+def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int | None = None,
+                lr: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """The training half of :func:`run_retrain`: train and export, no latency measured.
+
+    Returns the result so far (accuracies, files, ``out_dir``); :func:`measure_retrained` completes it. Several
+    fits may run at once (the demo's parallel fine-tunes) while the measurements wait for a quiet machine.
+    """
+    from proxyless_ray.latency.model import load_latency_model_for
+    from proxyless_ray.search.results import Interrupted, check_writable
+
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr!r}")
+    tracking_uri = None
+    if exp.tracking.enabled:
+        from proxyless_ray.tracking.tracker import check_reachable, resolve_uri
+
+        tracking_uri = resolve_uri(exp.tracking)
+        check_reachable(tracking_uri)  # before training, not after it: the run is logged at the end
+    source = resolve_arch(spec, tracking_uri)
+    arch = source.arch
+    if finetune and source.state_dict is None:
+        raise ValueError(f"--finetune: {spec!r} comes without weights (no state_dict.pt beside it)")
+    build_splits_for(exp, arch)  # shape / data errors before any worker starts
+    load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)  # a bad profile, too
+    out = os.path.join(exp.output_dir, "retrained", arch.name or "network")
+    check_writable(out)
+    state = source.state_dict if finetune else None
+    log(f"[train] {arch.arch_string()} from {source.label} ({'fine-tune' if finetune else 'from scratch'})")
+    try:
+        if exp.dist.workers == 0:
+            final: dict[str, Any] = {}
+
+            def report(metrics: dict[str, Any], loop: RetrainLoop) -> None:
+                log(f"[train] epoch {metrics['epoch']}: train {metrics['train_acc']:.4f} test "
+                    f"{metrics['test_acc']:.4f}")
+                final.update(metrics)
+
+            loop = RetrainLoop(exp, arch, Comm(), report, state, epochs, lr, progress=progress)
+            loop.run()
+            net = loop.net
+        else:
+            net, final = _fit_on_ray(exp, arch, state, epochs, lr)
+    except KeyboardInterrupt:  # retraining keeps no checkpoints: say that nothing was kept
+        raise Interrupted(f"stopped by SIGINT (Ctrl-C) during training; nothing was written to {out}; run the "
+                          f"command again to train from the start") from None
+    net = net.to(memory_format=torch.contiguous_format).cpu().eval()
+    files = export_network(net, os.path.join(out, "network"))
+    return {"arch": arch.arch_string(), "source": source.label, "finetune": finetune, "test_acc": final["test_acc"],
+            "train_acc": final["train_acc"], "epochs": final["epoch"], "producing_run_id": source.run_id,
+            "files": files, "out_dir": out}
+
+
+def measure_retrained(exp: Experiment, fitted: dict[str, Any]) -> dict[str, Any]:
+    """The measuring half of :func:`run_retrain`: time the exported network on this CPU, predict it on the
+    experiment's profile and write ``result.json``."""
+    from proxyless_ray.latency.local import quick_settings
+    from proxyless_ray.latency.model import arch_latency, load_latency_model_for
+
+    out = fitted["out_dir"]
+    net = load_network(os.path.join(out, "network"))
+    arch = net.arch
+    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
+    md = getattr(model, "metadata", None) or {}
+    # Timed as the CPU profile was timed; for another target as cpu_local times it, so one network gets one figure
+    on_cpu = md.get("device") == "cpu"
+    measured = measure_latency_ms(net, arch, threads=int(md.get("threads", 1)) if on_cpu else 1,
+                                  clock=str(md.get("clock", "wall")) if on_cpu else quick_settings(1).clock)
+    predicted = arch_latency(model, arch)[0]
+    compare = latency_comparison(model, predicted, measured)
+    log(f"[train] latency: predicted {predicted:.3f} ms on {model.name}, measured {measured['median_ms']:.3f} ms "
+        f"on this machine's CPU ({measured['threads']} thread(s), median, {measured['clock']} clock)"
+        + (f", predicted/measured {compare['latency_ratio']:.2f}" if compare["latency_ratio"] is not None
+           else f" ({compare['latency_note']})"))
+    result = {k: v for k, v in fitted.items() if k not in ("out_dir", "files", "producing_run_id")}
+    result.update({"profile": model.name, "predicted_latency_ms": predicted,
+                   "measured_cpu_latency_ms": measured["median_ms"], **compare, "measured": measured,
+                   "producing_run_id": fitted["producing_run_id"], "files": fitted["files"]})
+    atomic_write_text(os.path.join(out, "result.json"), json.dumps(result, indent=2) + "\n")
+    result["out_dir"] = out
+    return result
+
+
+def latency_comparison(model: Any, predicted_ms: float, measured: dict[str, float]) -> dict[str, Any]:
+    """``latency_ratio`` (predicted / measured here) where the target is this machine's CPU, else ``None`` and a
+    ``latency_note`` saying why the CPU time here says nothing about the target.
+
+    The target is this CPU when it is a measured CPU profile whose fingerprint matches this machine (``cpu_local``
+    always does).
+    """
+    from proxyless_ray.latency.fingerprint import machine_note
+
+    md = getattr(model, "metadata", None) or {}
+    name = getattr(model, "name", "?")
+    if md.get("device") != "cpu":
+        why = (f"{name} is {md.get('device_name', 'a FLOPs count')}: a time measured on this CPU says nothing about "
+               f"that target")
+    elif md.get("method") != "measured" or machine_note(model) is not None:
+        why = f"{name} was not measured on this CPU: the ratio would compare two machines"
+    else:
+        return {"latency_ratio": predicted_ms / measured["median_ms"], "latency_note": None}
+    return {"latency_ratio": None, "latency_note": why}
+
+
+def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[ProxylessNet, dict[str, Any]]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig
+
+    from proxyless_ray.distributed.ray_trainer import (
+        EpochLogCallback,
+        check_placeable,
+        connect,
+        raise_train_error,
+        storage_path,
+        trainer_class,
+    )
+
+    d = exp.dist
+    connect(exp, num_cpus=os.cpu_count())
+    try:
+        check_placeable(exp)
+        use_gpu = d.gpus_per_worker > 0
+        resources = {"CPU": d.cpus_per_worker, **d.resources_per_worker, **({"GPU": d.gpus_per_worker} if use_gpu
+                                                                            else {})}
+        # Ray Train's own SIGINT handler exits quietly with status 1; this one raises KeyboardInterrupt
+        trainer = trainer_class()(
+            retrain_fn_per_worker,
+            train_loop_config={"experiment": exp.to_dict(), "arch": arch.to_dict(), "state_dict": state,
+                               "epochs": epochs, "lr": lr},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
+                                                   resources_per_worker=resources),
+            run_config=ray.train.RunConfig(name=f"retrain-{exp.name}-{arch.name or 'network'}",
+                                           storage_path=storage_path(exp),
+                                           failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+                                           callbacks=[EpochLogCallback()],
+                                           logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise_train_error(result.error)
+        with result.checkpoint.as_directory() as folder:
+            net = load_network(folder)
+            with open(os.path.join(folder, "metrics.json")) as fh:
+                metrics = json.load(fh)
+        return net, metrics
+    finally:
+        ray.shutdown()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
