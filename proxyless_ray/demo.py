@@ -20,6 +20,7 @@ import pandas as pd
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.nn.arch import atomic_write_text
+from proxyless_ray.tracking.retrain import log_retrain
 
 DEMO_EXPERIMENT = "demo.yaml"
 
@@ -60,7 +61,7 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     for trial_id, texp, _ in jobs:
         res = measure_retrained(texp, fitted[trial_id])
         if tracker is not None:
-            tracker.log_retrain(res, trial_key=trial_id)
+            log_retrain(tracker, res, trial_key=trial_id)
         rows.append({"trial_id": trial_id, "retrained_test_acc": res["test_acc"],
                      "measured_cpu_ms": res["measured_cpu_latency_ms"], "measured_threads": res["measured"]["threads"],
                      "measured_clock": res["measured"].get("clock", "wall"),

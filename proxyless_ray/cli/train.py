@@ -6,6 +6,7 @@ import argparse
 import json
 
 from proxyless_ray.cli.search import add_experiment_args, experiment_from_args
+from proxyless_ray.tracking.retrain import log_retrain
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -16,7 +17,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if exp.tracking.enabled:
         from proxyless_ray.tracking.tracker import Tracker
 
-        Tracker(exp).log_retrain(result)
+        log_retrain(Tracker(exp), result)
     print(json.dumps({k: result[k] for k in ("arch", "test_acc", "predicted_latency_ms", "measured_cpu_latency_ms",
                                              "latency_ratio", "latency_note", "profile", "out_dir")}, indent=2))
     return 0

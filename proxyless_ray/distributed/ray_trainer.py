@@ -22,6 +22,8 @@ from ray.train import UserCallback
 from proxyless_ray.config import Experiment
 from proxyless_ray.distributed.cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address, node_cpus
 from proxyless_ray.distributed.resume import latest_ray_checkpoint, resume_point
+from proxyless_ray.latency.profile import shipped_models
+from proxyless_ray.progress import format_epoch
 from proxyless_ray.runtime import WORKER_ENV, describe, ray_worker_policy, thread_env
 
 RUN_PREFIX = "search"
@@ -58,7 +60,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     quiet_worker_logs()
 
-    from proxyless_ray.distributed.trainer import shipped_models
     from proxyless_ray.search.comm import Comm
     from proxyless_ray.search.loop import SearchLoop
 
@@ -291,7 +292,6 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     """
     import ray
 
-    from proxyless_ray.distributed.trainer import shipped_models
     from proxyless_ray.latency.model import load_latency_model_for
     from proxyless_ray.search.results import INCOMPLETE, Interrupted, check_writable, interrupted, write_search_outputs
     from proxyless_ray.tracking.search import SearchTracking
@@ -398,7 +398,5 @@ class EpochLogCallback(UserCallback):
     """Prints one line per committed report (rank 0's metrics) from the Train controller."""
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        from proxyless_ray.distributed.trainer import format_epoch
-
         if metrics:
             print(format_epoch(metrics[0]), file=sys.stderr, flush=True)

@@ -14,25 +14,16 @@ from typing import Any
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.latency.fingerprint import check_machine
-from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
+from proxyless_ray.latency.model import load_latency_model_for
+from proxyless_ray.latency.profile import shipped_models
 from proxyless_ray.nn.arch import umask_mode
+from proxyless_ray.progress import format_epoch
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import SearchLoop
 from proxyless_ray.search.results import check_writable, interrupted, write_search_outputs
 from proxyless_ray.search.state import DamagedCheckpoint, no_intact_checkpoint, say_damaged
 
 CHECKPOINTS_DIR = "checkpoints"
-
-
-def format_epoch(m: dict[str, Any]) -> str:
-    """One log line per epoch (search or retraining metrics; missing fields are left out)."""
-    parts = [f"epoch {m.get('epoch', '?'):>3}", f"{m.get('phase', ''):<6}"]
-    for key, label, fmt in (("train_loss", "loss", ".3f"), ("train_acc", "train", ".3f"),
-                            ("heldout_acc", "held-out", ".3f"), ("expected_latency_ms", "E[lat] ms", ".3f"),
-                            ("entropy", "H", ".2f"), ("images_per_s", "img/s", ".0f"), ("test_acc", "| test", ".4f")):
-        if isinstance(m.get(key), (int, float)):
-            parts.append(f"{label} {m[key]:{fmt}}")
-    return " ".join(parts)
 
 
 class LocalReporter:
@@ -91,15 +82,6 @@ def restore_newest_intact(loop: SearchLoop, out_dir: str) -> str:
             continue
         return path
     raise no_intact_checkpoint(folder, damaged)
-
-
-def shipped_models(exclude: str | None = None) -> dict[str, LatencyModel]:
-    """Every profile in ``hardware_profiles/`` (for per-epoch latency on all platforms); empty if none ship."""
-    try:
-        from proxyless_ray.latency.profile import list_profiles, load_profile
-    except ImportError:
-        return {}
-    return {name: load_profile(name) for name in list_profiles() if name != exclude}
 
 
 def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[str, Any]:

@@ -298,6 +298,11 @@ def load_profile(spec: str | os.PathLike, strict: bool = False) -> Profile:
 # -- coverage ------------------------------------------------------------------------------------------------------
 
 
+def shipped_models(exclude: str | None = None) -> dict[str, Profile]:
+    """Every profile in ``hardware_profiles/`` but ``exclude`` (for per-epoch latency on all platforms)."""
+    return {name: load_profile(name) for name in list_profiles() if name != exclude}
+
+
 def space_layers(spaces: SearchSpace | Iterable[SearchSpace]) -> list[tuple[str, int, int]]:
     """Every distinct ``(block, in_chs, resolution)`` a space can place: all non-zero candidates of every mixed
     layer, plus the fixed layers (stem, first block, feature mix, classifier). Order: first occurrence."""

@@ -43,6 +43,7 @@ from proxyless_ray.search.evaluate import accuracy, derived_network, recalibrate
 from proxyless_ray.search.objective import latency_objective, reward
 from proxyless_ray.search.path_sampling import StepPaths, train_paths, uniform_choices, warmup_paths
 from proxyless_ray.search.readiness import readiness_summary, searching
+from proxyless_ray.search.retrain_loop import RetrainLoop
 from proxyless_ray.search.state import (
     DERIVED_DIR,
     SearchState,
@@ -345,8 +346,6 @@ class SearchLoop:
                                     channels_last=self.cl)
         out = {"inherited_test_acc": inherited_acc, **readiness_summary(self.state.history, t.ready_acc)}
         if t.finetune_epochs > 0:
-            from proxyless_ray.distributed.retrain import RetrainLoop
-
             tune = RetrainLoop(self.exp, child.arch, self.comm, lambda m, loop: None, child.state_dict(),
                                epochs=t.finetune_epochs, lr=t.lr * FINETUNE_LR_SCALE, device=self.device,
                                progress=self.progress, splits=self.splits)

@@ -45,6 +45,7 @@ from proxyless_ray.sweeps.plan import (
     trial_resources,
 )
 from proxyless_ray.sweeps.report import written_metrics
+from proxyless_ray.sweeps.tracking import finish_sweep, tune_callback
 from proxyless_ray.sweeps.trial import run_warmup, trial_fn, trial_of, tune_fault_settings, with_score
 
 TUNE_DIR = "tune"
@@ -61,7 +62,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     ``config`` holds the base experiment, this trial's spec, the sweep folder and the shared warm-up checkpoint.
     """
     from proxyless_ray.distributed.ray_trainer import build_trainer
-    from proxyless_ray.distributed.trainer import shipped_models
+    from proxyless_ray.latency.profile import shipped_models
     from proxyless_ray.search.results import write_search_outputs
 
     exp, spec, weight = trial_of(config)
@@ -300,7 +301,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             group_sizes = dict(Counter(spec.hardware for spec in plan.trials))
         callbacks = [TrialLogCallback(len(plan.trials), exp.train.epochs)]
         if tracker is not None:
-            callbacks.append(tracker.tune_callback(plan.parent_run_id))
+            callbacks.append(tune_callback(tracker, plan.parent_run_id))
         if resume:
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=param_space)
@@ -326,5 +327,5 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         if os.path.exists(os.path.join(sweep_dir, INCOMPLETE)):
             os.unlink(os.path.join(sweep_dir, INCOMPLETE))  # a resumed sweep that finished
         if tracker is not None:
-            tracker.finish_sweep(plan.parent_run_id, sweep_dir, summary)
+            finish_sweep(tracker, plan.parent_run_id, sweep_dir, summary)
         return summary

@@ -20,6 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.sweeps.plan import TrialSpec, trial_experiment
 from proxyless_ray.tracking.tracker import Tracker, experiment_params, search_tags
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ TUNE_KEYS = frozenset({"timestamp", "time_this_iter_s", "time_total_s", "time_si
 
 def trial_experiment_of(config: dict[str, Any]) -> Experiment:
     """The experiment a sweep trial runs, rebuilt from its Tune config (base experiment + spec + sweep folder)."""
-    from proxyless_ray.sweeps.plan import TrialSpec, trial_experiment
-
     t = config["trial"]
     spec = TrialSpec(t["hardware"], t["loss"], t.get("lam"), t.get("beta"), t.get("target_ms"))
     return trial_experiment(Experiment.from_dict(config["experiment"], source="sweep config"), spec,
@@ -97,6 +96,17 @@ class MLflowTuneCallback(Callback):
             self.tracker.finish_run(run_id, "FAILED", reason)
 
         self._guard("marking the run failed", trial, fail)
+
+
+def tune_callback(tracker: Tracker, parent_id: str) -> Callback:
+    """A Ray Tune ``Callback`` that keeps one child run per sweep trial under ``parent_id`` (Tune driver side).
+
+    See :class:`MLflowTuneCallback`; with tracking disabled a callback that does nothing.
+    """
+    if not tracker.enabled or not parent_id:
+        return Callback()
+    tracker.client.update_run(parent_id, status="RUNNING")  # a resumed sweep's parent runs again
+    return MLflowTuneCallback(tracker, parent_id)
 
 
 def finish_sweep(tracker: Tracker, parent_id: str, sweep_dir: str, summary: dict[str, Any]) -> bool:

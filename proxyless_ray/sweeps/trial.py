@@ -29,8 +29,8 @@ import torch
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import cached_splits
 from proxyless_ray.distributed.ray_trainer import build_trainer, worker_latency_model
-from proxyless_ray.distributed.trainer import shipped_models
 from proxyless_ray.latency.model import LatencyModel
+from proxyless_ray.latency.profile import shipped_models
 from proxyless_ray.nn.arch import umask_mode
 from proxyless_ray.pareto import scalarised_score
 from proxyless_ray.search.comm import Comm
@@ -70,7 +70,7 @@ def with_score(m: dict[str, Any], weight: float) -> dict[str, Any]:
 
 
 def shipped() -> dict[str, LatencyModel]:
-    """:func:`proxyless_ray.distributed.trainer.shipped_models`, read once per process (the models are only read)."""
+    """:func:`proxyless_ray.latency.profile.shipped_models`, read once per process (the models are only read)."""
     global _SHIPPED
     if _SHIPPED is None:
         _SHIPPED = shipped_models()

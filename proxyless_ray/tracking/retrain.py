@@ -26,9 +26,11 @@ def log_retrain(tracker: Tracker, result: dict[str, Any], trial_key: str | None 
             ``result["producing_run_id"]`` is unknown; its newest child run becomes the parent.
 
     Returns:
-        The new run's id. An oversized or failed upload marks it FAILED with a ``failure_reason`` (the local
-        folder keeps everything); nothing raises for that.
+        The new run's id (``""`` with tracking disabled). An oversized or failed upload marks it FAILED with a
+        ``failure_reason`` (the local folder keeps everything); nothing raises for that.
     """
+    if not tracker.enabled:
+        return ""
     producing = result.get("producing_run_id")
     if producing is None and trial_key is not None:
         producing = tracker.find_trial_run(trial_key)

@@ -346,41 +346,6 @@ class Tracker:
         if plot_path is not None:
             self.client.log_artifact(parent_id, plot_path, "pareto")
 
-    def tune_callback(self, parent_id: str):
-        """A Ray Tune ``Callback`` that keeps one child run per sweep trial under ``parent_id`` (Tune driver side).
-
-        See :class:`proxyless_ray.sweeps.tracking.MLflowTuneCallback`; with tracking disabled a callback that does
-        nothing.
-        """
-        from ray.tune import Callback
-
-        if not self.enabled or not parent_id:
-            return Callback()
-        from proxyless_ray.sweeps.tracking import MLflowTuneCallback
-
-        self.client.update_run(parent_id, status="RUNNING")  # a resumed sweep's parent runs again
-        return MLflowTuneCallback(self, parent_id)
-
-    def finish_sweep(self, parent_id: str, sweep_dir: str, summary: dict[str, Any]) -> bool:
-        """Sweep report on the parent, front networks registered, parent closed.
-
-        See :func:`proxyless_ray.sweeps.tracking.finish_sweep`.
-        """
-        from proxyless_ray.sweeps.tracking import finish_sweep
-
-        return finish_sweep(self, parent_id, sweep_dir, summary)
-
-    def log_retrain(self, result: dict[str, Any], trial_key: str | None = None) -> str:
-        """A run for a retrained network, nested under the run that produced it when known (``""`` if disabled).
-
-        See :func:`proxyless_ray.tracking.retrain.log_retrain`.
-        """
-        if not self.enabled:
-            return ""
-        from proxyless_ray.tracking.retrain import log_retrain
-
-        return log_retrain(self, result, trial_key)
-
     def register_model(self, run_id: str, net, hardware: str, acc: float, latency_ms: float,
                        tags: dict[str, Any] | None = None, folder: str | None = None) -> int | None:
         """Log ``net`` (already exported in ``folder``, if given) to ``run_id``; register it as ``proxyless-<hw>``.
