@@ -20,6 +20,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from proxyless_ray.distributed.ray_private import enable_token_mode, recorded_address
+
 AUTH_MODE = "RAY_AUTH_MODE"
 AUTH_TOKEN = "RAY_AUTH_TOKEN"
 AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
@@ -74,7 +76,7 @@ def resolve(address: str) -> Endpoint:
     """The endpoint ``address`` names; ``auto`` is ``RAY_ADDRESS``, else the cluster ``ray start`` recorded here."""
     given = address
     if address == "auto":
-        address = os.environ.get("RAY_ADDRESS") or _recorded_address()
+        address = os.environ.get("RAY_ADDRESS") or recorded_address()
         if not address:
             raise ClusterError("--address auto: no Ray cluster was started on this node (no RAY_ADDRESS and no "
                                "address file from 'ray start'); start one with 'ray start --head' or pass "
@@ -87,12 +89,6 @@ def resolve(address: str) -> Endpoint:
     if scheme not in ("", "ray") or not host or not port.isdigit():
         raise ValueError(f"Ray address {given!r} is not 'auto', 'host:port' or 'ray://host:port'")
     return Endpoint(host.strip("[]"), int(port), scheme == "ray")
-
-
-def _recorded_address() -> str | None:
-    import ray._private.utils
-
-    return ray._private.utils.read_ray_address()
 
 
 def check(address: str, timeout_s: float) -> Endpoint:
@@ -134,7 +130,7 @@ def _authenticate(endpoint: Endpoint, timeout_s: float) -> None:
     if code == "UNAUTHENTICATED" and mode != "token" and token is not None:
         code = _probe(endpoint, token, timeout_s)  # as Ray's "auto" does: a token found here turns token mode on
         if code is None:
-            _enable_token_mode()
+            enable_token_mode()
     if code is None:
         return
     where = str(endpoint)
@@ -232,15 +228,6 @@ def _probe(endpoint: Endpoint, token: str | None, timeout_s: float) -> str | Non
     if done.returncode != 0 or not lines:
         raise ClusterError(f"could not probe the Ray cluster at {str(endpoint)!r}: {done.stderr.strip()[-300:]}")
     return None if lines[-1] == "OK" else lines[-1]
-
-
-def _enable_token_mode() -> None:
-    """Ray's token mode for this process (Ray caches its config at import) and the processes it starts."""
-    from ray._private.authentication.authentication_token_setup import _enable_token_auth
-    from ray._raylet import AuthenticationTokenLoader
-
-    _enable_token_auth()
-    AuthenticationTokenLoader.instance().reset_cache()  # read the token again, now that token mode is on
 
 
 # -- while a run is in progress ------------------------------------------------------------------------------------

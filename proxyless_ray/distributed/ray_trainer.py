@@ -9,10 +9,8 @@ pattern), and worker failures retry from the last checkpoint under ``FailureConf
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,35 +19,21 @@ from ray.train import UserCallback
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.distributed.cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address, node_cpus
+from proxyless_ray.distributed.ray_private import (
+    mark_lean_cluster,
+    quiet_worker_logs,
+    set_lean_env,
+    trainer_class,
+)
 from proxyless_ray.distributed.resume import latest_ray_checkpoint, resume_point
 from proxyless_ray.latency.profile import shipped_models
 from proxyless_ray.progress import format_epoch
 from proxyless_ray.runtime import WORKER_ENV, describe, ray_worker_policy, thread_env
 
 RUN_PREFIX = "search"
-# Set, unless the user already has, when connect() starts an embedded cluster without the dashboard: nothing reads
-# what these produce there.
-LEAN_ENV = {
-    "RAY_enable_metrics_collection": "0",  # Ray's metrics: no dashboard or Prometheus scrapes them
-    "RAY_TRAIN_METRICS_ENABLED": "0",  # Train's controller and worker metrics callbacks, likewise
-    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # the log monitor lists its folder every 0.5 s, not 10x a second
-    "REPORTER_UPDATE_INTERVAL_MS": "60000",  # the dashboard agent's node and worker statistics: every minute, not 5 s
-}
-_LEAN_CLUSTER = False  # connect() started an embedded cluster without the dashboard (so without the State API)
-_LEAN_SET: set[str] = set()  # the LEAN_ENV variables connect() set (not the user)
 
 
 # -- worker side -------------------------------------------------------------------------------------------------
-
-
-def quiet_worker_logs() -> None:
-    """Ray Train logs every report and checkpoint at INFO from the workers under loggers that its
-    ``LoggingConfig`` does not reach; one line per epoch from rank 0 is enough."""
-    import ray.train.v2._internal.execution.context as context
-    import ray.train.v2._internal.execution.storage as storage
-
-    for name in (context.__file__, storage.__name__, storage.__file__):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -148,35 +132,23 @@ def connect(exp: Experiment, num_cpus: int | None = None, resources: dict[str, f
     ``address="local"`` always starts a fresh embedded instance, so a stale cluster file left by a killed process
     is never picked up by mistake. The embedded instance is lean: no preemption watcher (a laptop is not preempted)
     and, unless ``dashboard`` (default ``dist.dashboard``), no dashboard, no metrics and slower log and statistics
-    polling (:data:`LEAN_ENV`). Every idle Ray process costs ~1 % of a core; with the dashboard the background took
-    21 % of a core during a 1-worker search on 2 cores, without it 13 %, and that is time a worker waits for in
-    every all-reduce. Trainers built on a cluster without the dashboard leave out two of Train's helper actors
-    (see :func:`trainer_class`). With :data:`LEAN_ENV` and without the dataset manager, 2-worker scaling
-    efficiency rose in each of 3 alternating pairs of drift-free runs at global batch 256 (0.750 -> 0.762,
-    0.770 -> 0.792, 0.775 -> 0.786), the synchronisation factor in each (0.86-0.90 -> 0.92-0.93).
+    polling (:data:`~proxyless_ray.distributed.ray_private.LEAN_ENV`). Every idle Ray process takes CPU time that a
+    worker waits for in every all-reduce; trainers built on a cluster without the dashboard also leave out two of
+    Train's helper actors (:func:`~proxyless_ray.distributed.ray_private.trainer_class`). The measured effect is in
+    ``docs/benchmarks.md`` (lean embedded cluster).
     """
     import ray
-
-    global _LEAN_CLUSTER
 
     if ray.is_initialized():
         return None
     address = effective_address(exp.dist.address)
-    _LEAN_CLUSTER = False
+    mark_lean_cluster(False)
     if address is None:
         dashboard = exp.dist.dashboard if dashboard is None else dashboard
-        # Read by the Train controller when it starts (Train propagates the variable); set for this process.
-        os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        for key, value in LEAN_ENV.items():
-            if not dashboard and key not in os.environ:
-                os.environ[key] = value
-                _LEAN_SET.add(key)
-            elif dashboard and key in _LEAN_SET:  # a later cluster with the dashboard gets Ray's defaults back
-                os.environ.pop(key, None)
-                _LEAN_SET.discard(key)
+        set_lean_env(lean=not dashboard)
         ray.init(address="local", num_cpus=num_cpus, resources=resources, log_to_driver=True,
                  configure_logging=False, include_dashboard=dashboard)
-        _LEAN_CLUSTER = not dashboard
+        mark_lean_cluster(not dashboard)
         return None
     return attach(address, exp.dist.connect_timeout_s)
 
@@ -197,45 +169,6 @@ def check_placeable(exp: Experiment, workers: int | None = None) -> None:
 def storage_path(exp: Experiment) -> str:
     """Where Ray Train keeps checkpoints: ``dist.storage_path`` (local or URI), else ``<output>/ray``."""
     return exp.dist.storage_path or os.path.abspath(os.path.join(exp.output_dir, "ray"))
-
-
-def trainer_class():
-    """``TorchTrainer``, or on a lean embedded cluster a subclass without two helper actors.
-
-    - The placement-group cleaner: Train V2 starts a detached actor per run that asks the State API every second
-      whether the controller is alive, to remove its placement group if the controller dies without cleaning up.
-      The State API is served by the dashboard, so without it every query failed and logged a warning (once a
-      second on the driver's terminal); and an embedded cluster's placement groups end with the cluster anyway.
-    - The dataset manager, when the trainer has no Ray Datasets (the search reads its own shards): an idle actor
-      process that costs ~1.3 % of a core, beside workers that want both.
-    """
-    from ray.train.torch import TorchTrainer
-
-    class InterruptibleTorchTrainer(TorchTrainer):
-        def _register_sigint_handler(self, controller):  # Ray 2.60's hook; on a version without it nothing changes
-            """Train's own handler aborts the run and exits quietly (status 1, nothing said); this one aborts it
-            too, then raises ``KeyboardInterrupt`` so the driver says what happened and where to resume from."""
-            import ray
-
-            def on_sigint(signum, frame):
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops the abort itself
-                try:
-                    ray.get(controller.abort.remote(), timeout=30)
-                except Exception:  # the controller may be gone already (the whole group got the signal)
-                    pass
-                raise KeyboardInterrupt
-
-            signal.signal(signal.SIGINT, on_sigint)
-
-    if not _LEAN_CLUSTER:
-        return InterruptibleTorchTrainer
-
-    class LeanTorchTrainer(InterruptibleTorchTrainer):
-        def _create_default_callbacks(self):  # Ray 2.60's hook; on a version without it nothing changes
-            dropped = {"PlacementGroupCleanerCallback"} | (set() if self.datasets else {"DatasetsCallback"})
-            return [c for c in super()._create_default_callbacks() if type(c).__name__ not in dropped]
-
-    return LeanTorchTrainer
 
 
 def build_trainer(exp: Experiment, name: str, extra_config: dict[str, Any] | None = None,

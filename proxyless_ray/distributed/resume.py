@@ -17,10 +17,9 @@ import os
 import sys
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.distributed.ray_private import RAY_SNAPSHOT
 from proxyless_ray.search.state import newest_intact, no_intact_checkpoint, say_damaged
 
-# Ray Train V2's name for it (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 DAMAGED_PREFIX = "damaged_"
 

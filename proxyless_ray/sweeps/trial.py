@@ -28,6 +28,7 @@ import torch
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import cached_splits
+from proxyless_ray.distributed.ray_private import TUNE_STORAGE_LOGGER
 from proxyless_ray.distributed.ray_trainer import build_trainer, worker_latency_model
 from proxyless_ray.latency.model import LatencyModel
 from proxyless_ray.latency.profile import shipped_models
@@ -121,7 +122,7 @@ def trial_fn(config: dict[str, Any]) -> None:
     from ray import tune
 
     # Tune logs every checkpoint it persists at INFO; the driver prints one line per epoch already
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    logging.getLogger(TUNE_STORAGE_LOGGER).setLevel(logging.WARNING)
     exp, spec, weight = trial_of(config)
     written = written_metrics(exp.output_dir)
     if written is not None:
