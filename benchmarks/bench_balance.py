@@ -24,11 +24,11 @@ import time
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from proxyless_ray.cli.tracking import free_port
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import build_splits
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import SearchLoop
+from proxyless_ray.tracking.server import free_port
 
 
 class SlowSource:

@@ -205,7 +205,7 @@ def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str, 
 
 def run_plain(exp: Experiment, phases: int, phase_steps: int) -> list[dict]:
     """Both ranks of the drift-free measurement as two spawned processes; every rank's report."""
-    from proxyless_ray.cli.tracking import free_port
+    from proxyless_ray.tracking.server import free_port
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

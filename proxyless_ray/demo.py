@@ -18,9 +18,14 @@ from typing import Any
 
 import pandas as pd
 
-from proxyless_ray.config import Experiment
-from proxyless_ray.nn.arch import atomic_write_text
+from proxyless_ray.config import Experiment, with_overrides
+from proxyless_ray.distributed.ray_trainer import connect
+from proxyless_ray.distributed.retrain import fit_network, measure_retrained
+from proxyless_ray.fileio import atomic_write_text
+from proxyless_ray.sweeps.plan import TRIALS_DIR
+from proxyless_ray.sweeps.sweep import RETRAINED_DIR, run_sweep
 from proxyless_ray.tracking.retrain import log_retrain
+from proxyless_ray.tracking.tracker import Tracker
 
 DEMO_EXPERIMENT = "demo.yaml"
 
@@ -41,11 +46,6 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     The fine-tunes run side by side (:func:`fit_in_parallel`); the latency measurements follow one at a time, so a
     network is never timed while another one trains.
     """
-    from proxyless_ray.config import with_overrides
-    from proxyless_ray.distributed.retrain import measure_retrained
-    from proxyless_ray.sweeps.plan import TRIALS_DIR
-    from proxyless_ray.sweeps.sweep import RETRAINED_DIR
-
     jobs = []
     front = table[table["on_front"] & table["finished"]]
     for _, r in front.iterrows():
@@ -82,9 +82,6 @@ def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], ep
     networks do not scale across threads. With one job or one slot the fit runs here, with its progress bar.
     """
     import ray
-
-    from proxyless_ray.distributed.ray_trainer import connect
-    from proxyless_ray.distributed.retrain import fit_network
 
     threads = max(1, exp.train.threads)
     if len(jobs) < 2 or (os.cpu_count() or 1) < 2 * threads:
@@ -186,13 +183,9 @@ def format_front_quality(quality: dict[str, dict[str, Any]]) -> str:
 
 def run_demo(exp: Experiment) -> dict[str, Any]:
     """Sweep, retrain the fronts, print the table and how to open the MLflow UI."""
-    from proxyless_ray.sweeps.sweep import run_sweep
-
     t0 = time.time()
     tracker = None
     if exp.tracking.enabled:
-        from proxyless_ray.tracking.tracker import Tracker
-
         tracker = Tracker(exp)
         tracker.check()
     summary = run_sweep(exp, tracker=tracker)

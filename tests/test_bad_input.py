@@ -358,7 +358,7 @@ def test_sweep_resume_refuses_a_folder_others_can_write_and_unpickles_nothing(ca
 
 
 def test_outputs_follow_the_umask(tmp_path):
-    from proxyless_ray.nn.arch import atomic_write_text
+    from proxyless_ray.fileio import atomic_write_text
     from proxyless_ray.nn.network import export_network
 
     old = os.umask(0o022)

@@ -18,9 +18,9 @@ import torch
 from mlflow import MlflowClient
 
 from proxyless_ray.cli import main
-from proxyless_ray.cli.tracking import free_port, wait_healthy
 from proxyless_ray.distributed.trainer import run_local
 from proxyless_ray.tracking.registry import load_registered
+from proxyless_ray.tracking.server import free_port, wait_healthy
 
 from conftest import requires_fmnist, tiny_experiment
 

@@ -5,62 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 from proxyless_ray.config import TrackingConfig
+from proxyless_ray.tracking.server import (
+    experiment_id,
+    free_port,
+    stop_group,
+    ui_command,
+    wait_healthy,
+)
 from proxyless_ray.tracking.store import check_existing_store, ui_link
-from proxyless_ray.tracking.tracker import check_reachable, local_artifact_root, resolve_uri
-
-UI_START_TIMEOUT_S = 180.0  # ~15 s on an idle machine; minutes on a loaded one
+from proxyless_ray.tracking.tracker import check_reachable, resolve_uri
 
 
 def _store(args: argparse.Namespace) -> str:
     uri = resolve_uri(TrackingConfig(uri=args.tracking_uri))
     check_existing_store(uri)  # reading never creates a store (MLflow would create the file and its tables)
     return uri
-
-
-UI_WORKERS = 2  # one person browsing; fewer server processes start sooner on a 2-core laptop (MLflow: 4)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = UI_START_TIMEOUT_S) -> None:
-    """Poll ``<url>/health`` until it answers OK.
-
-    Raises:
-        RuntimeError: the process exited first, or the timeout passed.
-    """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the MLflow UI exited with status {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(0.5)
-    raise RuntimeError(f"the MLflow UI did not answer at {url}/health within {timeout_s:.0f} s")
-
-
-def ui_command(uri: str, host: str, port: int) -> list[str]:
-    """``mlflow ui`` on this store; a sqlite store serves its artifacts from the folder the tracker writes to."""
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", str(UI_WORKERS)]
-    root = local_artifact_root(uri)
-    if root is not None:
-        cmd += ["--artifacts-destination", root]
-    return cmd
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -97,32 +60,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
-def experiment_id(server: str, name: str) -> str | None:
-    """The id of experiment ``name`` on a running tracking server (None when it has no such experiment yet)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = MlflowClient(server).get_experiment_by_name(name)
-    except MlflowException:  # the link then opens the list of experiments; the UI itself is up
-        return None
-    return found.experiment_id if found is not None and found.lifecycle_stage == "active" else None
-
-
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def stop_group(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    """SIGTERM to the UI's process group (it was started in its own session), SIGKILL if it does not stop."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def cmd_results(args: argparse.Namespace) -> int:

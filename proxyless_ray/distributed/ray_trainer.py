@@ -18,6 +18,8 @@ from typing import Any
 from ray.train import UserCallback
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.data import build_splits
+from proxyless_ray.data.parquet import DamagedShard
 from proxyless_ray.distributed.cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address, node_cpus
 from proxyless_ray.distributed.ray_private import (
     mark_lean_cluster,
@@ -26,9 +28,17 @@ from proxyless_ray.distributed.ray_private import (
     trainer_class,
 )
 from proxyless_ray.distributed.resume import latest_ray_checkpoint, resume_point
-from proxyless_ray.latency.profile import shipped_models
+from proxyless_ray.latency.fingerprint import check_machine, machine_note
+from proxyless_ray.latency.local import is_local
+from proxyless_ray.latency.model import load_latency_model_for
+from proxyless_ray.latency.profile import profile_from_text, shipped_models
 from proxyless_ray.progress import format_epoch
 from proxyless_ray.runtime import WORKER_ENV, describe, ray_worker_policy, thread_env
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.loop import SearchLoop
+from proxyless_ray.search.results import INCOMPLETE, Interrupted, check_writable, interrupted, write_search_outputs
+from proxyless_ray.search.state import DamagedCheckpoint, TrainingDiverged
+from proxyless_ray.tracking.search import SearchTracking
 
 RUN_PREFIX = "search"
 
@@ -43,9 +53,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     quiet_worker_logs()
-
-    from proxyless_ray.search.comm import Comm
-    from proxyless_ray.search.loop import SearchLoop
 
     exp = Experiment.from_dict(config["experiment"])
     ctx = ray.train.get_context()
@@ -87,10 +94,6 @@ def worker_latency_model(exp: Experiment, config: dict[str, Any], rank: int, whe
     """
     import io
 
-    from proxyless_ray.latency.fingerprint import check_machine
-    from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.latency.profile import profile_from_text
-
     text, strict = config.get("latency_profile"), exp.latency.strict
     if text:
         model = profile_from_text(text, f"profile {exp.latency.profile!r} from the driver", strict)
@@ -103,8 +106,6 @@ def worker_latency_model(exp: Experiment, config: dict[str, Any], rank: int, whe
 def describe_unmeasured(model: Any) -> None:
     """On the driver: one line saying an analytic or imported profile is not compared with any machine (the
     workers compare measured ones with their node)."""
-    from proxyless_ray.latency.fingerprint import machine_note
-
     md = getattr(model, "metadata", None)
     if md is not None and md.get("method") != "measured":
         print(f"[proxyless-ray] {machine_note(model)}", file=sys.stderr, flush=True)
@@ -112,8 +113,6 @@ def describe_unmeasured(model: Any) -> None:
 
 def driver_profile_text(spec: str, model: Any) -> dict[str, str]:
     """``{"latency_profile": yaml}`` for a profile the driver resolved (``cpu_local``), else ``{}``."""
-    from proxyless_ray.latency.local import is_local
-
     return {"latency_profile": model.to_yaml()} if is_local(spec) else {}
 
 
@@ -225,17 +224,12 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     """
     import ray
 
-    from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.search.results import INCOMPLETE, Interrupted, check_writable, interrupted, write_search_outputs
-    from proxyless_ray.tracking.search import SearchTracking
-
     out = exp.output_dir
     check_writable(out)
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
     tracking.check()
     model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
     describe_unmeasured(model)
-    from proxyless_ray.data import build_splits
 
     build_splits(exp.data, exp.space)  # bad data fails here, before any worker starts
     name = run_name(exp)
@@ -286,9 +280,6 @@ def raise_train_error(err: BaseException) -> None:
     A worker's exception comes back wrapped (a ``RayTaskError`` subclass of the original type, inside Train's
     failure); a diverged loss is an input problem (a learning rate too high) that the CLI reports in one line.
     """
-    from proxyless_ray.data.parquet import DamagedShard
-    from proxyless_ray.search.state import DamagedCheckpoint, TrainingDiverged
-
     seen: list[BaseException] = []
     todo: list[BaseException] = [err]
     while todo:

@@ -20,10 +20,28 @@ import torch
 from torch import nn
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.nn.arch import Arch, atomic_write_text
+from proxyless_ray.distributed.ray_trainer import (
+    EpochLogCallback,
+    check_placeable,
+    connect,
+    quiet_worker_logs,
+    raise_train_error,
+    storage_path,
+    trainer_class,
+)
+from proxyless_ray.fileio import atomic_write_text
+from proxyless_ray.latency.check import measure_network
+from proxyless_ray.latency.fingerprint import machine_note
+from proxyless_ray.latency.local import quick_settings
+from proxyless_ray.latency.model import arch_latency, load_latency_model_for
+from proxyless_ray.nn.arch import Arch
 from proxyless_ray.nn.network import ProxylessNet, export_network, load_network, load_tensors
 from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.results import Interrupted, check_writable
 from proxyless_ray.search.retrain_loop import RetrainLoop, build_splits_for
+from proxyless_ray.tracking.registry import load_registered, network_files
+from proxyless_ray.tracking.store import check_existing_store
+from proxyless_ray.tracking.tracker import check_reachable, resolve_uri
 
 
 @dataclass
@@ -45,9 +63,6 @@ def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
     if spec.startswith(("runs:/", "models:/")):
         import mlflow
         from mlflow.exceptions import MlflowException
-
-        from proxyless_ray.tracking.registry import load_registered
-        from proxyless_ray.tracking.store import check_existing_store
 
         check_existing_store(tracking_uri or mlflow.get_tracking_uri())  # a lookup never creates a store
         try:
@@ -72,8 +87,6 @@ def resolve_arch(spec: str, tracking_uri: str | None = None) -> ArchSource:
 
 def _from_path(path: str, label: str) -> ArchSource:
     if os.path.isdir(path):
-        from proxyless_ray.tracking.registry import network_files
-
         path = network_files(path) or path  # a run's artifacts keep them under network/
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     arch_path = os.path.join(path, "arch.json") if os.path.isdir(path) else path
@@ -94,8 +107,6 @@ def measure_latency_ms(net: nn.Module, arch: Arch, batch: int = 1, threads: int 
     """End-to-end forward latency on this CPU: median and IQR over repeats after a warm-up, timed as profiles are
     (tuned allocator, pinned threads; ``clock`` as the target profile's, see
     :func:`proxyless_ray.latency.check.measure_network`)."""
-    from proxyless_ray.latency.check import measure_network
-
     m = measure_network(arch, "cpu", threads, batch, "median", min_time_s, repeats, clock=clock, net=net)
     return {"median_ms": m["ms"], "iqr_ms": m["spread_ms"] * 1.349, "count": m["count"], "threads": threads,
             "batch": batch, "clock": clock}
@@ -114,8 +125,6 @@ def save_retrained(net: ProxylessNet, folder: str, metrics: dict[str, Any]) -> N
 def retrain_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point of ``proxyless-ray train``."""
     import ray.train
-
-    from proxyless_ray.distributed.ray_trainer import quiet_worker_logs
 
     quiet_worker_logs()
 
@@ -166,17 +175,12 @@ def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     Returns the result so far (accuracies, files, ``out_dir``); :func:`measure_retrained` completes it. Several
     fits may run at once (the demo's parallel fine-tunes) while the measurements wait for a quiet machine.
     """
-    from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.search.results import Interrupted, check_writable
-
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {lr!r}")
     tracking_uri = None
     if exp.tracking.enabled:
-        from proxyless_ray.tracking.tracker import check_reachable, resolve_uri
-
         tracking_uri = resolve_uri(exp.tracking)
         check_reachable(tracking_uri)  # before training, not after it: the run is logged at the end
     source = resolve_arch(spec, tracking_uri)
@@ -216,9 +220,6 @@ def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
 def measure_retrained(exp: Experiment, fitted: dict[str, Any]) -> dict[str, Any]:
     """The measuring half of :func:`run_retrain`: time the exported network on this CPU, predict it on the
     experiment's profile and write ``result.json``."""
-    from proxyless_ray.latency.local import quick_settings
-    from proxyless_ray.latency.model import arch_latency, load_latency_model_for
-
     out = fitted["out_dir"]
     net = load_network(os.path.join(out, "network"))
     arch = net.arch
@@ -250,8 +251,6 @@ def latency_comparison(model: Any, predicted_ms: float, measured: dict[str, floa
     The target is this CPU when it is a measured CPU profile whose fingerprint matches this machine (``cpu_local``
     always does).
     """
-    from proxyless_ray.latency.fingerprint import machine_note
-
     md = getattr(model, "metadata", None) or {}
     name = getattr(model, "name", "?")
     if md.get("device") != "cpu":
@@ -268,15 +267,6 @@ def _fit_on_ray(exp: Experiment, arch: Arch, state, epochs, lr) -> tuple[Proxyle
     import ray
     import ray.train
     from ray.train.torch import TorchConfig
-
-    from proxyless_ray.distributed.ray_trainer import (
-        EpochLogCallback,
-        check_placeable,
-        connect,
-        raise_train_error,
-        storage_path,
-        trainer_class,
-    )
 
     d = exp.dist
     connect(exp, num_cpus=os.cpu_count())

@@ -13,15 +13,16 @@ import sys
 from typing import Any
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.fileio import umask_mode
 from proxyless_ray.latency.fingerprint import check_machine
 from proxyless_ray.latency.model import load_latency_model_for
 from proxyless_ray.latency.profile import shipped_models
-from proxyless_ray.nn.arch import umask_mode
 from proxyless_ray.progress import format_epoch
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import SearchLoop
 from proxyless_ray.search.results import check_writable, interrupted, write_search_outputs
 from proxyless_ray.search.state import DamagedCheckpoint, no_intact_checkpoint, say_damaged
+from proxyless_ray.tracking.search import SearchTracking
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -86,8 +87,6 @@ def restore_newest_intact(loop: SearchLoop, out_dir: str) -> str:
 
 def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[str, Any]:
     """Run the whole search in this process and write the outputs; returns ``result.json``'s content."""
-    from proxyless_ray.tracking.search import SearchTracking
-
     out = exp.output_dir
     check_writable(out)
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
@@ -128,6 +127,7 @@ def run_search(exp: Experiment, resume: bool = False) -> dict[str, Any]:
     """Run a search the way its experiment asks (in-process for ``dist.workers == 0``, else Ray Train)."""
     if exp.dist.workers == 0:
         return run_local(exp, resume=resume)
+    # deferred on purpose: Ray loads for a Ray search only (an in-process search never imports it)
     from proxyless_ray.distributed.ray_trainer import run_ray_search
 
     return run_ray_search(exp, resume=resume)

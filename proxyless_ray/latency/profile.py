@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
+from proxyless_ray.fileio import atomic_write_text, umask_mode
 from proxyless_ray.latency.predictor import Predictor, predictor_from_dict
-from proxyless_ray.nn.arch import atomic_write_text, layer_key, parse_block, parse_layer_key, umask_mode
+from proxyless_ray.nn.arch import layer_key, parse_block, parse_layer_key
 from proxyless_ray.nn.space import SearchSpace
 
 PROFILE_VERSION = 1

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from proxyless_ray.nn.arch import Arch, parse_block, umask_mode
+from proxyless_ray.fileio import umask_mode
+from proxyless_ray.nn.arch import Arch, parse_block
 from proxyless_ray.nn.ops import Classifier, ConvBNAct, ResidualBlock, init_weights, training_layout
 
 

@@ -14,8 +14,8 @@ import os
 from typing import Any
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.latency.model import LatencyModel, arch_latency
-from proxyless_ray.nn.arch import atomic_write_text
 from proxyless_ray.nn.network import export_network, load_network
 from proxyless_ray.search.state import DERIVED_DIR, read_meta
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.nn.arch import atomic_write_text
+from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.nn.network import ProxylessNet, load_tensors
 from proxyless_ray.nn.supernet import SuperNet
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from proxyless_ray.nn.arch import atomic_write_text
+from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.pareto import ACC_LAT_SENSES, non_dominated_ranks
 
 if TYPE_CHECKING:

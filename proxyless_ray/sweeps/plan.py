@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.latency.model import load_latency_model_for
-from proxyless_ray.nn.arch import atomic_write_text
 
 SWEEP_STATE = "sweep.json"
 TRIALS_DIR = "trials"

@@ -15,8 +15,10 @@ from typing import Any
 import pandas as pd
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.nn.arch import atomic_write_text
+from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.pareto import best_within_target, hypervolume_by_hardware, pareto_table
+from proxyless_ray.plots import plot_pareto
+from proxyless_ray.sweeps.plan import TRIALS_DIR
 
 
 def written_metrics(out_dir: str) -> dict[str, Any] | None:
@@ -39,8 +41,6 @@ def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
     A sweep killed just after a trial wrote its outputs, before Tune saved that trial's last result, resumes with
     Tune holding an earlier epoch; the trial's own final metrics (``metrics.jsonl``) then take its place.
     """
-    from proxyless_ray.sweeps.plan import TRIALS_DIR
-
     rows = []
     for result in grid:
         spec = result.config["trial"]
@@ -101,8 +101,6 @@ def monotone_latency(table: pd.DataFrame) -> dict[str, bool | None]:
 
 def summarize_sweep(exp: Experiment, grid, plan, sweep_dir: str) -> dict[str, Any]:
     """Build, print and save the sweep report; returns the summary (also ``summary.json``)."""
-    from proxyless_ray.plots import plot_pareto
-
     rows = trial_rows(exp, grid, sweep_dir)
     table = front_table(rows)
     tmp = os.path.join(sweep_dir, ".pareto.parquet.tmp")

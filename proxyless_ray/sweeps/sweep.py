@@ -27,9 +27,15 @@ from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.distributed.cluster import node_cpus
+from proxyless_ray.data import cached_splits
+from proxyless_ray.distributed.cluster import HeadWatch, effective_address, node_cpus
+from proxyless_ray.distributed.ray_trainer import build_trainer, check_placeable, connect, describe_unmeasured
+from proxyless_ray.latency.fingerprint import check_machine
+from proxyless_ray.latency.local import is_local
 from proxyless_ray.latency.model import load_latency_model_for
+from proxyless_ray.latency.profile import profile_from_text, shipped_models
 from proxyless_ray.runtime import describe, ray_worker_policy
+from proxyless_ray.search.results import INCOMPLETE, check_writable, interrupted, write_search_outputs
 from proxyless_ray.sweeps.plan import (
     DRIVER_SLOT,
     SWEEP_STATE,
@@ -44,7 +50,8 @@ from proxyless_ray.sweeps.plan import (
     sweep_grid,
     trial_resources,
 )
-from proxyless_ray.sweeps.report import written_metrics
+from proxyless_ray.sweeps.report import summarize_sweep, written_metrics
+from proxyless_ray.sweeps.schedulers import build_scheduler
 from proxyless_ray.sweeps.tracking import finish_sweep, tune_callback
 from proxyless_ray.sweeps.trial import run_warmup, trial_fn, trial_of, tune_fault_settings, with_score
 
@@ -61,10 +68,6 @@ def train_driver_fn(config: dict[str, Any]) -> None:
 
     ``config`` holds the base experiment, this trial's spec, the sweep folder and the shared warm-up checkpoint.
     """
-    from proxyless_ray.distributed.ray_trainer import build_trainer
-    from proxyless_ray.latency.profile import shipped_models
-    from proxyless_ray.search.results import write_search_outputs
-
     exp, spec, weight = trial_of(config)
     written = written_metrics(exp.output_dir)
     if written is not None:
@@ -84,8 +87,6 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     if result.error is not None:
         raise result.error
     if result.checkpoint is not None and (result.metrics or {}).get("finished"):
-        from proxyless_ray.latency.profile import profile_from_text
-
         model = (profile_from_text(text, f"profile {spec.hardware!r} from the driver") if text
                  else load_latency_model_for(exp.latency.profile, exp.space))
         with result.checkpoint.as_directory() as folder:
@@ -160,10 +161,6 @@ def resolve_local_profiles(exp: Experiment) -> dict[str, str]:
     """``{hardware: profile YAML}`` for every local CPU target of the sweep (``cpu_local``), measured here once
     before any trial starts (or read from the cache) and handed to the trials, so no trial measures it again;
     analytic and imported targets say what they are."""
-    from proxyless_ray.distributed.ray_trainer import describe_unmeasured
-    from proxyless_ray.latency.fingerprint import check_machine
-    from proxyless_ray.latency.local import is_local
-
     out = {}
     for hw in exp.sweep.hardware:
         model = load_latency_model_for(hw, exp.space, strict=exp.latency.strict)
@@ -180,8 +177,6 @@ def build_tune_scheduler(exp: Experiment, sweep_dir: str, group_sizes: dict[str,
 
     ``group_sizes`` (trials per hardware) makes the Pareto scheduler's first rung synchronous.
     """
-    from proxyless_ray.sweeps.schedulers import build_scheduler
-
     sw = exp.sweep
     max_t = max(exp.train.epochs - exp.train.warmup_epochs, 1)
     common = {"time_attr": "search_epoch", "max_t": max_t, "grace_period": min(sw.grace_period, max_t),
@@ -233,11 +228,6 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
     import ray
     from ray import tune
 
-    from proxyless_ray.distributed.cluster import HeadWatch, effective_address
-    from proxyless_ray.distributed.ray_trainer import check_placeable, connect
-    from proxyless_ray.search.results import INCOMPLETE, check_writable, interrupted
-    from proxyless_ray.sweeps.report import summarize_sweep
-
     sweep_dir = os.path.abspath(exp.output_dir)
     tune_path = os.path.join(sweep_dir, TUNE_DIR)
     if resume:
@@ -254,7 +244,6 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             if os.path.exists(os.path.join(sweep_dir, name)):
                 os.unlink(os.path.join(sweep_dir, name))
         os.makedirs(sweep_dir, exist_ok=True)
-    from proxyless_ray.data import cached_splits
 
     cached_splits(exp.data, exp.space)  # bad data fails before any worker starts (and a local warm-up reuses it)
     local_profiles = resolve_local_profiles(exp)

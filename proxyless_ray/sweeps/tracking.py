@@ -20,6 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.nn.network import load_network
 from proxyless_ray.sweeps.plan import TrialSpec, trial_experiment
 from proxyless_ray.tracking.tracker import Tracker, experiment_params, search_tags
 
@@ -146,8 +147,6 @@ def finish_sweep(tracker: Tracker, parent_id: str, sweep_dir: str, summary: dict
 
 def _register_trial(tracker: Tracker, parent_id: str, row) -> str | None:
     """Register one front trial's network against its child run; returns why it failed, or None."""
-    from proxyless_ray.nn.network import load_network
-
     key = str(row["trial_id"])
     try:
         run_id = tracker.find_child(parent_id, key)

@@ -30,9 +30,9 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.data import cached_splits
 from proxyless_ray.distributed.ray_private import TUNE_STORAGE_LOGGER
 from proxyless_ray.distributed.ray_trainer import build_trainer, worker_latency_model
+from proxyless_ray.fileio import umask_mode
 from proxyless_ray.latency.model import LatencyModel
 from proxyless_ray.latency.profile import shipped_models
-from proxyless_ray.nn.arch import umask_mode
 from proxyless_ray.pareto import scalarised_score
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import Reporter, SearchLoop

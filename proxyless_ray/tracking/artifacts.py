@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from proxyless_ray.latency.profile import list_profiles
 from proxyless_ray.nn.arch import Arch
+from proxyless_ray.plots import plot_alpha_evolution, plot_alpha_heatmap, plot_arch, plot_latency_breakdown
 
 PLOTS_DIR = "plots"
 TOP_FILES = ("arch.json", "searched_arch.json", "result.json", "metrics.jsonl", "alphas.json")
@@ -31,8 +33,6 @@ def render_search_plots(out_dir: str) -> list[str]:
     Returns:
         The PNG paths written.
     """
-    from proxyless_ray.plots import plot_alpha_evolution, plot_alpha_heatmap, plot_arch, plot_latency_breakdown
-
     folder = os.path.join(out_dir, PLOTS_DIR)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(out_dir, "result.json")) as fh:
@@ -61,8 +61,6 @@ def profile_files(spec: str | None) -> list[str]:
     if os.path.isfile(spec):
         path = spec
     else:
-        from proxyless_ray.latency.profile import list_profiles
-
         known = list_profiles()
         if spec not in known:
             return []

@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from proxyless_ray.nn.network import export_network, load_network
+
 MODEL_PREFIX = "proxyless-"
 MODEL_FORMAT = "proxyless_ray network: arch.json + state_dict.pt (weights only) + model.pt2 (torch.export)"
 
@@ -73,8 +75,6 @@ def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: 
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
 
-    from proxyless_ray.nn.network import export_network
-
     name = registered_name(hardware)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     tmp = tempfile.mkdtemp(prefix="proxyless-model-")
@@ -122,8 +122,6 @@ def load_registered(uri: str, model_uri: str) -> nn.Module:
             in pickle format, which is never loaded), or its weights file holds anything but tensors.
     """
     import mlflow.artifacts
-
-    from proxyless_ray.nn.network import load_network
 
     folder = tempfile.mkdtemp(prefix="proxyless-model-")
     try:

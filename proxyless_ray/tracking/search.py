@@ -17,6 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.nn.network import load_network
+from proxyless_ray.pareto import pareto_table
+from proxyless_ray.plots import plot_pareto
+from proxyless_ray.tracking.results import best_summary
 from proxyless_ray.tracking.tracker import Tracker, experiment_params, profile_info, search_tags
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,7 @@ class SearchTracking:
         """Ray Train ``UserCallback``s that log each committed epoch to the child run (empty when disabled)."""
         if not self.tracker.enabled:
             return []
+        # deferred on purpose: Ray loads for a Ray search only (an in-process search never imports it)
         from proxyless_ray.tracking.ray_train import MLflowReportCallback
 
         return [MLflowReportCallback(self.tracker, self.child_id)]
@@ -97,8 +102,6 @@ class SearchTracking:
         t.finish_run(self.parent_id, "FAILED" if reason else "FINISHED", reason)
 
     def _register(self, out_dir: str, result: dict[str, Any]) -> str | None:
-        from proxyless_ray.nn.network import load_network
-
         acc = result.get("test_acc") if result.get("test_acc") is not None else result.get("heldout_acc")
         try:
             if self.tracker.client.search_model_versions(f"run_id = '{self.child_id}'"):
@@ -118,10 +121,6 @@ class SearchTracking:
         return profile_info(self.exp.latency.profile)["hardware"]
 
     def _parent_summary(self, result: dict[str, Any]) -> None:
-        from proxyless_ray.pareto import pareto_table
-        from proxyless_ray.plots import plot_pareto
-        from proxyless_ray.tracking.results import best_summary
-
         row = {"hardware": self.hardware, "trial_id": self.child_id, "heldout_acc": result.get("heldout_acc"),
                "expected_latency_ms": result.get("expected_latency_ms"), "arch": result.get("arch"),
                "lam": self.exp.latency.lam if self.exp.latency.loss == "add" else None}

@@ -10,6 +10,9 @@ import json
 from typing import Any
 
 from proxyless_ray.config import Experiment, flatten
+from proxyless_ray.latency.fingerprint import cpu_fingerprint
+from proxyless_ray.latency.local import local_threads
+from proxyless_ray.latency.profile import load_profile
 
 MAX_PARAM_LEN = 6000  # MLflow's MAX_PARAM_VAL_LENGTH
 MAX_TAG_LEN = 8000  # MLflow's MAX_TAG_VAL_LENGTH
@@ -22,12 +25,8 @@ def profile_info(spec: str) -> dict[str, str]:
     """
     if spec == "flops":
         return {"hardware": "flops", "device": "none", "platform": "FLOPs placeholder (no hardware)"}
-    from proxyless_ray.latency.local import local_threads
-    from proxyless_ray.latency.profile import load_profile
-
     threads = local_threads(spec)
     if threads is not None:  # this machine's CPU: named without measuring it (the search resolves it)
-        from proxyless_ray.latency.fingerprint import cpu_fingerprint
 
         return {"hardware": spec, "device": "cpu", "platform": f"local CPU: {cpu_fingerprint(threads)['model']}"}
     profile = load_profile(spec)

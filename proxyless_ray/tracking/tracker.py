@@ -303,6 +303,7 @@ class Tracker:
         """
         if not self.enabled or not run_id:
             return True
+        # deferred on purpose (here and below): matplotlib and torch load when a run gets files, not with the CLI
         from proxyless_ray.tracking.artifacts import final_metrics, final_tags, upload_search_outputs
 
         result, reasons = upload_search_outputs(self.client, run_id, out_dir, profile_name, self.max_artifact_mb)
