@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from proxyless_ray.choices import DATASETS, GATE_MODES, LOSSES, SCHEDULERS, WARMUP_METHODS, expected
 from proxyless_ray.nn.space import PRESETS, SearchSpace, space_from_preset
 from proxyless_ray.runtime import WAIT_POLICIES
 
@@ -191,11 +192,7 @@ class Experiment:
 _SECTIONS = {"space": SearchSpace, "data": DataConfig, "train": TrainConfig, "latency": LatencyConfig,
              "dist": DistConfig, "sweep": SweepConfig, "tracking": TrackingConfig}
 _ALIASES = {("latency", "lambda"): "lam"}
-GATE_MODES = ("two", "full_v2", "reinforce")
 WEIGHT_SHARING = ("nested", "separate")
-WARMUP_METHODS = ("uniform", "fair", "sandwich", "largest_first")
-LOSSES = ("add", "mul_log", "none")
-SCHEDULERS = ("fifo", "asha", "pareto")
 
 
 # Allowed range of every numeric field, in interval notation ('[' includes the bound, '(' excludes it); list fields
@@ -295,8 +292,8 @@ def validate(exp: Experiment) -> None:
     for name in ("lr", "warmup_lr", "arch_lr"):
         if getattr(t, name) <= 0:
             raise ValueError(f"train.{name} must be > 0, got {getattr(t, name)}")
-    if d.name not in ("fashion_mnist", "imagefolder", "parquet"):
-        raise ValueError(f"data.name {d.name!r} is unknown; expected fashion_mnist, imagefolder or parquet")
+    if d.name not in DATASETS:
+        raise ValueError(f"data.name {d.name!r} is unknown; {expected(DATASETS)}")
     if d.batch_size < 1 or d.heldout_size < 0:
         raise ValueError(f"data.batch_size must be >= 1 and data.heldout_size >= 0, got {d.batch_size}, "
                          f"{d.heldout_size}")

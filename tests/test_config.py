@@ -119,3 +119,10 @@ def test_every_numeric_field_has_a_range():
             if numeric and not isinstance(sample, bool) and f"{section}.{f.name}" not in RANGES:
                 missing.append(f"{section}.{f.name}")
     assert sorted(set(missing) - checked_elsewhere) == []
+
+
+def test_every_registered_data_set_has_a_reader():
+    from proxyless_ray.choices import DATASETS
+    from proxyless_ray.data import READERS
+
+    assert tuple(READERS) == DATASETS

@@ -15,7 +15,8 @@ import sys
 
 from proxyless_ray.distributed.cluster import ClusterLostError  # standard library only: no Ray or torch at start-up
 
-# Modules that contribute subcommands, in help order.
+# Modules that contribute subcommands, in help order. Each imports the library inside its command function, on
+# purpose: `proxyless-ray --help` and a bad argument answer without loading Ray or MLflow.
 COMMAND_MODULES = (
     "proxyless_ray.cli.search",
     "proxyless_ray.cli.sweep",

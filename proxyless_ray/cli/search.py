@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from proxyless_ray.choices import choices_help
 from proxyless_ray.config import Experiment, load_experiment
 
 
@@ -12,7 +13,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     """Arguments every experiment-driven command shares."""
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/fashion_mnist.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+                   help=f"override a config value, e.g. --set train.epochs=3 (repeatable); choices: {choices_help()}")
     p.add_argument("--data", help="data folder (sets data.path)")
     p.add_argument("--out", help="output root (sets out_dir); outputs go to <out>/<name>")
     p.add_argument("--workers", type=int, help="Ray Train workers (0: run in this process without Ray)")

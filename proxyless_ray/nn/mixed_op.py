@@ -34,16 +34,9 @@ from enum import Enum
 import torch
 from torch import nn
 
+from proxyless_ray.choices import GateMode
 from proxyless_ray.nn.arch import ZERO, parse_block
 from proxyless_ray.nn.ops import CandidateView, ElasticMBConv, build_op
-
-
-class GateMode(str, Enum):
-    """How architecture gradients are estimated."""
-
-    TWO = "two"
-    FULL_V2 = "full_v2"
-    REINFORCE = "reinforce"
 
 
 class WeightSharing(str, Enum):

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from proxyless_ray.choices import LOSSES, expected
+
 
 def add_loss(ce: torch.Tensor, exp_lat: torch.Tensor, lam: float, ref_ms: float) -> torch.Tensor:
     """``CE + lam * (E[lat] - ref) / ref``."""
@@ -40,7 +42,7 @@ def latency_objective(loss: str, ce: torch.Tensor, exp_lat: torch.Tensor, *, lam
         return mul_log_loss(ce, exp_lat, alpha, beta, target_ms)
     if loss == "none":
         return ce
-    raise ValueError(f"unknown latency loss {loss!r}; expected 'add', 'mul_log' or 'none'")
+    raise ValueError(f"unknown latency loss {loss!r}; {expected(LOSSES)}")
 
 
 def reward(loss: str, acc: float, lat_ms: float, *, lam: float = 0.0, ref_ms: float = 1.0, beta: float = 0.0,

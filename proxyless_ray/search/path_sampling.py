@@ -18,24 +18,15 @@ Every choice comes from a generator seeded by the step, so all data-parallel ran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
+from proxyless_ray.choices import WarmupMethod
 from proxyless_ray.nn.arch import parse_block
 from proxyless_ray.nn.space import Slot
 
 SANDWICH_RANDOM_PATHS = 2
 LARGEST_FIRST_SHARE = 1 / 3
-
-
-class WarmupMethod(str, Enum):
-    """How weight steps pick their paths while alpha is frozen."""
-
-    UNIFORM = "uniform"
-    FAIR = "fair"
-    SANDWICH = "sandwich"
-    LARGEST_FIRST = "largest_first"
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ scheduler lives in :mod:`proxyless_ray.sweeps.pareto_asha`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
+from proxyless_ray.choices import SCHEDULERS, expected
 from proxyless_ray.sweeps.pareto_asha import ParetoASHAScheduler
-
-SCHEDULERS: tuple[str, ...] = ("fifo", "asha", "pareto")
 
 
 def asha_scalarised(metric: str = "score", mode: str = "max", time_attr: str = "epoch", max_t: float = 100,
@@ -52,12 +52,18 @@ def build_scheduler(name: str, **kwargs: Any) -> TrialScheduler:
     Raises:
         ValueError: Unknown name, or arguments given to ``fifo``.
     """
-    if name == "fifo":
-        if kwargs:
-            raise ValueError(f"the fifo scheduler takes no arguments, got {sorted(kwargs)}")
-        return FIFOScheduler()
-    if name == "asha":
-        return asha_scalarised(**kwargs)
-    if name == "pareto":
-        return ParetoASHAScheduler(**kwargs)
-    raise ValueError(f"unknown scheduler {name!r}; expected one of {list(SCHEDULERS)}")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown scheduler {name!r}; {expected(SCHEDULERS)}")
+    return BUILDERS[name](**kwargs)
+
+
+def fifo(**kwargs: Any) -> FIFOScheduler:
+    """Every trial to the end, in order (the full grid)."""
+    if kwargs:
+        raise ValueError(f"the fifo scheduler takes no arguments, got {sorted(kwargs)}")
+    return FIFOScheduler()
+
+
+# One builder per name of the registry (proxyless_ray.choices.SCHEDULERS)
+BUILDERS: dict[str, Callable[..., TrialScheduler]] = {"fifo": fifo, "asha": asha_scalarised,
+                                                        "pareto": ParetoASHAScheduler}
