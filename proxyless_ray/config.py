@@ -82,7 +82,7 @@ class TrainConfig:
     # How idle OpenMP threads wait between ops (proxyless_ray.runtime): spin (fast while each thread has a core),
     # passive (sleep at once: for processes that share cores), auto (spin unless the placement shares cores).
     wait_policy: str = "auto"
-    channels_last: bool = True  # NHWC activations: 1.3-1.5x faster depthwise convs and BN on CPU
+    channels_last: bool = True  # NHWC activations: faster depthwise convs and BN on CPU
     max_steps_per_epoch: int = 0  # 0: the whole split; small values for smoke tests
     finetune_epochs: int = 0  # after the search: fine-tune the derived network from its inherited weights
     sync_bn: bool = False  # False: per-worker BatchNorm statistics (the paper's setting); True needs GPUs

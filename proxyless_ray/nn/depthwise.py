@@ -2,7 +2,8 @@
 
 oneDNN's depthwise weight gradient on CPU (AVX2) is slow when the map is small against the kernel: for a 7x7
 depthwise conv on a 4x4 map (the last stages of a 32-pixel input, or 7x7 kernels on ImageNet's 7x7 stage) the
-backward took 20-40x the forward, and at batch 64 it was 30 % of a whole supernet weight step. There the gradient
+backward takes many times the forward and a large share of a supernet weight step (figures: ``docs/benchmarks.md``,
+depthwise weight gradient). There the gradient
 is a small batched matrix product instead: with ``L`` output and ``P`` input pixels per channel, every
 (output pixel, input pixel) pair meets at one kernel tap, so
 
@@ -44,8 +45,8 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: 
     """The depthwise kernel's gradient, ``[C, 1, K, K]``, as one batched matrix product (see the module doc)."""
     n, c, h, w = x.shape
     # from NCHW every channel's matrix is contiguous or transposed, which bmm hands to one strided batched GEMM; from
-    # channels-last (the search's layout on CPU) it copies each channel's matrices first, about 5 us per channel
-    # whatever the batch: 2.3 ms against 0.8 ms for 240 channels of 4x4 maps at batch 64 (1 thread)
+    # channels-last (the search's layout on CPU) it copies each channel's matrices first, a fixed cost per channel
+    # whatever the batch (docs/benchmarks.md)
     xs = x.contiguous().permute(1, 0, 2, 3).reshape(c, n, h * w)  # [C, N, P]
     gs = grad_out.contiguous().permute(1, 2, 3, 0).reshape(c, -1, n)  # [C, L, N]
     pairs = torch.bmm(gs, xs).reshape(c, -1)  # [C, L * P]

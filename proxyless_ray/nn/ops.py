@@ -21,8 +21,9 @@ BN_MOMENTUM = 0.1
 def training_layout(x: torch.Tensor) -> torch.Tensor:
     """The layout a CPU training step computes in: channels-last, whatever the batch's layout.
 
-    oneDNN's depthwise convolutions run 2-3x longer on NCHW tensors on CPU (their backward above all), which made
-    ``train.channels_last: false`` steps up to twice as slow; converting the batch once here costs one copy of the
+    oneDNN's depthwise convolutions run longer on NCHW tensors on CPU (their backward above all; figures in
+    ``docs/benchmarks.md``), which made ``train.channels_last: false`` steps slower; converting the batch once here
+    costs one copy of the
     input. Parameters, state dicts and inference (no autograd: evaluation, latency measurement, exported networks)
     keep their own layout; GPUs keep NCHW.
     """

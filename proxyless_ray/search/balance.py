@@ -1,9 +1,8 @@
 """Straggler-aware split of each global training batch across data-parallel ranks.
 
 Every weight step all ranks wait for the slowest one in the gradient all-reduce. When one worker is persistently
-slower (a busier node, an older GPU, a vCPU whose host core is shared), an even split wastes the others' time:
-on the 2-vCPU development VM one vCPU ran 8-37 % slower than the other for tens of seconds at a time, and the faster
-rank spent 28 ms of a 177 ms step waiting. Semi-dynamic load balancing (Chen et al., LB-BSP,
+slower (a busier node, an older GPU, a vCPU whose host core is shared), an even split wastes the others' time
+waiting in the all-reduce (``docs/benchmarks.md``, batch balancing). Semi-dynamic load balancing (Chen et al., LB-BSP,
 https://arxiv.org/abs/1806.02508) sizes each rank's share of the global batch by its measured speed, at the step
 boundary.
 
@@ -13,10 +12,9 @@ What changes with the split is which images each rank's BatchNorm sees (statisti
 BatchNorm in training mode, bit-for-bit reproducibility across runs. Every rank computes the split from the same
 all-reduced step times, so all ranks agree without another message.
 
-Opt-in (``dist.balance_batches: true``), for workers that are persistently unequal: with one of 2 workers 1.5x
-slower the balanced split ran 1.18x faster than the even one (``benchmarks/bench_balance.py``). On evenly matched
-workers whose speed only fluctuates it chases the noise: on the 2-vCPU VM, alternating both splits every 20 steps,
-the balanced one was 5 % slower (two runs: 1.055 and 1.045 x the step time).
+Opt-in (``dist.balance_batches: true``), for workers that are persistently unequal, where the balanced split is
+faster than the even one (``benchmarks/bench_balance.py``); on evenly matched workers whose speed only fluctuates
+it chases the noise and is slower (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ class SearchLoop:
             logits = net(x)
             loss = nn.functional.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
             loss.backward()
-        # the optimizer's parameters are the weights: no walk over the supernet's modules (2 ms) on every step
+        # the optimizer's parameters are the weights: no walk over the supernet's modules on every step
         weights = [p for group in st.w_opt.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in weights]
         if bal.enabled and self.device.type == "cuda":

@@ -11,8 +11,7 @@ It differs from syne-tune in three ways that matter for hardware-aware NAS:
   state: after ``Tuner.restore`` the scheduler comes back from ``tuner.pkl`` as it was before the sweep started;
 * its first rung can be synchronous (``group_sizes``): asynchronous halving lets the first trials of a group pass
   their first rung with almost nobody to be compared with, which wastes most of the saving when a sweep has few
-  trials per hardware and few concurrent slots (6 trials per hardware on 2 slots: 2 of 12 stopped in a measured
-  sweep, 7 of 12 with the synchronous first rung, at the same hypervolume).
+  trials per hardware and few concurrent slots (measured: ``docs/benchmarks.md``, Pareto scheduler).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import urllib.request
 
 from proxyless_ray.tracking.tracker import local_artifact_root
 
-UI_START_TIMEOUT_S = 180.0  # ~15 s on an idle machine; minutes on a loaded one
+UI_START_TIMEOUT_S = 180.0  # seconds on an idle machine; minutes on a loaded one
 
 
 UI_WORKERS = 2  # one person browsing; fewer server processes start sooner on a 2-core laptop (MLflow: 4)
