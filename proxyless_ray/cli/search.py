@@ -76,9 +76,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
     if exp.dist.workers > 0:
         check_cluster(exp)
-    from proxyless_ray.distributed.trainer import run_search
+    from proxyless_ray import api
 
-    run_search(exp, resume=args.resume)
+    api.search(exp, resume=args.resume)
     return 0
 
 

@@ -13,16 +13,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep_grid(exp)  # an empty or invalid grid fails before Ray is imported or started
     check_cluster(exp)
-    from proxyless_ray.sweeps.sweep import run_sweep
+    from proxyless_ray import api
 
-    tracker = None
-    if exp.tracking.enabled:
-        from proxyless_ray.tracking.tracker import Tracker
-
-        tracker = Tracker(exp)
-        tracker.check()
-    summary = run_sweep(exp, resume=args.resume, tracker=tracker)
-    print(f"\nSweep report: {summary['files']['table_csv']} and {summary['files']['plot']}")
+    files = api.sweep(exp, resume=args.resume).files
+    print(f"\nSweep report: {files['table_csv']} and {files['plot']}")
     return 0
 
 

@@ -6,18 +6,13 @@ import argparse
 import json
 
 from proxyless_ray.cli.search import add_experiment_args, experiment_from_args
-from proxyless_ray.tracking.retrain import log_retrain
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     exp = experiment_from_args(args)
-    from proxyless_ray.distributed.retrain import run_retrain
+    from proxyless_ray import api
 
-    result = run_retrain(exp, args.arch, finetune=args.finetune, epochs=args.epochs, lr=args.lr)
-    if exp.tracking.enabled:
-        from proxyless_ray.tracking.tracker import Tracker
-
-        log_retrain(Tracker(exp), result)
+    result = api.retrain(exp, args.arch, finetune=args.finetune, epochs=args.epochs, lr=args.lr).raw
     print(json.dumps({k: result[k] for k in ("arch", "test_acc", "predicted_latency_ms", "measured_cpu_latency_ms",
                                              "latency_ratio", "latency_note", "profile", "out_dir")}, indent=2))
     return 0
