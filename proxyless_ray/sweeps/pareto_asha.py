@@ -17,7 +17,6 @@ It differs from syne-tune in three ways that matter for hardware-aware NAS:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -27,15 +26,14 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.pareto import ACC_LAT_SENSES, non_dominated_ranks
+from proxyless_ray.sweeps.rungs import RungBook, rung_key
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
 COMPLETE = "COMPLETE"  # marks a rung record made when a trial finished, not a decision
 WAIT = "WAIT"  # marks a record at a synchronous first rung, waiting for the rest of its group
 
@@ -54,10 +52,6 @@ def config_value(config: Mapping[str, Any], key: str) -> Any:
             raise KeyError(f"config has no {key!r}; its keys are {sorted(map(str, config))}")
         node = node[part]
     return node
-
-
-def _rung_key(milestone: float) -> str:
-    return f"{milestone:g}"
 
 
 class ParetoASHAScheduler(FIFOScheduler):
@@ -132,25 +126,17 @@ class ParetoASHAScheduler(FIFOScheduler):
         self._grace_period = grace_period
         self._rf = reduction_factor
         self._stop_last_trials = stop_last_trials
-        self._state_path = None if state_path is None else os.path.abspath(os.fspath(state_path))
         self._group_sizes: dict[str, int] | None = sizes or None
-        milestones, m = [], float(grace_period)
-        while m <= max_t * (1 + 1e-9):
-            milestones.append(m)
-            m *= reduction_factor
-        self._rungs: tuple[float, ...] = tuple(milestones)
-        # group -> rung key -> trial id -> {"acc", "lat", "decision"}
-        self._records: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-        self._num_stopped = 0
         self._groups: dict[str, str] = {}  # trial id -> group (a cache; always derivable from the config)
-        self._loaded = False
-        self._ensure_loaded()
+        self._book = RungBook({"time_attr": time_attr, "acc_metric": acc_metric, "lat_metric": lat_metric,
+                               "grace_period": grace_period, "reduction_factor": reduction_factor},
+                              grace_period, max_t, reduction_factor, state_path)
 
     # ---------------------------------------------------------------- state
     @property
     def rungs(self) -> tuple[float, ...]:
         """Rung milestones in ``time_attr`` units, ascending."""
-        return self._rungs
+        return self._book.milestones
 
     @property
     def synchronous_first_rung(self) -> bool:
@@ -160,7 +146,7 @@ class ParetoASHAScheduler(FIFOScheduler):
     @property
     def state_path(self) -> str | None:
         """Absolute path of the JSON state file, or None."""
-        return self._state_path
+        return self._book.state_path
 
     def records(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
         """A copy of ``{group: {rung: {trial_id: {"acc", "lat", "decision"}}}}``.
@@ -169,53 +155,21 @@ class ParetoASHAScheduler(FIFOScheduler):
         synchronous first rung, ``"WAIT"``.
         """
         self._ensure_loaded()
-        return copy.deepcopy(self._records)
-
-    def _settings(self) -> dict[str, Any]:
-        return {"time_attr": self._time_attr, "acc_metric": self._acc_metric, "lat_metric": self._lat_metric,
-                "grace_period": self._grace_period, "reduction_factor": self._rf}
+        return copy.deepcopy(self._book.records)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the state file holds: version, settings, rungs, records and the number of rung stops."""
-        return {"version": STATE_VERSION, **self._settings(), "rungs": [_rung_key(m) for m in self._rungs],
-                "num_stopped": self._num_stopped, "records": self._records}
+        return self._book.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any], source: str = "<state>") -> None:
         """Replace the records with ``state`` (from :meth:`state_dict`) after checking it matches these settings."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{source}: state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mismatch = {k: (state.get(k), v) for k, v in self._settings().items() if state.get(k) != v}
-        if mismatch:
-            raise ValueError(f"{source}: scheduler settings differ (file, now): {mismatch}")
-        known = {_rung_key(m) for m in self._rungs}
-        for group, rungs in state["records"].items():
-            unknown = set(rungs) - known
-            if unknown:
-                raise ValueError(f"{source}: group {group!r} has records at rungs {sorted(unknown)}, "
-                                 f"not among this scheduler's rungs {sorted(known, key=float)}")
-        self._records = copy.deepcopy(dict(state["records"]))
-        self._num_stopped = int(state.get("num_stopped", 0))
+        self._book.load_state_dict(state, source)
 
     def _ensure_loaded(self) -> None:
-        # The file, rewritten on every change, is newer than any pickled copy of this object (see __getstate__).
-        if self._loaded:
-            return
-        self._loaded = True
-        if self._state_path and os.path.exists(self._state_path):
-            with open(self._state_path) as fh:
-                self.load_state_dict(json.load(fh), source=self._state_path)
-            logger.info("ParetoASHAScheduler: restored rung records from %s", self._state_path)
+        self._book.ensure_loaded()
 
     def _save(self) -> None:
-        if self._state_path:
-            os.makedirs(os.path.dirname(self._state_path), exist_ok=True)
-            atomic_write_text(self._state_path, json.dumps(self.state_dict(), indent=1, sort_keys=True))
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Tuner pickles the scheduler into tuner.pkl before the sweep runs; an unpickled copy rereads the file.
-        state = self.__dict__.copy()
-        state["_loaded"] = False
-        return state
+        self._book.save()
 
     # ---------------------------------------------------------------- decisions
     def _group_of(self, trial: Trial) -> str:
@@ -252,7 +206,7 @@ class ParetoASHAScheduler(FIFOScheduler):
         t = result.get(self._time_attr)
         if t is None:
             return None
-        reached = [m for m in self._rungs if t >= m]
+        reached = [m for m in self._book.milestones if t >= m]
         if not reached:
             return None
         acc, lat = result.get(self._acc_metric), result.get(self._lat_metric)
@@ -261,26 +215,25 @@ class ParetoASHAScheduler(FIFOScheduler):
                          self._lat_metric)
             return None
         group = self._group_of(trial)
-        rung = _rung_key(reached[-1])
-        recorded = self._records.setdefault(group, {}).setdefault(rung, {})
+        recorded = self._book.at(group, reached[-1])
         if trial.trial_id in recorded:
             return recorded[trial.trial_id]["decision"]
         recorded[trial.trial_id] = {"acc": float(acc), "lat": float(lat)}
-        if decide and self._group_sizes is not None and reached[-1] == self._rungs[0]:
+        if decide and self._group_sizes is not None and reached[-1] == self._book.milestones[0]:
             recorded[trial.trial_id]["decision"] = WAIT
             self._save()
             return self._settle(tune_controller, group, trial) or TrialScheduler.PAUSE
         decision = self._decide(recorded, trial.trial_id) if decide else COMPLETE
         recorded[trial.trial_id]["decision"] = decision
         if decision == TrialScheduler.STOP:
-            self._num_stopped += 1
+            self._book.num_stopped += 1
         self._save()
         return decision
 
     # ---------------------------------------------------------------- the synchronous first rung
     def _first_rung(self, group: str) -> dict[str, dict[str, Any]]:
         """The records of ``group`` at the first rung (empty if none yet)."""
-        return self._records.get(group, {}).get(_rung_key(self._rungs[0]), {})
+        return self._book.first(group)
 
     def _first_rung_decision(self, trial: Trial) -> str | None:
         if self._group_sizes is None:
@@ -312,7 +265,7 @@ class ParetoASHAScheduler(FIFOScheduler):
         for i, decision in decisions.items():
             recorded[i]["decision"] = decision
         stops = sum(d == TrialScheduler.STOP for d in decisions.values())
-        self._num_stopped += stops
+        self._book.num_stopped += stops
         self._save()
         logger.info("ParetoASHAScheduler: first rung of %r decided: %d continue, %d stop", group,
                     len(decisions) - stops, stops)
@@ -380,16 +333,16 @@ class ParetoASHAScheduler(FIFOScheduler):
         if chosen or self._group_sizes is None or any(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials):
             return chosen
         # Nothing runs or waits to run, yet a group waits at the first rung: decide with what is recorded.
-        for group in sorted(self._records):
+        for group in sorted(self._book.records):
             self._settle(tune_controller, group, force=True)
         return first_runnable(Trial.PAUSED)
 
     def debug_string(self) -> str:
         """One line per group: trials recorded and stopped at each rung."""
         self._ensure_loaded()
-        lines = [f"Using ParetoASHA: time_attr={self._time_attr} rungs={[_rung_key(m) for m in self._rungs]} "
-                 f"reduction_factor={self._rf} num_stopped={self._num_stopped}"]
-        for group, rungs in sorted(self._records.items()):
+        lines = [f"Using ParetoASHA: time_attr={self._time_attr} rungs={[rung_key(m) for m in self._book.milestones]} "
+                 f"reduction_factor={self._rf} num_stopped={self._book.num_stopped}"]
+        for group, rungs in sorted(self._book.records.items()):
             parts = []
             for rung in sorted(rungs, key=float):
                 stops = sum(rec["decision"] == TrialScheduler.STOP for rec in rungs[rung].values())
