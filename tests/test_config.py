@@ -103,7 +103,8 @@ def test_every_numeric_field_has_a_range():
     """A new numeric field needs an entry in RANGES (or a check of its own in validate / SearchSpace)."""
     from dataclasses import fields
 
-    from proxyless_ray.config import _SECTIONS, RANGES, Experiment
+    from proxyless_ray.config import _SECTIONS, Experiment
+    from proxyless_ray.config_checks import RANGES
 
     checked_elsewhere = {"latency.lam", "latency.ref_ms", "latency.target_ms", "latency.beta", "space.widths",
                          "space.depths", "space.strides", "space.kernel_sizes", "space.exp_ratios",
