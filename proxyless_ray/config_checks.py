@@ -8,13 +8,13 @@ import dataclasses
 import math
 import re
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import Any
 
 from proxyless_ray.choices import DATASETS, GATE_MODES, LOSSES, SCHEDULERS, WARMUP_METHODS, expected
 from proxyless_ray.runtime import WAIT_POLICIES
 
-if TYPE_CHECKING:
-    from proxyless_ray.config import Experiment
+# The checks take the Experiment being built (proxyless_ray.config imports this module, not the other way round).
+Experiment = Any
 
 _ALIASES = {("latency", "lambda"): "lam"}
 WEIGHT_SHARING = ("nested", "separate")
