@@ -16,7 +16,9 @@ from proxyless_ray.nn.arch import (
     parse_layer_key,
 )
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "proxylessnas")
+from conftest import REFERENCE as SHARED_REFERENCE
+
+REFERENCE = str(SHARED_REFERENCE / "proxylessnas")
 
 
 @pytest.mark.parametrize("text", ["mb_k5_e6_c40_s2", "mb_k3_e1_c16_s1", "mb_k7_e3_c320_s1", "conv_k3_c32_s2",

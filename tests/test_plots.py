@@ -33,7 +33,9 @@ from proxyless_ray.plots import search as plots_search
 from proxyless_ray.plots.arch import FIXED_COLOUR
 from proxyless_ray.plots.search import candidate_column
 
-GPU_CONFIG = Path("/work/shared/reference/proxylessnas/proxyless_gpu.config")
+from conftest import REFERENCE
+
+GPU_CONFIG = REFERENCE / "proxylessnas" / "proxyless_gpu.config"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
