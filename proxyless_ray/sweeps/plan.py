@@ -36,6 +36,11 @@ class TrialSpec:
     beta: float | None = None
     target_ms: float | None = None
 
+    @classmethod
+    def from_dict(cls, d: dict) -> TrialSpec:
+        """The spec from its plain-dict form (``dataclasses.asdict``, as in ``sweep.json`` and Tune configs)."""
+        return cls(d["hardware"], d["loss"], d.get("lam"), d.get("beta"), d.get("target_ms"))
+
     @property
     def key(self) -> str:
         """Stable, filesystem-safe trial name, e.g. ``pixel1-add-lam0.1``."""
@@ -153,7 +158,7 @@ def load_plan(sweep_dir: str) -> SweepPlan:
         raise FileNotFoundError(f"--resume: {sweep_dir!r} holds no sweep ({SWEEP_STATE} is missing)")
     with open(path) as fh:
         d = json.load(fh)
-    trials = [TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"]) for t in d["trials"]]
+    trials = [TrialSpec.from_dict(t) for t in d["trials"]]
     return SweepPlan(trials, d.get("warmup_key"), d.get("warmup_checkpoint"), d.get("parent_run_id"),
                      d.get("stats", {}))
 

@@ -34,7 +34,7 @@ TUNE_KEYS = frozenset({"timestamp", "time_this_iter_s", "time_total_s", "time_si
 def trial_experiment_of(config: dict[str, Any]) -> Experiment:
     """The experiment a sweep trial runs, rebuilt from its Tune config (base experiment + spec + sweep folder)."""
     t = config["trial"]
-    spec = TrialSpec(t["hardware"], t["loss"], t.get("lam"), t.get("beta"), t.get("target_ms"))
+    spec = TrialSpec.from_dict(t)
     return trial_experiment(Experiment.from_dict(config["experiment"], source="sweep config"), spec,
                             config["sweep_dir"])
 

@@ -59,7 +59,7 @@ def trial_of(config: dict[str, Any]) -> tuple[Experiment, TrialSpec, float]:
     """A trial's experiment, spec and score weight from its Tune config (base experiment + spec + sweep folder)."""
     base = Experiment.from_dict(config["experiment"], source="sweep config")
     t = config["trial"]
-    spec = TrialSpec(t["hardware"], t["loss"], t["lam"], t["beta"], t["target_ms"])
+    spec = TrialSpec.from_dict(t)
     return trial_experiment(base, spec, config["sweep_dir"]), spec, config.get("score_weight", 0.05)
 
 
