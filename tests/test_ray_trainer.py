@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 
 from proxyless_ray.cli import main
 from proxyless_ray.distributed import ray_private
+from proxyless_ray.distributed.ray_private import LEAN_ENV
 from proxyless_ray.distributed.ray_trainer import (
-    LEAN_ENV,
     ClusterError,
     ReportLog,
     build_trainer,
