@@ -1,8 +1,9 @@
 """ProxylessNAS (hardware-aware NAS, ICLR 2019, https://arxiv.org/abs/1812.00332) at cluster scale on Ray Train,
 Ray Tune and MLflow.
 
-The public API (:mod:`proxyless_ray.api`): :func:`load_experiment`, :func:`search`, :func:`sweep`, :func:`retrain`,
-:func:`predict_latency`, and their results :class:`SearchResult`, :class:`SweepResult`, :class:`RetrainResult`.
+The public API (:mod:`proxyless_ray.api`): :func:`load_experiment`, :func:`run_search`, :func:`run_sweep`,
+:func:`retrain`, :func:`predict_latency`, and their results :class:`SearchResult`, :class:`SweepResult`,
+:class:`RetrainResult`. (``run_search``, not ``search``: that name is the subpackage of the search engine.)
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ if TYPE_CHECKING:
         load_experiment,
         predict_latency,
         retrain,
-        search,
-        sweep,
+        run_search,
+        run_sweep,
     )
 
 __all__ = ["Experiment", "RetrainResult", "SearchResult", "SweepResult", "load_experiment", "predict_latency",
-           "retrain", "search", "sweep"]
+           "retrain", "run_search", "run_sweep"]
 
 
 def __getattr__(name: str) -> Any:

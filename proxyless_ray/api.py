@@ -3,11 +3,11 @@
     import proxyless_ray as pr
 
     exp = pr.load_experiment("experiments/fashion_mnist.yaml", ["train.epochs=2"])
-    found = pr.search(exp)                      # SearchResult: derived arch, accuracies, latency per hardware
+    found = pr.run_search(exp)                      # SearchResult: derived arch, accuracies, latency per hardware
     found.arch, found.test_acc, found.latency_on_profiles, found.out_dir, found.mlflow_run_id
     pr.predict_latency(found.arch_file, "pixel1")
     net = pr.retrain(exp, found.arch_file, finetune=True, epochs=1)   # RetrainResult
-    front = pr.sweep(exp)                       # SweepResult: Pareto table, best per hardware, report files
+    front = pr.run_sweep(exp)                       # SweepResult: Pareto table, best per hardware, report files
 
 The command line (``proxyless-ray search``, ``sweep``, ``train``) runs the same functions.
 """
@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxyless_ray.config import Experiment, load_experiment
+from proxyless_ray.distributed import trainer
 from proxyless_ray.distributed.retrain import run_retrain
-from proxyless_ray.distributed.trainer import run_search
 from proxyless_ray.latency.model import arch_latency, load_latency_model
 from proxyless_ray.nn.arch import Arch
 from proxyless_ray.tracking.retrain import log_retrain
 from proxyless_ray.tracking.tracker import Tracker
 
 __all__ = ["Experiment", "RetrainResult", "SearchResult", "SweepResult", "load_experiment", "predict_latency",
-           "retrain", "search", "sweep"]
+           "retrain", "run_search", "run_sweep"]
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,14 @@ class RetrainResult:
     raw: dict[str, Any] = field(repr=False)
 
 
-def search(exp: Experiment, resume: bool = False) -> SearchResult:
+def run_search(exp: Experiment, resume: bool = False) -> SearchResult:
     """Run a search the way the experiment asks (in this process for ``dist.workers == 0``, else Ray Train).
 
     Args:
         exp: From :func:`load_experiment`.
         resume: Continue a stopped search from its newest intact checkpoint.
     """
-    r = run_search(exp, resume=resume)
+    r = trainer.run_search(exp, resume=resume)
     run_id = None
     if exp.tracking.enabled:
         run_id = Tracker(exp).find_trial_run(os.path.abspath(exp.output_dir))
@@ -131,7 +131,7 @@ def search(exp: Experiment, resume: bool = False) -> SearchResult:
                         out_dir=exp.output_dir, files=dict(r["files"]), mlflow_run_id=run_id, raw=r)
 
 
-def sweep(exp: Experiment, resume: bool = False) -> SweepResult:
+def run_sweep(exp: Experiment, resume: bool = False) -> SweepResult:
     """Run the experiment's sweep (hardware x latency coefficients) on Ray Tune and read its report back.
 
     MLflow tracking follows ``exp.tracking`` (the store is checked before anything starts).
@@ -139,13 +139,13 @@ def sweep(exp: Experiment, resume: bool = False) -> SweepResult:
     import pandas as pd
 
     # deferred on purpose: Ray Tune loads for a sweep only (a search in this process never imports it)
-    from proxyless_ray.sweeps.sweep import run_sweep
+    from proxyless_ray.sweeps.sweep import run_sweep as run_tune_sweep
 
     tracker = None
     if exp.tracking.enabled:
         tracker = Tracker(exp)
         tracker.check()
-    s = run_sweep(exp, resume=resume, tracker=tracker)
+    s = run_tune_sweep(exp, resume=resume, tracker=tracker)
     table = pd.read_parquet(s["files"]["table_parquet"])
     return SweepResult(name=s["name"], trials=s["trials"], finished=s["finished"], best=s["best"],
                        hypervolume=s["hypervolume"], table=table, files=dict(s["files"]), raw=s)

@@ -27,7 +27,7 @@ def test_the_api_is_importable_without_loading_torch():
 @requires_fmnist
 def test_the_readme_example_on_a_tiny_experiment(tmp_path):
     exp = tiny_experiment(tmp_path, tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    found = pr.search(exp)
+    found = pr.run_search(exp)
     assert isinstance(found, pr.SearchResult)
     assert found.out_dir == exp.output_dir and os.path.isfile(found.arch_file)
     assert found.profile == "flops" and found.latency_ms > 0

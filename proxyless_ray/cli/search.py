@@ -78,7 +78,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         check_cluster(exp)
     from proxyless_ray import api
 
-    api.search(exp, resume=args.resume)
+    api.run_search(exp, resume=args.resume)
     return 0
 
 

@@ -15,7 +15,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_cluster(exp)
     from proxyless_ray import api
 
-    files = api.sweep(exp, resume=args.resume).files
+    files = api.run_sweep(exp, resume=args.resume).files
     print(f"\nSweep report: {files['table_csv']} and {files['plot']}")
     return 0
 
