@@ -4,7 +4,7 @@ Two gloo processes run the product's search loop (small space, Fashion-MNIST, gl
 warm-up phase, ``--steps`` steps per epoch, the second epoch measured). Rank 1 is made a straggler by a delay per
 image it reads (``--delay-ms``; 1 ms per image makes it about 1.5x slower on the development VM), standing in for a
 slower node or a shared core. Three configurations, interleaved ``--rounds`` times: no straggler (even split), a
-straggler with the even split (the default), a straggler with the balanced split (:mod:`proxyless_ray.balance`).
+straggler with the even split (the default), a straggler with the balanced split (:mod:`proxyless_ray.search.balance`).
 Throughput is rank 0's epoch images/s (waiting for the straggler included).
 
 Usage: ``python benchmarks/bench_balance.py [--steps 40] [--rounds 2] [--delay-ms 1.0]``.
@@ -24,11 +24,11 @@ import time
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from proxyless_ray.comm import Comm
-from proxyless_ray.commands.tracking import free_port
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import build_splits
-from proxyless_ray.train_loop import SearchLoop
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.loop import SearchLoop
+from proxyless_ray.tracking.server import free_port
 
 
 class SlowSource:

@@ -30,9 +30,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from proxyless_ray.commands.prepare_data import prepare
 from proxyless_ray.data.fashion_mnist import CLASSES, FILES, read_idx, resolve_dir
 from proxyless_ray.data.parquet import ParquetSource, ShardSet, open_location, read_manifest
+from proxyless_ray.data.prepare import prepare
 from proxyless_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TARGET = 1.5

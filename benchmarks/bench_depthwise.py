@@ -1,8 +1,8 @@
-"""Benchmark: the depthwise conv's batched-matmul weight gradient (:mod:`proxyless_ray.depthwise`) against oneDNN's.
+"""Benchmark: the depthwise conv's batched-matmul weight gradient (:mod:`proxyless_ray.nn.depthwise`) against oneDNN's.
 Prints one JSON object.
 
 1. Per shape (batch 64, channels_last, 1 thread): the weight gradient alone, PyTorch's ``convolution_backward``
-   against :func:`~proxyless_ray.depthwise.depthwise_weight_grad`, on the small-map shapes of the small space on
+   against :func:`~proxyless_ray.nn.depthwise.depthwise_weight_grad`, on the small-map shapes of the small space on
    Fashion-MNIST (32-pixel input: 4x4 and 7x7 maps) and ImageNet's last stage (7x7).
 2. The product's supernet weight step (``SearchLoop.weight_step``, small space, Fashion-MNIST, 1 thread) at batch 64
    and 128 with the layer's fast path on and off, alternating every ``--steps`` steps on the same sampled paths so a
@@ -21,11 +21,11 @@ import time
 import torch
 from torch import nn
 
-from proxyless_ray import depthwise
-from proxyless_ray.comm import Comm
 from proxyless_ray.config import Experiment
-from proxyless_ray.evaluate import to_device
-from proxyless_ray.train_loop import SearchLoop
+from proxyless_ray.nn import depthwise
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.evaluate import to_device
+from proxyless_ray.search.loop import SearchLoop
 
 # (channels, map size, kernel size, stride): the depthwise layers where the fast path applies
 SHAPES = [(240, 4, 7, 1), (240, 4, 5, 1), (120, 4, 7, 1), (96, 7, 7, 2), (144, 7, 7, 1), (960, 7, 7, 1)]

@@ -7,7 +7,7 @@
    all-reduce share of the weight-step time on the 2-worker run. Each configuration runs 2 epochs of ``--steps``
    steps; the second epoch is measured (the first pays for start-up and allocator warm-up). The 2-worker run uses
    the default even batch split; a third run with the straggler-aware split (``dist.balance_batches: true``,
-   :mod:`proxyless_ray.balance`) is reported beside it.
+   :mod:`proxyless_ray.search.balance`) is reported beside it.
 2. Data path: JPEG decode + augment throughput of the Parquet reader against torchvision ImageFolder + PIL on the
    same images, 1 core (``benchmarks/bench_data.py``, run in a subprocess; target >= 1.5x).
 
@@ -51,7 +51,7 @@ import ray
 
 from proxyless_ray import runtime
 from proxyless_ray.config import Experiment
-from proxyless_ray.ray_trainer import ReportLog, build_trainer, connect, quiet_worker_logs, read_report_log
+from proxyless_ray.distributed.ray_trainer import ReportLog, build_trainer, connect, quiet_worker_logs, read_report_log
 from proxyless_ray.runtime import WAIT_POLICIES, choose_wait_policy, thread_env
 
 GLOBAL_BATCHES = (128, 256)  # default --global-batch
@@ -110,10 +110,10 @@ def interleaved_arms(exp: Experiment, rank: int, world: int, phases: int, phase_
     import torch
     import torch.distributed as dist
 
-    from proxyless_ray.comm import Comm
     from proxyless_ray.data.sharding import shard_batches
-    from proxyless_ray.evaluate import to_device
-    from proxyless_ray.train_loop import SearchLoop
+    from proxyless_ray.search.comm import Comm
+    from proxyless_ray.search.evaluate import to_device
+    from proxyless_ray.search.loop import SearchLoop
 
     global_batch = exp.data.batch_size * world  # the even split's: half each
     even = SearchLoop(exp, Comm(rank, world), lambda m, f: None, progress=False)
@@ -214,7 +214,7 @@ def run_interleaved(global_batch: int, phases: int, phase_steps: int, out: str, 
 
 def run_plain(exp: Experiment, phases: int, phase_steps: int) -> list[dict]:
     """Both ranks of the drift-free measurement as two spawned processes; every rank's report."""
-    from proxyless_ray.commands.tracking import free_port
+    from proxyless_ray.tracking.server import free_port
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from proxyless_ray.arch import Arch
 from proxyless_ray.latency.check import CheckRow, fit_scale, measure_network, measure_networks
 from proxyless_ray.latency.fingerprint import describe, machine_fingerprint
 from proxyless_ray.latency.local import quick_settings
 from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.profile import list_profiles, load_profile
 from proxyless_ray.latency.profiler import ProfilerSettings, profile_spaces
-from proxyless_ray.space import space_from_preset
+from proxyless_ray.nn.arch import Arch
+from proxyless_ray.nn.space import space_from_preset
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 PUBLISHED = {"mobile": ("proxyless_mobile.config", 78.0, "Pixel 1, TFLite, batch 1 (ProxylessNAS paper / README)"),

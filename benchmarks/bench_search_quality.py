@@ -31,16 +31,16 @@ import tempfile
 
 import pandas as pd
 
-from proxyless_ray.arch import Arch
 from proxyless_ray.config import Experiment, load_experiment
 from proxyless_ray.demo import fit_in_parallel
+from proxyless_ray.distributed.retrain import measure_latency_ms
 from proxyless_ray.latency.model import arch_latency, load_latency_model
-from proxyless_ray.network import load_network
+from proxyless_ray.nn.arch import Arch
+from proxyless_ray.nn.network import load_network
+from proxyless_ray.nn.space import SearchSpace
 from proxyless_ray.pareto import hypervolume_2d, pareto_front_mask
-from proxyless_ray.retrain import measure_latency_ms
 from proxyless_ray.runtime import tune_allocator
-from proxyless_ray.space import SearchSpace
-from proxyless_ray.sweep import run_sweep
+from proxyless_ray.sweeps.sweep import run_sweep
 
 HARDWARE = ["cpu_1thread", "pixel1", "v100_roofline"]
 MATCH_TOLERANCE = 0.05

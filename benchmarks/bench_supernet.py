@@ -64,12 +64,12 @@ from torch import nn
 from proxyless_ray.config import Experiment, LatencyConfig, TrainConfig
 from proxyless_ray.latency.expected import SupernetLatency
 from proxyless_ray.latency.model import FlopsLatencyModel
-from proxyless_ray.mixed_op import Forward, GateMode
-from proxyless_ray.network import ProxylessNet
-from proxyless_ray.objective import latency_objective
-from proxyless_ray.search_state import new_state
-from proxyless_ray.space import SearchSpace, space_from_preset
-from proxyless_ray.supernet import SuperNet
+from proxyless_ray.nn.mixed_op import Forward, GateMode
+from proxyless_ray.nn.network import ProxylessNet
+from proxyless_ray.nn.space import SearchSpace, space_from_preset
+from proxyless_ray.nn.supernet import SuperNet
+from proxyless_ray.search.objective import latency_objective
+from proxyless_ray.search.state import new_state
 
 VARIANTS = ("a", "b", "c", "d")
 SPACES: dict[str, tuple[str, int]] = {"imagenet": ("proxyless_imagenet", 8), "small": ("small", 32)}  # preset, batch

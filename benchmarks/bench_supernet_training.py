@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from proxyless_ray.comm import Comm
 from proxyless_ray.config import load_experiment
-from proxyless_ray.evaluate import accuracy
-from proxyless_ray.path_sampling import largest_choices, smallest_choices, warmup_paths
-from proxyless_ray.train_loop import READY_EVAL_IMAGES, SearchLoop
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.evaluate import accuracy
+from proxyless_ray.search.loop import READY_EVAL_IMAGES, SearchLoop
+from proxyless_ray.search.path_sampling import largest_choices, smallest_choices, warmup_paths
 
 METHODS = ("separate:uniform", "nested:uniform", "nested:fair", "nested:sandwich", "nested:largest_first")
 
@@ -55,7 +55,7 @@ def read_subnets(loop: SearchLoop, epoch: int, samples: int) -> dict[str, float]
         return accuracy(loop._inherited_child(choices), loop.splits.heldout, loop.comm, data.eval_batch_size,
                         max_batches=max_batches, channels_last=loop.cl)[0]
 
-    from proxyless_ray.path_sampling import uniform_choices
+    from proxyless_ray.search.path_sampling import uniform_choices
 
     gen = torch.Generator().manual_seed(1234 + epoch)
     accs = [acc(uniform_choices(loop.state.net.slots, gen)) for _ in range(samples)]

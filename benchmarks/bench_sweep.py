@@ -30,8 +30,8 @@ import pandas as pd
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.pareto import hypervolume_by_hardware, pareto_table, shared_references
-from proxyless_ray.sweep import SCHEDULER_STATE, run_sweep
-from proxyless_ray.sweep_report import monotone_latency
+from proxyless_ray.sweeps.report import monotone_latency
+from proxyless_ray.sweeps.sweep import SCHEDULER_STATE, run_sweep
 
 HARDWARE = ["cpu_1thread", "v100_roofline"]
 LAMBDAS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]

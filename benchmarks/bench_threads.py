@@ -71,12 +71,12 @@ def build_step(setting: str, kind: str, threads: int, channels_last: bool):
         a = torch.randn(MATMUL_N, MATMUL_N)
         return lambda: a @ a
 
-    from proxyless_ray.comm import Comm
     from proxyless_ray.config import DataConfig, DistConfig, Experiment, LatencyConfig, TrackingConfig, TrainConfig
     from proxyless_ray.data import Splits
-    from proxyless_ray.retrain import RetrainLoop
-    from proxyless_ray.space import space_from_preset
-    from proxyless_ray.train_loop import SearchLoop
+    from proxyless_ray.distributed.retrain import RetrainLoop
+    from proxyless_ray.nn.space import space_from_preset
+    from proxyless_ray.search.comm import Comm
+    from proxyless_ray.search.loop import SearchLoop
 
     res, batch, classes = SETTINGS[setting]
     space = space_from_preset("proxyless_imagenet", resolution=res, num_classes=classes)

@@ -28,8 +28,8 @@ import urllib.parse
 
 from mlflow import MlflowClient
 
-from proxyless_ray.commands.tracking import UI_START_TIMEOUT_S, wait_healthy
-from proxyless_ray.tracking_store import UI_VIEW_QUERY
+from proxyless_ray.tracking.server import UI_START_TIMEOUT_S, wait_healthy
+from proxyless_ray.tracking.store import UI_VIEW_QUERY
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -7,16 +7,14 @@ the file. Plain dicts appear only at the Ray boundary (:meth:`Experiment.to_dict
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
-from proxyless_ray.runtime import WAIT_POLICIES
-from proxyless_ray.space import PRESETS, SearchSpace, space_from_preset
+from proxyless_ray.config_checks import _ALIASES, validate
+from proxyless_ray.nn.space import PRESETS, SearchSpace, space_from_preset
 
 
 @dataclass(frozen=True)
@@ -51,14 +49,14 @@ class TrainConfig:
     # expansions as its first channels), so sampled sub-networks learn as fast as one network; separate: the
     # paper's weights per candidate, which need thousands of steps before sampled paths can be ranked.
     weight_sharing: str = "nested"
-    warmup_method: str = "uniform"  # uniform | fair | sandwich | largest_first (proxyless_ray.path_sampling)
+    warmup_method: str = "uniform"  # uniform | fair | sandwich | largest_first (proxyless_ray.search.path_sampling)
     # Architecture steps start only once sampled sub-networks reach this held-out accuracy (0: right after the
     # warm-up, the paper's schedule). Checked at the end of every warm-up epoch; if it is not met when the warm-up
     # ends, alpha stays frozen for up to half of the search epochs, then the search decides anyway and says so.
     ready_acc: float = 0.0
     ready_samples: int = 4  # random sub-networks whose mean held-out accuracy measures readiness (0: don't measure)
     # An architecture step whose sampled path is zero still reads the other candidates' gate gradients, so the loss
-    # can argue for keeping a layer that zero would remove (the paper skips such layers; see proxyless_ray.mixed_op).
+    # can argue for keeping a layer that zero would remove (the paper skips such layers; see proxyless_ray.nn.mixed_op).
     zero_gradient: bool = True
     lr: float = 0.05  # weight SGD, cosine per batch (paper: 0.025 at batch 256 on ImageNet)
     warmup_lr: float = 0.05  # paper: hard-coded lr_max 0.05 for warm-up
@@ -81,7 +79,7 @@ class TrainConfig:
     # How idle OpenMP threads wait between ops (proxyless_ray.runtime): spin (fast while each thread has a core),
     # passive (sleep at once: for processes that share cores), auto (spin unless the placement shares cores).
     wait_policy: str = "auto"
-    channels_last: bool = True  # NHWC activations: 1.3-1.5x faster depthwise convs and BN on CPU
+    channels_last: bool = True  # NHWC activations: faster depthwise convs and BN on CPU
     max_steps_per_epoch: int = 0  # 0: the whole split; small values for smoke tests
     finetune_epochs: int = 0  # after the search: fine-tune the derived network from its inherited weights
     sync_bn: bool = False  # False: per-worker BatchNorm statistics (the paper's setting); True needs GPUs
@@ -90,7 +88,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """Hardware target and the latency loss (formulas in :mod:`proxyless_ray.objective`)."""
+    """Hardware target and the latency loss (formulas in :mod:`proxyless_ray.search.objective`)."""
 
     profile: str = "flops"  # a name in hardware_profiles/, a path to a profile, or 'flops' (placeholder model)
     loss: str = "add"  # add | mul_log | none
@@ -117,7 +115,7 @@ class DistConfig:
     max_failures: int = 1
     connect_timeout_s: float = 60.0  # bound on reaching a cluster address
     # Split each global batch by the workers' measured speed so a persistent straggler (a slower node or GPU) does
-    # not hold the others up (proxyless_ray.balance). The gradient stays exact. Off by default: on evenly matched
+    # not hold the others up (proxyless_ray.search.balance). The gradient stays exact. Off by default: on evenly matched
     # workers it chases noise (5 % slower on the 2-vCPU VM) and costs bit-reproducibility with BatchNorm.
     balance_batches: bool = False
     # Embedded cluster only: Ray's dashboard and metrics agent. Off by default: on a 2-core laptop they take ~7 % of
@@ -190,140 +188,6 @@ class Experiment:
 
 _SECTIONS = {"space": SearchSpace, "data": DataConfig, "train": TrainConfig, "latency": LatencyConfig,
              "dist": DistConfig, "sweep": SweepConfig, "tracking": TrackingConfig}
-_ALIASES = {("latency", "lambda"): "lam"}
-GATE_MODES = ("two", "full_v2", "reinforce")
-WEIGHT_SHARING = ("nested", "separate")
-WARMUP_METHODS = ("uniform", "fair", "sandwich", "largest_first")
-LOSSES = ("add", "mul_log", "none")
-SCHEDULERS = ("fifo", "asha", "pareto")
-
-
-# Allowed range of every numeric field, in interval notation ('[' includes the bound, '(' excludes it); list fields
-# (arch_betas, lambdas, ...) apply it to each entry. NaN and infinity are refused for every number.
-RANGES = {
-    "data.heldout_size": "[0, inf)", "data.train_subset": "[0, inf)", "data.test_subset": "[0, inf)",
-    "data.batch_size": "[1, inf)", "data.eval_batch_size": "[1, inf)", "data.loader_workers": "[0, inf)",
-    "data.seed": "[0, inf)", "data.test_size": "[0, inf)", "data.cache_mb": "[0, inf)",
-    "data.warmup_subset": "[0, inf)", "train.ready_acc": "[0, 1)", "train.ready_samples": "[0, inf)",
-    "sweep.retrain_subset": "[0, inf)",
-    "train.epochs": "[1, inf)", "train.warmup_epochs": "[0, inf)", "train.lr": "(0, inf)",
-    "train.warmup_lr": "(0, inf)", "train.momentum": "[0, 1)", "train.weight_decay": "[0, inf)",
-    "train.label_smoothing": "[0, 1)", "train.arch_lr": "(0, inf)", "train.arch_betas": "[0, 1)",
-    "train.arch_eps": "(0, inf)", "train.arch_weight_decay": "[0, inf)", "train.arch_update_every": "[1, inf)",
-    "train.arch_steps": "[1, inf)", "train.reinforce_baseline_decay": "[0, 1]", "train.alpha_init_std": "[0, inf)",
-    "train.grad_clip": "[0, inf)", "train.seed": "[0, inf)", "train.threads": "[0, inf)",
-    "train.max_steps_per_epoch": "[0, inf)", "train.finetune_epochs": "[0, inf)",
-    "latency.alpha": "[0, inf)",  # lambda, ref_ms and target_ms: checked in validate() with their own reasons
-    "dist.workers": "[0, inf)", "dist.cpus_per_worker": "(0, inf)", "dist.gpus_per_worker": "[0, inf)",
-    "dist.resources_per_worker": "[0, inf)", "dist.checkpoint_every": "[1, inf)",
-    "dist.checkpoints_to_keep": "[1, inf)", "dist.max_failures": "[-1, inf)", "dist.connect_timeout_s": "(0, inf)",
-    "sweep.lambdas": "[0, inf)", "sweep.num_samples": "[1, inf)", "sweep.grace_period": "[1, inf)",
-    "sweep.reduction_factor": "[2, inf)", "sweep.workers_per_trial": "[0, inf)",
-    "sweep.max_concurrent_trials": "[0, inf)", "sweep.retrain_epochs": "[0, inf)",
-    "tracking.max_artifact_mb": "(0, inf)",
-    "space.resolution": "[1, inf)", "space.in_chs": "[1, inf)", "space.num_classes": "[2, inf)",
-    "space.dropout": "[0, 1)",
-}
-# Output names become folder names under out_dir: one path component, no '..', no separators.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
-
-
-def check_range(where: str, value: float, interval: str) -> None:
-    """Raise ``ValueError`` naming ``where`` when ``value`` lies outside ``interval`` (e.g. ``'[0, 1)'``)."""
-    lo_text, hi_text = interval[1:-1].split(",")
-    lo, hi = float(lo_text), float(hi_text)
-    inside = (value >= lo if interval[0] == "[" else value > lo) and (value <= hi if interval[-1] == "]"
-                                                                       else value < hi)
-    if not inside:
-        expected = {"[1, inf)": ">= 1", "[0, inf)": ">= 0", "(0, inf)": "> 0", "[2, inf)": ">= 2"}.get(
-            interval, f"in {interval}")
-        raise ValueError(f"{where} must be {expected}, got {value!r}")
-
-
-def _check_ranges(exp: Experiment) -> None:
-    for section in _SECTIONS:
-        for f in fields(getattr(exp, section)):
-            v = getattr(getattr(exp, section), f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{_shown(section, f.name)} must be a finite number, got {v!r}")
-    for key, interval in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(exp, section), name)
-        key = _shown(section, name)
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{key} must be a number, got {v!r}")
-            if not math.isfinite(v):
-                raise ValueError(f"{key} must be a finite number, got {v!r}")
-            check_range(key, v, interval)
-    for hw, targets in exp.sweep.targets_ms.items():
-        for v in targets if isinstance(targets, (list, tuple)) else [targets]:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):  # > 0: sweep_grid
-                raise ValueError(f"sweep.targets_ms.{hw} must be a list of finite numbers, got {targets!r}")
-
-
-def _shown(section: str, name: str) -> str:
-    """A field as the user writes it (``latency.lambda``, not the attribute ``lam``)."""
-    return next((f"{s}.{k}" for (s, k), v in _ALIASES.items() if s == section and v == name), f"{section}.{name}")
-
-
-def validate(exp: Experiment) -> None:
-    """Cross-field checks; every message names the bad value and what was expected."""
-    t, lat, d = exp.train, exp.latency, exp.data
-    for key in ("name", "out_dir"):
-        if not isinstance(getattr(exp, key), str) or not getattr(exp, key):
-            raise ValueError(f"{key} must be a non-empty string, got {getattr(exp, key)!r}")
-    if not NAME_PATTERN.match(exp.name) or exp.name in (".", ".."):
-        raise ValueError(f"name {exp.name!r} must be a plain folder name (letters, digits, '_', '-', '.', no '/' or "
-                         f"'..'): outputs go to out_dir/name")
-    _check_ranges(exp)
-    if t.gate_mode not in GATE_MODES:
-        raise ValueError(f"train.gate_mode {t.gate_mode!r} is unknown; expected one of {list(GATE_MODES)}")
-    if lat.loss not in LOSSES:
-        raise ValueError(f"latency.loss {lat.loss!r} is unknown; expected one of {list(LOSSES)}")
-    if lat.lam < 0:
-        raise ValueError(f"latency.lambda must be >= 0, got {lat.lam}")
-    if lat.loss == "mul_log" and lat.target_ms < 0:
-        raise ValueError(f"latency.target_ms must be > 0 for mul_log (0 picks E[lat] at init), got {lat.target_ms}")
-    if lat.ref_ms < 0:
-        raise ValueError(f"latency.ref_ms must be > 0 (0 picks E[lat] at init), got {lat.ref_ms}")
-    if not 0 <= t.warmup_epochs <= t.epochs:
-        raise ValueError(f"train.warmup_epochs {t.warmup_epochs} must be within [0, train.epochs={t.epochs}]")
-    if t.arch_update_every < 1:
-        raise ValueError(f"train.arch_update_every must be >= 1, got {t.arch_update_every}")
-    for name in ("lr", "warmup_lr", "arch_lr"):
-        if getattr(t, name) <= 0:
-            raise ValueError(f"train.{name} must be > 0, got {getattr(t, name)}")
-    if d.name not in ("fashion_mnist", "imagefolder", "parquet"):
-        raise ValueError(f"data.name {d.name!r} is unknown; expected fashion_mnist, imagefolder or parquet")
-    if d.batch_size < 1 or d.heldout_size < 0:
-        raise ValueError(f"data.batch_size must be >= 1 and data.heldout_size >= 0, got {d.batch_size}, "
-                         f"{d.heldout_size}")
-    if exp.dist.workers < 0:
-        raise ValueError(f"dist.workers must be >= 0, got {exp.dist.workers}")
-    if t.weight_sharing not in WEIGHT_SHARING:
-        raise ValueError(f"train.weight_sharing {t.weight_sharing!r} is unknown; expected one of "
-                         f"{list(WEIGHT_SHARING)}")
-    if t.wait_policy not in WAIT_POLICIES:
-        raise ValueError(f"train.wait_policy {t.wait_policy!r} is unknown; expected one of {list(WAIT_POLICIES)}")
-    if t.warmup_method not in WARMUP_METHODS:
-        raise ValueError(f"train.warmup_method {t.warmup_method!r} is unknown; expected one of "
-                         f"{list(WARMUP_METHODS)}")
-    if t.ready_acc > 0 and t.ready_samples == 0:
-        raise ValueError("train.ready_acc needs train.ready_samples >= 1 to measure readiness")
-    if t.sync_bn and t.weight_sharing == "nested":
-        raise ValueError("train.sync_bn works with train.weight_sharing: separate only (the nested op's BatchNorm "
-                         "slices its channels, which SyncBatchNorm cannot)")
-    if d.warmup_subset and d.name != "fashion_mnist":
-        raise ValueError(f"data.warmup_subset applies to fashion_mnist; data.name is {d.name!r}")
-    if d.warmup_subset and d.train_subset and d.warmup_subset < d.train_subset:
-        raise ValueError(f"data.warmup_subset {d.warmup_subset} must be 0 or >= data.train_subset "
-                         f"{d.train_subset} (the warm-up reads a superset of the search's images)")
-    if exp.sweep.scheduler not in SCHEDULERS:
-        raise ValueError(f"sweep.scheduler {exp.sweep.scheduler!r} does not exist; expected one of {list(SCHEDULERS)}")
-
-
 def load_experiment(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read an experiment YAML (safe_load) and apply ``key=value`` overrides such as ``train.lr=0.05``.
 

@@ -18,8 +18,16 @@ from typing import Any
 
 import pandas as pd
 
-from proxyless_ray.arch import atomic_write_text
-from proxyless_ray.config import Experiment
+from proxyless_ray.config import Experiment, with_overrides
+from proxyless_ray.distributed.ray_trainer import connect
+from proxyless_ray.distributed.retrain import cpu_timing, fit_network, measure_latencies_ms, measure_retrained
+from proxyless_ray.fileio import atomic_write_text
+from proxyless_ray.latency.model import load_latency_model_for
+from proxyless_ray.nn.network import load_network
+from proxyless_ray.sweeps.plan import TRIALS_DIR
+from proxyless_ray.sweeps.sweep import RETRAINED_DIR, run_sweep
+from proxyless_ray.tracking.retrain import log_retrain
+from proxyless_ray.tracking.tracker import Tracker
 
 DEMO_EXPERIMENT = "demo.yaml"
 
@@ -40,11 +48,6 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     The fine-tunes run side by side (:func:`fit_in_parallel`); the latency measurements follow once they are done
     and Ray has exited (:func:`measure_front`), so a network is never timed while another one trains.
     """
-    from proxyless_ray.config import with_overrides
-    from proxyless_ray.retrain import measure_retrained
-    from proxyless_ray.sweep import RETRAINED_DIR
-    from proxyless_ray.sweep_plan import TRIALS_DIR
-
     jobs = []
     front = table[table["on_front"] & table["finished"]]
     for _, r in front.iterrows():
@@ -61,7 +64,7 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
     for trial_id, texp, _ in jobs:
         res = measure_retrained(texp, fitted[trial_id], measured[trial_id])
         if tracker is not None:
-            tracker.log_retrain(res, trial_key=trial_id)
+            log_retrain(tracker, res, trial_key=trial_id)
         rows.append({"trial_id": trial_id, "retrained_test_acc": res["test_acc"],
                      "measured_cpu_ms": res["measured_cpu_latency_ms"], "measured_threads": res["measured"]["threads"],
                      "measured_clock": res["measured"].get("clock", "wall"),
@@ -74,13 +77,9 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
 
 def measure_front(jobs: list[tuple[str, Experiment, str]], fitted: dict[str, dict[str, Any]],
                   min_time_s: float = 2.0, rounds: int = 10) -> dict[str, dict[str, Any]]:
-    """Time every fitted network here, each as its target is timed (:func:`proxyless_ray.retrain.cpu_timing`), all
+    """Time every fitted network here, each as its target is timed (:func:`.distributed.retrain.cpu_timing`), all
     together in ``rounds`` interleaved windows: a slow spell of a shared machine then slows every network alike,
     and the ratios of one table come from one measurement."""
-    from proxyless_ray.latency.model import load_latency_model_for
-    from proxyless_ray.network import load_network
-    from proxyless_ray.retrain import cpu_timing, measure_latencies_ms
-
     groups: dict[tuple[int, str], list[str]] = {}
     for tid, texp, _ in jobs:
         model = load_latency_model_for(texp.latency.profile, texp.space, strict=texp.latency.strict)
@@ -97,15 +96,13 @@ def measure_front(jobs: list[tuple[str, Experiment, str]], fitted: dict[str, dic
 def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], epochs: int, lr: float,
                     finetune: bool = True) -> dict[str, dict[str, Any]]:
     """Train ``jobs`` (key, experiment, network folder or ``arch.json``) as Ray tasks of ``train.threads`` CPUs each,
-    as many at once as the cluster's CPUs allow; returns each key's :func:`proxyless_ray.retrain.fit_network` result.
+    as many at once as the cluster's CPUs allow; returns each key's
+    :func:`proxyless_ray.distributed.retrain.fit_network` result.
 
     One network at a time leaves cores idle: a fine-tune runs ``train.threads`` threads (the demo's 1), and small
     networks do not scale across threads. With one job or one slot the fit runs here, with its progress bar.
     """
     import ray
-
-    from proxyless_ray.ray_trainer import connect
-    from proxyless_ray.retrain import fit_network
 
     threads = max(1, exp.train.threads)
     if len(jobs) < 2 or (os.cpu_count() or 1) < 2 * threads:
@@ -251,13 +248,9 @@ def format_front_quality(quality: dict[str, dict[str, Any]]) -> str:
 
 def run_demo(exp: Experiment) -> dict[str, Any]:
     """Sweep, retrain the fronts, print the table and how to open the MLflow UI."""
-    from proxyless_ray.sweep import run_sweep
-
     t0 = time.time()
     tracker = None
     if exp.tracking.enabled:
-        from proxyless_ray.tracking import Tracker
-
         tracker = Tracker(exp)
         tracker.check()
     summary = run_sweep(exp, tracker=tracker)

@@ -1,6 +1,6 @@
 """Pareto fronts of latency-accuracy sweeps: non-dominated sorting, 2-D hypervolume and per-hardware tables.
 
-Pure numpy/pandas (no Ray), shared by the Pareto-aware scheduler (``proxyless_ray.schedulers``), the sweep report
+Pure numpy/pandas (no Ray), shared by the Pareto-aware scheduler (``proxyless_ray.sweeps.schedulers``), the sweep report
 and the benchmarks. Conventions used throughout:
 
 * a point is a row of ``points`` with shape ``(n, d)``; ``senses`` says per column whether larger (``"max"``) or

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class Progress:
@@ -53,3 +53,14 @@ class Progress:
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         bar = "#" * filled + "-" * (width - filled)
         return f"{self.desc} [{bar}] {self.n}/{self.total} {elapsed:5.0f}s<{eta:4.0f}s {self.postfix}"
+
+
+def format_epoch(m: dict[str, Any]) -> str:
+    """One log line per epoch (search or retraining metrics; missing fields are left out)."""
+    parts = [f"epoch {m.get('epoch', '?'):>3}", f"{m.get('phase', ''):<6}"]
+    for key, label, fmt in (("train_loss", "loss", ".3f"), ("train_acc", "train", ".3f"),
+                            ("heldout_acc", "held-out", ".3f"), ("expected_latency_ms", "E[lat] ms", ".3f"),
+                            ("entropy", "H", ".2f"), ("images_per_s", "img/s", ".0f"), ("test_acc", "| test", ".4f")):
+        if isinstance(m.get(key), (int, float)):
+            parts.append(f"{label} {m[key]:{fmt}}")
+    return " ".join(parts)

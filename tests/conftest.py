@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 TINY_SPACE = {"preset": "small", "widths": [8, 16], "depths": [1, 2], "strides": [1, 2], "kernel_sizes": [3, 5],
               "exp_ratios": [3], "feature_mix_chs": 32, "stem": "conv_k3_c8_s2", "first_block": "mb_k3_e1_c8_s1"}
+
+# The published ProxylessNAS configs and latency tables, found relative to the repository (a checkout's sibling
+# shared/reference), never copied into the project; tests that need a file skip with its path when it is absent.
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 requires_fmnist = pytest.mark.skipif(not os.path.isdir(DEFAULT_DIR),
                                      reason=f"Fashion-MNIST not installed at {DEFAULT_DIR} (apt-get install "

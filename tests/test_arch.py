@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from proxyless_ray.arch import (
+from proxyless_ray.nn.arch import (
     Arch,
     BlockSpec,
     format_block,
@@ -16,7 +16,9 @@ from proxyless_ray.arch import (
     parse_layer_key,
 )
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "proxylessnas")
+from conftest import REFERENCE as SHARED_REFERENCE
+
+REFERENCE = str(SHARED_REFERENCE / "proxylessnas")
 
 
 @pytest.mark.parametrize("text", ["mb_k5_e6_c40_s2", "mb_k3_e1_c16_s1", "mb_k7_e3_c320_s1", "conv_k3_c32_s2",
@@ -124,7 +126,7 @@ def test_published_configs_convert():
 
 
 def test_pure_python_no_torch():
-    code = "import sys, proxyless_ray.arch, proxyless_ray.space; print('torch' in sys.modules)"
+    code = "import sys, proxyless_ray.nn.arch, proxyless_ray.nn.space; print('torch' in sys.modules)"
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

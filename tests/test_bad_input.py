@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from proxyless_ray.arch import Arch
 from proxyless_ray.cli import build_parser, main
-from proxyless_ray.commands.search import experiment_from_args
+from proxyless_ray.cli.search import experiment_from_args
 from proxyless_ray.config import load_experiment
-from proxyless_ray.network import ProxylessNet
-from proxyless_ray.search_state import new_state, save_checkpoint
+from proxyless_ray.nn.arch import Arch
+from proxyless_ray.nn.network import ProxylessNet
+from proxyless_ray.search.state import new_state, save_checkpoint
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -278,7 +278,7 @@ def test_registered_model_with_a_pickle_runs_nothing(case, capsys):
     """models:/ is rebuilt from arch.json + a weights-only state dict: a planted pickle is refused, never run."""
     from mlflow import MlflowClient
 
-    from proxyless_ray.tracking_registry import load_registered, register_network
+    from proxyless_ray.tracking.registry import load_registered, register_network
 
     tmp, exp = case
     uri = f"sqlite:///{tmp}/store/mlflow.db"
@@ -305,7 +305,7 @@ def test_registered_model_with_a_pickle_runs_nothing(case, capsys):
     # the issue's reproduction: a version logged in MLflow's pickle format, its data/model.pth replaced
     import mlflow.pytorch
 
-    from proxyless_ray.tracking_registry import _fluent_uri
+    from proxyless_ray.tracking.registry import _fluent_uri
 
     with _fluent_uri(uri):
         info = mlflow.pytorch.log_model(net, name="model", run_id=run_id, serialization_format="pickle",
@@ -321,7 +321,7 @@ def test_registered_model_with_a_pickle_runs_nothing(case, capsys):
 
 
 def test_resume_refuses_a_tune_folder_others_can_write(tmp_path):
-    from proxyless_ray.sweep import check_trusted
+    from proxyless_ray.sweeps.sweep import check_trusted
 
     tune = tmp_path / "sweep" / "tune"
     tune.mkdir(parents=True)
@@ -339,7 +339,7 @@ def test_sweep_resume_refuses_a_folder_others_can_write_and_unpickles_nothing(ca
     """The CLI side of the check above: exit 2 naming the file, before Tune unpickles the planted tuner.pkl."""
     import pickle
 
-    from proxyless_ray.sweep_plan import SweepPlan, save_plan, sweep_grid
+    from proxyless_ray.sweeps.plan import SweepPlan, save_plan, sweep_grid
 
     tmp, _ = case
     exp = tiny_experiment(tmp, sweep={"hardware": ["flops"], "lambdas": [0.1]})
@@ -358,8 +358,8 @@ def test_sweep_resume_refuses_a_folder_others_can_write_and_unpickles_nothing(ca
 
 
 def test_outputs_follow_the_umask(tmp_path):
-    from proxyless_ray.arch import atomic_write_text
-    from proxyless_ray.network import export_network
+    from proxyless_ray.fileio import atomic_write_text
+    from proxyless_ray.nn.network import export_network
 
     old = os.umask(0o022)
     try:
@@ -479,7 +479,7 @@ def test_ctrl_c_says_where_to_resume_from(case, capsys, monkeypatch, after_check
     """A real SIGINT to this process during the in-process search, after or before the first checkpoint."""
     import signal
 
-    from proxyless_ray.trainer import LocalReporter
+    from proxyless_ray.distributed.trainer import LocalReporter
 
     tmp, exp = case
     original = LocalReporter.__call__

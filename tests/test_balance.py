@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from proxyless_ray.balance import BatchBalancer
-from proxyless_ray.comm import Comm
-from proxyless_ray.commands.tracking import free_port
 from proxyless_ray.data import build_splits
-from proxyless_ray.train_loop import SearchLoop
+from proxyless_ray.search.balance import BatchBalancer
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.loop import SearchLoop
+from proxyless_ray.tracking.server import free_port
 
 from conftest import requires_fmnist, tiny_experiment
 

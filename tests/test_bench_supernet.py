@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxyless_ray.space import SearchSpace
+from proxyless_ray.nn.space import SearchSpace
 
 SPACE = SearchSpace(widths=(8, 16), depths=(1, 2), strides=(1, 2), feature_mix_chs=32)
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_supernet.py"

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from proxyless_ray.comm import Comm
-from proxyless_ray.commands.tracking import free_port
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.tracking.server import free_port
 
 
 def _worker(rank: int, port: int, mode: str, queue) -> None:

@@ -103,7 +103,8 @@ def test_every_numeric_field_has_a_range():
     """A new numeric field needs an entry in RANGES (or a check of its own in validate / SearchSpace)."""
     from dataclasses import fields
 
-    from proxyless_ray.config import _SECTIONS, RANGES, Experiment
+    from proxyless_ray.config import _SECTIONS, Experiment
+    from proxyless_ray.config_checks import RANGES
 
     checked_elsewhere = {"latency.lam", "latency.ref_ms", "latency.target_ms", "latency.beta", "space.widths",
                          "space.depths", "space.strides", "space.kernel_sizes", "space.exp_ratios",
@@ -119,3 +120,10 @@ def test_every_numeric_field_has_a_range():
             if numeric and not isinstance(sample, bool) and f"{section}.{f.name}" not in RANGES:
                 missing.append(f"{section}.{f.name}")
     assert sorted(set(missing) - checked_elsewhere) == []
+
+
+def test_every_registered_data_set_has_a_reader():
+    from proxyless_ray.choices import DATASETS
+    from proxyless_ray.data import READERS
+
+    assert tuple(READERS) == DATASETS

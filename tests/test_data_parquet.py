@@ -14,10 +14,10 @@ import torch
 from data_helpers import CLASSES, make_imagenet, write_class_folder
 
 from proxyless_ray.cli import main
-from proxyless_ray.commands.prepare_data import prepare
 from proxyless_ray.config import DataConfig
 from proxyless_ray.data.imagefolder import imagefolder_splits
 from proxyless_ray.data.parquet import MANIFEST, parquet_splits, total_checksum
+from proxyless_ray.data.prepare import prepare
 from proxyless_ray.data.sharding import shard_batches
 
 RES = 32

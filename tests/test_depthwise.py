@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from proxyless_ray.depthwise import DepthwiseConv2d, depthwise_weight_grad, tap_index
-from proxyless_ray.ops import build_op
+from proxyless_ray.nn.depthwise import DepthwiseConv2d, depthwise_weight_grad, tap_index
+from proxyless_ray.nn.ops import build_op
 
 
 def reference_grads(x, weight, grad_out, stride, padding):
@@ -40,7 +40,7 @@ def test_module_takes_the_fast_path_on_small_maps_with_the_same_output_and_gradi
     conv = DepthwiseConv2d(8, kernel_size, stride)
     x = torch.randn(3, 8, size, size, requires_grad=True)
     calls = []
-    import proxyless_ray.depthwise as depthwise
+    import proxyless_ray.nn.depthwise as depthwise
 
     real = depthwise.depthwise_weight_grad
     monkeypatch.setattr(depthwise, "depthwise_weight_grad", lambda *a: calls.append(a) or real(*a))
@@ -55,7 +55,7 @@ def test_module_takes_the_fast_path_on_small_maps_with_the_same_output_and_gradi
 
 
 def test_large_maps_no_grad_and_frozen_weights_use_plain_conv2d(monkeypatch):
-    import proxyless_ray.depthwise as depthwise
+    import proxyless_ray.nn.depthwise as depthwise
 
     monkeypatch.setattr(depthwise._SmallMapDepthwise, "apply", lambda *a: pytest.fail("fast path taken"))
     conv = DepthwiseConv2d(4, 3)

@@ -6,18 +6,17 @@ Synthetic tables use made-up numbers in the published key formats; the real tabl
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from proxyless_ray import cli
-from proxyless_ray.arch import Arch
 from proxyless_ray.latency.importers import UnparsedKeysError, convert_key, convert_table, import_table
 from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.profile import read_profile
+from proxyless_ray.nn.arch import Arch
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+from conftest import REFERENCE
+
 MOBILE_TRIM = REFERENCE / "proxylessnas" / "mobile_trim.yaml"
 OFA_TABLE = REFERENCE / "ofa" / "note10_224_lookup_table.yaml"
 needs_reference = pytest.mark.skipif(not MOBILE_TRIM.is_file() or not OFA_TABLE.is_file(),

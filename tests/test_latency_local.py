@@ -25,7 +25,7 @@ from proxyless_ray.latency.fingerprint import (
 )
 from proxyless_ray.latency.profile import Entry, Profile, load_profile, profile_from_text, read_profile
 from proxyless_ray.latency.profiler import ProfilerSettings, profile_spaces
-from proxyless_ray.space import SearchSpace
+from proxyless_ray.nn.space import SearchSpace
 
 from conftest import tiny_experiment
 
@@ -113,7 +113,7 @@ def test_strict_refuses_a_foreign_measured_profile_but_not_an_analytic_one(tiny_
 
 
 def test_strict_search_refuses_before_training(tmp_path, tiny_profile):
-    from proxyless_ray.trainer import run_local
+    from proxyless_ray.distributed.trainer import run_local
 
     path = tmp_path / "foreign.yaml"
     _foreign(tiny_profile, model="Other CPU 9000").save(path)
@@ -164,7 +164,7 @@ def test_corrupt_or_foreign_cache_entries_are_measured_again(cache, damage, mess
 
 
 def test_cache_writes_are_atomic_and_concurrent_users_measure_once(cache, monkeypatch):
-    import proxyless_ray.arch as arch_mod
+    import proxyless_ray.nn.arch as arch_mod
 
     real_replace = os.replace
 
@@ -213,8 +213,8 @@ def test_profile_quick_fills_the_cache_and_latency_reads_it(cache, tmp_path, cap
 
 
 def test_sweep_resolves_cpu_local_once_and_workers_take_the_driver_profile(cache, tmp_path, monkeypatch):
-    from proxyless_ray.ray_trainer import worker_latency_model
-    from proxyless_ray.sweep import resolve_local_profiles
+    from proxyless_ray.distributed.ray_trainer import worker_latency_model
+    from proxyless_ray.sweeps.sweep import resolve_local_profiles
 
     monkeypatch.setattr(local, "QUICK", {**local.QUICK, "min_time_s": 0.0, "repeats": 3, "rounds": 1})
     exp = tiny_experiment(tmp_path, space=TINY_DICT, sweep={"hardware": ["cpu_local", "pixel1"], "lambdas": [1.0]})
@@ -327,7 +327,7 @@ def test_latency_strict_cli_refuses_a_foreign_profile(tmp_path, capsys, tiny_pro
 
 
 def test_ratio_only_where_the_target_is_this_cpu(tiny_profile):
-    from proxyless_ray.retrain import latency_comparison
+    from proxyless_ray.distributed.retrain import latency_comparison
 
     measured = {"median_ms": 2.0}
     assert latency_comparison(tiny_profile, 3.0, measured) == {"latency_ratio": 1.5, "latency_note": None}
@@ -380,7 +380,7 @@ def test_gpu_fingerprint_from_device_properties(tmp_path, monkeypatch):
 
 
 def test_tracking_names_cpu_local_without_measuring(cache, monkeypatch):
-    from proxyless_ray.tracking_tags import profile_info
+    from proxyless_ray.tracking.tags import profile_info
 
     monkeypatch.setattr(local, "profile_spaces", lambda *a, **k: pytest.fail("tagging a run measured the CPU"))
     info = profile_info("cpu_local_2threads")

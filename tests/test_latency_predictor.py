@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from proxyless_ray.arch import Arch, layer_key
 from proxyless_ray.latency.predictor import (
     FEATURES,
     RooflinePredictor,
@@ -21,9 +19,11 @@ from proxyless_ray.latency.predictor import (
     predictor_from_dict,
 )
 from proxyless_ray.latency.profile import space_layers
-from proxyless_ray.space import space_from_preset
+from proxyless_ray.nn.arch import Arch, layer_key
+from proxyless_ray.nn.space import space_from_preset
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+from conftest import REFERENCE
+
 TRUE = {"mb": (0.02, 0.08, 0.3, 0.1, 0.01), "mb_e1": (0.03, 0.1, 0.2, 0.0, 0.02), "conv": (0.05, 0.0, 0.5, 0.2, 0.03),
         "conv1x1": (0.02, 0.0, 0.3, 0.2, 0.01),
         "fc": (0.01, 0.0, 0.1, 0.1, 0.005)}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxyless_ray.arch import layer_key
 from proxyless_ray.latency.model import arch_latency, load_latency_model, load_latency_model_for
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import (
@@ -23,7 +22,8 @@ from proxyless_ray.latency.profile import (
     read_profile,
     space_layers,
 )
-from proxyless_ray.space import SearchSpace, space_from_preset
+from proxyless_ray.nn.arch import layer_key
+from proxyless_ray.nn.space import SearchSpace, space_from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "hardware_profiles").glob("*.yaml"))

@@ -13,7 +13,6 @@ import torch
 import yaml
 
 from proxyless_ray import cli
-from proxyless_ray.arch import layer_key
 from proxyless_ray.latency.profile import check_space, read_profile, space_layers
 from proxyless_ray.latency.profiler import (
     Bench,
@@ -26,8 +25,9 @@ from proxyless_ray.latency.profiler import (
     robust_stats,
     run_bench,
 )
+from proxyless_ray.nn.arch import layer_key
+from proxyless_ray.nn.space import SearchSpace
 from proxyless_ray.progress import Progress
-from proxyless_ray.space import SearchSpace
 
 TINY = SearchSpace(preset="small", resolution=8, widths=(8,), depths=(2,), strides=(1,), kernel_sizes=(3,),
                    exp_ratios=(3,), stem="conv_k3_c8_s1", first_block=None, feature_mix_chs=16)

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from proxyless_ray.mixed_op import Forward, GateMode, MixedOp, WeightSharing, binary_connect_grad, reinforce_grad
-from proxyless_ray.space import SearchSpace
-from proxyless_ray.supernet import SuperNet
+from proxyless_ray.nn.mixed_op import Forward, GateMode, MixedOp, WeightSharing, binary_connect_grad, reinforce_grad
+from proxyless_ray.nn.space import SearchSpace
+from proxyless_ray.nn.supernet import SuperNet
 
 CANDS = ("mb_k3_e3_c8_s1", "mb_k5_e3_c8_s1", "mb_k3_e6_c8_s1", "zero")
 
@@ -142,7 +142,7 @@ def test_zero_op_rejected_on_width_change():
 
 
 def test_nested_candidates_are_the_standalone_ops_with_sliced_weights():
-    from proxyless_ray.ops import build_op
+    from proxyless_ray.nn.ops import build_op
 
     torch.manual_seed(0)
     cands = ("mb_k3_e3_c8_s1", "mb_k7_e6_c8_s1", "mb_k5_e3_c8_s1", "zero")

@@ -7,9 +7,9 @@ import torch
 
 from proxyless_ray.latency.expected import SupernetLatency
 from proxyless_ray.latency.model import FlopsLatencyModel, arch_latency
-from proxyless_ray.objective import add_loss, latency_objective, mul_log_loss
-from proxyless_ray.space import SearchSpace
-from proxyless_ray.supernet import SuperNet
+from proxyless_ray.nn.space import SearchSpace
+from proxyless_ray.nn.supernet import SuperNet
+from proxyless_ray.search.objective import add_loss, latency_objective, mul_log_loss
 
 
 class TableModel:

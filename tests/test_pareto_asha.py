@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxyless_ray.pareto_asha import COMPLETE, ParetoASHAScheduler, config_value
+from proxyless_ray.sweeps.pareto_asha import COMPLETE, ParetoASHAScheduler, config_value
 
 CONT, STOP = "CONTINUE", "STOP"
 

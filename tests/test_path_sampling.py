@@ -2,14 +2,14 @@
 
 import pytest
 
-from proxyless_ray.arch import parse_block
-from proxyless_ray.path_sampling import (
+from proxyless_ray.nn.arch import parse_block
+from proxyless_ray.nn.space import SearchSpace
+from proxyless_ray.search.path_sampling import (
     WarmupMethod,
     largest_choices,
     smallest_choices,
     warmup_paths,
 )
-from proxyless_ray.space import SearchSpace
 
 SLOTS = SearchSpace().slots()
 

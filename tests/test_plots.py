@@ -16,9 +16,10 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from proxyless_ray import plots, plots_search
-from proxyless_ray.arch import Arch
+from proxyless_ray import plots
 from proxyless_ray.latency.model import FlopsLatencyModel, arch_latency
+from proxyless_ray.nn.arch import Arch
+from proxyless_ray.nn.space import SearchSpace, space_from_preset
 from proxyless_ray.plots import (
     arch_boxes,
     draw_arch,
@@ -28,11 +29,13 @@ from proxyless_ray.plots import (
     plot_latency_breakdown,
     plot_pareto,
 )
-from proxyless_ray.plots_arch import FIXED_COLOUR
-from proxyless_ray.plots_search import candidate_column
-from proxyless_ray.space import SearchSpace, space_from_preset
+from proxyless_ray.plots import search as plots_search
+from proxyless_ray.plots.arch import FIXED_COLOUR
+from proxyless_ray.plots.search import candidate_column
 
-GPU_CONFIG = Path("/work/shared/reference/proxylessnas/proxyless_gpu.config")
+from conftest import REFERENCE
+
+GPU_CONFIG = REFERENCE / "proxylessnas" / "proxyless_gpu.config"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from proxyless_ray import ray_cluster
-from proxyless_ray.ray_cluster import ClusterError, check, resolve
-from proxyless_ray.sweep import fallback_note
+from proxyless_ray.distributed import cluster as ray_cluster
+from proxyless_ray.distributed.cluster import ClusterError, check, resolve
+from proxyless_ray.sweeps.sweep import fallback_note
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -271,7 +271,7 @@ def test_wrong_or_unreadable_token_is_refused_before_ray_init(head, monkeypatch,
 
 def test_ray_client_address_finds_the_token_and_connects(head):
     # Ray Client (ray://): the same probe and token look-up, then a real client session
-    code = ("import sys, ray\nfrom proxyless_ray.ray_cluster import attach\nattach(sys.argv[1], 30)\n"
+    code = ("import sys, ray\nfrom proxyless_ray.distributed.cluster import attach\nattach(sys.argv[1], 30)\n"
             "print('driver_slot', ray.cluster_resources().get('driver_slot'), ray.get(ray.remote(lambda: 7).remote()))")
     env = head.client_env(RAY_AUTH_TOKEN_PATH=str(head.token_file))
     res = subprocess.run([sys.executable, "-c", code, head.client], env=env, capture_output=True, text=True,

@@ -16,12 +16,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from proxyless_ray import ray_trainer
 from proxyless_ray.cli import main
-from proxyless_ray.comm import Comm
-from proxyless_ray.ray_resume import RAY_SNAPSHOT, ray_checkpoints
-from proxyless_ray.ray_trainer import (
-    LEAN_ENV,
+from proxyless_ray.distributed import ray_private
+from proxyless_ray.distributed.ray_private import LEAN_ENV
+from proxyless_ray.distributed.ray_trainer import (
     ClusterError,
     ReportLog,
     build_trainer,
@@ -30,9 +28,11 @@ from proxyless_ray.ray_trainer import (
     read_report_log,
     run_ray_search,
 )
+from proxyless_ray.distributed.resume import RAY_SNAPSHOT, ray_checkpoints
 from proxyless_ray.runtime import THREAD_ENV_KEYS, thread_env
-from proxyless_ray.search_state import read_meta
-from proxyless_ray.train_loop import SearchLoop
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.loop import SearchLoop
+from proxyless_ray.search.state import read_meta
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -68,8 +68,8 @@ def test_embedded_cluster_is_lean(local_ray):
 def test_lean_settings_are_the_users_to_override_and_leave_with_the_lean_cluster(tmp_path, monkeypatch):
     # connect()'s own handling of the environment, around a stand-in for ray.init (clusters are the other tests')
     started = []
-    monkeypatch.setattr(ray_trainer, "_LEAN_CLUSTER", ray_trainer._LEAN_CLUSTER)  # the running cluster's, restored
-    monkeypatch.setattr(ray_trainer, "_LEAN_SET", set())
+    monkeypatch.setattr(ray_private, "_LEAN_CLUSTER", ray_private._LEAN_CLUSTER)  # the running cluster's, restored
+    monkeypatch.setattr(ray_private, "_LEAN_SET", set())
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: started.append({k: os.environ.get(k) for k in LEAN_ENV}))
     for key in LEAN_ENV:
@@ -223,23 +223,6 @@ def test_unreachable_address_fails_fast(tmp_path):
     with pytest.raises(ClusterError, match="127.0.0.1:9.*unreachable"):
         connect(exp)
     assert time.time() - t0 < 30
-
-
-def test_the_train_hooks_we_override_still_exist():
-    """trainer_class overrides two private hooks of Ray Train V2's trainer; a Ray that renames them fails here."""
-    import inspect
-
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    assert "self._register_sigint_handler(" in inspect.getsource(DataParallelTrainer._initialize_and_run_controller)
-    assert callable(getattr(DataParallelTrainer, "_create_default_callbacks", None))
-
-
-def test_the_run_snapshot_name_is_rays():
-    """ray_resume removes Ray's run snapshot to restart a run from an older checkpoint; a renamed file fails here."""
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    assert RAY_SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
 def test_resume_passes_over_a_damaged_ray_checkpoint(tmp_path, capsys, monkeypatch):

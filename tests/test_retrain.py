@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from proxyless_ray.arch import Arch
 from proxyless_ray.cli import main
 from proxyless_ray.config import Experiment
-from proxyless_ray.retrain import measure_latency_ms, resolve_arch, run_retrain
-from proxyless_ray.trainer import run_local
+from proxyless_ray.distributed.retrain import measure_latency_ms, resolve_arch, run_retrain
+from proxyless_ray.distributed.trainer import run_local
+from proxyless_ray.nn.arch import Arch
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -45,7 +45,7 @@ def test_retrain_from_scratch_and_finetune(searched, tmp_path):
 
 def test_measure_latency_counts_repeats():
     arch = Arch("conv_k3_c8_s2", (("mb_k3_e3_c8_s1",),), None, 10, 28, 1)
-    from proxyless_ray.network import ProxylessNet
+    from proxyless_ray.nn.network import ProxylessNet
 
     m = measure_latency_ms(ProxylessNet(arch), arch, min_time_s=0.05, repeats=10)
     assert m["count"] >= 10 and m["median_ms"] > 0 and m["threads"] == 1
@@ -91,8 +91,8 @@ def test_unknown_sources_and_missing_data(searched, tmp_path, capsys):
 def test_parallel_fine_tunes_on_ray_match_one_in_process(searched, tmp_path):
     """The demo's side-by-side fine-tunes (Ray tasks) give what the same fit gives in this process, file for file."""
     from proxyless_ray.demo import _descendants, _running, fit_in_parallel
-    from proxyless_ray.network import load_network
-    from proxyless_ray.retrain import fit_network, measure_retrained
+    from proxyless_ray.distributed.retrain import fit_network, measure_retrained
+    from proxyless_ray.nn.network import load_network
 
     exp = tiny_experiment(tmp_path)
     spec = os.path.join(searched.output_dir, "network")

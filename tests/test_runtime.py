@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from proxyless_ray.commands.search import settle_local_threads
+from proxyless_ray.cli.search import settle_local_threads
 from proxyless_ray.config import load_experiment
 from proxyless_ray.runtime import (
     THREAD_ENV_KEYS,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from proxyless_ray.pareto_asha import ParetoASHAScheduler
-from proxyless_ray.schedulers import SCHEDULERS, asha_scalarised, build_scheduler
+from proxyless_ray.choices import SCHEDULERS
+from proxyless_ray.sweeps.pareto_asha import ParetoASHAScheduler
+from proxyless_ray.sweeps.schedulers import BUILDERS, asha_scalarised, build_scheduler
 
 
 def test_build_scheduler():
@@ -22,3 +23,7 @@ def test_build_scheduler():
     with pytest.raises(ValueError, match="mode"):
         asha_scalarised(mode="up")
     assert SCHEDULERS == ("fifo", "asha", "pareto")
+
+
+def test_every_registered_scheduler_has_a_builder():
+    assert tuple(BUILDERS) == SCHEDULERS

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from proxyless_ray.arch import Arch
-from proxyless_ray.comm import Comm
-from proxyless_ray.search_state import load_checkpoint, new_state
-from proxyless_ray.train_loop import SearchLoop
-from proxyless_ray.trainer import latest_checkpoint, run_local
+from proxyless_ray.distributed.trainer import latest_checkpoint, run_local
+from proxyless_ray.nn.arch import Arch
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.loop import SearchLoop
+from proxyless_ray.search.state import load_checkpoint, new_state
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -51,7 +51,7 @@ def test_arch_steps_move_alpha_only_after_warmup(tmp_path):
 
 def test_resume_continues_a_stopped_run(tmp_path):
     exp = tiny_experiment(tmp_path, train={"epochs": 3})
-    from proxyless_ray.trainer import LocalReporter
+    from proxyless_ray.distributed.trainer import LocalReporter
 
     reporter = LocalReporter(exp.output_dir, echo=False)
     SearchLoop(exp, Comm(), reporter, progress=False).run(until_epoch=2)  # "stopped" after epoch 2
@@ -90,7 +90,7 @@ def test_finetune_after_search_is_reported_apart(tmp_path):
 
 
 def test_heldout_accuracy_reads_the_derived_network_and_leaves_the_supernet_alone(tmp_path):
-    from proxyless_ray.evaluate import accuracy, derived_network
+    from proxyless_ray.search.evaluate import accuracy, derived_network
 
     exp = tiny_experiment(tmp_path, train={"epochs": 1, "warmup_epochs": 1})
     seen = []
@@ -114,7 +114,7 @@ def test_heldout_accuracy_reads_the_derived_network_and_leaves_the_supernet_alon
 def test_final_metrics_test_the_last_epochs_child_as_a_fresh_recalibration_would(tmp_path):
     """The final metrics reuse the child the last epoch recalibrated for its held-out reading: it is the network a
     recalibration after the search gives, weights and BN statistics bit for bit, and its test accuracy."""
-    from proxyless_ray.evaluate import accuracy
+    from proxyless_ray.search.evaluate import accuracy
 
     exp = tiny_experiment(tmp_path, train={"epochs": 2, "warmup_epochs": 1})
     seen = []

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from proxyless_ray.space import PRESETS, SearchSpace, candidate_blocks, space_from_preset
+from proxyless_ray.nn.space import PRESETS, SearchSpace, candidate_blocks, space_from_preset
 
 
 def test_imagenet_preset_matches_paper():

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from proxyless_ray.network import ProxylessNet, export_network, load_network
-from proxyless_ray.space import SearchSpace
-from proxyless_ray.supernet import SuperNet
+from proxyless_ray.nn.network import ProxylessNet, export_network, load_network
+from proxyless_ray.nn.space import SearchSpace
+from proxyless_ray.nn.supernet import SuperNet
 
 SPACE = SearchSpace(widths=(8, 16), depths=(2, 2), strides=(1, 2), feature_mix_chs=32)
 
@@ -102,7 +102,7 @@ def test_an_nchw_training_step_computes_the_channels_last_step(model):
     # NCHW depthwise kernels are slow): the same loss and gradients as the channels-last model, NCHW gradients
     import copy
 
-    from proxyless_ray.mixed_op import GateMode
+    from proxyless_ray.nn.mixed_op import GateMode
 
     torch.manual_seed(0)
     net = SuperNet(SPACE, weight_sharing="nested")
@@ -131,7 +131,7 @@ def test_an_nchw_training_step_computes_the_channels_last_step(model):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
         assert p.is_contiguous() and p.grad.is_contiguous(), name
     # inference keeps the batch's layout (latency measurement and exported networks see the layers as built)
-    from proxyless_ray.ops import training_layout
+    from proxyless_ray.nn.ops import training_layout
 
     assert training_layout(x).is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

@@ -127,7 +127,7 @@ def test_workers_per_trial_beyond_the_cluster(tmp_path, capsys):
 def test_trials_hold_a_share_of_the_driver_slots(tmp_path):
     """Running trials are capped by a resource (paused trials hold none), else by max_concurrent_trials; a trial of
     one worker computes in its own actor and holds that worker's CPUs (GPUs), a Train driver none."""
-    from proxyless_ray.sweep import trial_resources
+    from proxyless_ray.sweeps.sweep import trial_resources
 
     cfg, _ = write_config(tmp_path)
     data = yaml.safe_load(cfg.read_text())

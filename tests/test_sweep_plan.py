@@ -3,7 +3,7 @@
 import pytest
 
 from proxyless_ray.cli import main
-from proxyless_ray.sweep_plan import TrialSpec, load_plan, sweep_grid, trial_experiment, warmup_key
+from proxyless_ray.sweeps.plan import TrialSpec, load_plan, sweep_grid, trial_experiment, warmup_key
 
 from conftest import tiny_experiment
 
@@ -72,3 +72,12 @@ def test_cli_bad_sweep_exits_2_before_ray(tmp_path, capsys):
 def test_resume_of_a_folder_without_sweep(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no sweep"):
         load_plan(str(tmp_path))
+
+
+def test_trial_spec_round_trips_through_its_dict():
+    from dataclasses import asdict
+
+    from proxyless_ray.sweeps.plan import TrialSpec
+
+    for spec in (TrialSpec("pixel1", "add", lam=0.1), TrialSpec("gpu", "mul_log", beta=0.6, target_ms=5.0)):
+        assert TrialSpec.from_dict(asdict(spec)) == spec

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from proxyless_ray.sweep_plan import TRIALS_DIR
-from proxyless_ray.sweep_report import front_table, trial_rows
+from proxyless_ray.sweeps.plan import TRIALS_DIR
+from proxyless_ray.sweeps.report import front_table, trial_rows
 
 
 def tune_result(key: str, epoch: int, finished: bool, acc: float):

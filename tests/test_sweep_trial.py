@@ -14,7 +14,7 @@ import time
 import pytest
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.sweep_plan import TrialSpec
+from proxyless_ray.sweeps.plan import TrialSpec
 
 from conftest import TINY_SPACE, requires_fmnist
 
@@ -45,7 +45,7 @@ def trial_config(exp: Experiment, spec: TrialSpec, sweep_dir: str, warmup: str |
 
 def run_uninterrupted(config: dict) -> list[dict]:
     """A trial's per-epoch metrics, run here in one go (no Tune, no pause)."""
-    from proxyless_ray.sweep_trial import fresh_trial_loop, trial_of
+    from proxyless_ray.sweeps.trial import fresh_trial_loop, trial_of
 
     exp, _, _ = trial_of(config)
     seen: list[dict] = []
@@ -101,8 +101,8 @@ def test_paused_and_killed_trials_resume_in_reused_processes_with_the_uninterrup
     resumes (two of three go on); the first trial to reach its second search epoch is SIGKILLed in its last epoch
     and retried from its checkpoint. Every epoch every trial reported equals that trial run here without pause or
     kill, and the trials share processes (one actor serves several trials)."""
-    from proxyless_ray.sweep import run_sweep
-    from proxyless_ray.sweep_plan import load_plan, sweep_grid
+    from proxyless_ray.sweeps.plan import load_plan, sweep_grid
+    from proxyless_ray.sweeps.sweep import run_sweep
 
     exp = sweep_experiment(tmp_path, scheduler="pareto")
     sweep_dir = tmp_path / "runs" / "reuse"

@@ -14,9 +14,11 @@ from mlflow import MlflowClient
 
 from proxyless_ray.cli import main
 from proxyless_ray.config import TrackingConfig, with_overrides
-from proxyless_ray.tracking import Tracker, TrackingUnavailable, resolve_uri, search_tags
-from proxyless_ray.tracking_registry import load_registered, model_versions
-from proxyless_ray.trainer import run_local
+from proxyless_ray.distributed.trainer import run_local
+from proxyless_ray.sweeps.tracking import finish_sweep, tune_callback
+from proxyless_ray.tracking.registry import load_registered, model_versions
+from proxyless_ray.tracking.retrain import log_retrain
+from proxyless_ray.tracking.tracker import Tracker, TrackingUnavailable, resolve_uri, search_tags
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -264,14 +266,14 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
 
     done, stopped, broken = (StandInTrial("a", config(0.1)), StandInTrial("b", config(0.5)),
                              StandInTrial("c", config(0.9), RuntimeError("worker died\nboom")))
-    cb = t.tune_callback(parent)
+    cb = tune_callback(t, parent)
     for trial in (done, stopped, broken):
         cb.on_trial_start(0, [], trial)
     for epoch in (1, 2):
         cb.on_trial_result(0, [], done, {"epoch": epoch, "heldout_acc": 0.5 + epoch / 10, "arch": "mb_k3_e1_c8_s1",
                                          "expected_latency_ms": 0.3, "training_iteration": epoch, "time_total_s": 1})
     cb.on_trial_result(0, [], stopped, {"epoch": 1, "heldout_acc": 0.9, "expected_latency_ms": 0.1})
-    again = t.tune_callback(parent)  # a restored sweep: new callback, same trials, epoch 2 reported again
+    again = tune_callback(t, parent)  # a restored sweep: new callback, same trials, epoch 2 reported again
     again.on_trial_start(0, [], done)
     again.on_trial_result(0, [], done, {"epoch": 2, "heldout_acc": 0.0, "expected_latency_ms": 9.9})
     shutil.copytree(exp.output_dir, os.path.join(sweep_dir, "trials", "pixel1-add-lam0.1"))
@@ -297,16 +299,16 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
             {"trial_id": "pixel1-add-lam0.5", "hardware": "pixel1", "heldout_acc": 0.9, "expected_latency_ms": 0.1,
              "on_front": False, "finished": False, "out_dir": "-"}]
     pd.DataFrame(rows).to_parquet(os.path.join(sweep_dir, "pareto.parquet"))
-    assert t.finish_sweep(parent, sweep_dir, {"name": "cb"}) is True
+    assert finish_sweep(t, parent, sweep_dir, {"name": "cb"}) is True
     assert t.client.get_run(parent).info.status == "FINISHED"
     assert {"pareto/pareto.parquet", "pareto/summary.json"} <= _artifacts(t.client, parent)
     versions = model_versions(uri, "pixel1")
     assert [v.tags["trial"] for v in versions] == ["pixel1-add-lam0.1"]
     assert versions[0].run_id == a.info.run_id
-    assert t.finish_sweep(parent, sweep_dir, {"name": "cb"}) is True  # resumed sweep: no second version
+    assert finish_sweep(t, parent, sweep_dir, {"name": "cb"}) is True  # resumed sweep: no second version
     assert len(model_versions(uri, "pixel1")) == 1
     # only the trial that ran to the end is a front candidate when read back from MLflow
-    from proxyless_ray.tracking_results import results_table
+    from proxyless_ray.tracking.results import results_table
 
     table = results_table(uri, "sweep-callback", parent_id=parent)
     assert table["trial_id"].tolist() == [a.info.run_id]
@@ -314,13 +316,13 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
 
 @requires_fmnist
 def test_retrain_run_is_nested_under_the_search_that_found_the_network(searched):
-    from proxyless_ray.retrain import run_retrain
+    from proxyless_ray.distributed.retrain import run_retrain
 
     exp, uri, _ = searched
     res = run_retrain(exp, os.path.join(exp.output_dir, "network"), finetune=True, epochs=1)
     t = Tracker(exp)
     search_child = t.find_trial_run(os.path.abspath(exp.output_dir))
-    run_id = t.log_retrain(res, trial_key=os.path.abspath(exp.output_dir))
+    run_id = log_retrain(t, res, trial_key=os.path.abspath(exp.output_dir))
     run = t.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == search_child
     assert run.data.metrics["test_acc"] == pytest.approx(res["test_acc"])

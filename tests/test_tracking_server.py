@@ -18,9 +18,9 @@ import torch
 from mlflow import MlflowClient
 
 from proxyless_ray.cli import main
-from proxyless_ray.commands.tracking import free_port, wait_healthy
-from proxyless_ray.tracking_registry import load_registered
-from proxyless_ray.trainer import run_local
+from proxyless_ray.distributed.trainer import run_local
+from proxyless_ray.tracking.registry import load_registered
+from proxyless_ray.tracking.server import free_port, wait_healthy
 
 from conftest import requires_fmnist, tiny_experiment
 
@@ -111,8 +111,8 @@ def test_search_against_a_tracking_server(tmp_path, mlflow_server):
 @requires_fmnist
 @pytest.mark.ray
 def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
-    from proxyless_ray.sweep import run_sweep
-    from proxyless_ray.tracking import Tracker
+    from proxyless_ray.sweeps.sweep import run_sweep
+    from proxyless_ray.tracking.tracker import Tracker
 
     uri, _ = mlflow_server
     # no warm-up: one Train run fewer (the shared warm-up is tested in test_sweep.py)

@@ -7,11 +7,14 @@ decode on demand. Sharding across ranks is :func:`proxyless_ray.data.sharding.sh
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from proxyless_ray.choices import DATASETS, expected
 
 
 class BatchSource(Protocol):
@@ -48,20 +51,21 @@ def iterate(source: BatchSource, batches: Sequence[torch.Tensor], train: bool, s
 
 def load_splits(data_cfg, resolution: int, in_chs: int) -> Splits:
     """Build the splits a data config names; file-backed data is decoded to ``in_chs x resolution x resolution``."""
-    name = data_cfg.name
-    if name == "fashion_mnist":
-        from proxyless_ray.data.fashion_mnist import fashion_mnist_splits
+    if data_cfg.name not in READERS:
+        raise ValueError(f"data.name {data_cfg.name!r} is unknown; {expected(DATASETS)}")
+    module, function = READERS[data_cfg.name]
+    # deferred on purpose: a data set's reader (pyarrow, PIL) loads only when it is used; readers import Splits
+    # from this module, so they cannot be imported at its top
+    reader = getattr(importlib.import_module(module), function)
+    return reader(data_cfg) if data_cfg.name == "fashion_mnist" else reader(data_cfg, resolution, in_chs)
 
-        return fashion_mnist_splits(data_cfg)
-    if name == "imagefolder":
-        from proxyless_ray.data.imagefolder import imagefolder_splits
 
-        return imagefolder_splits(data_cfg, resolution, in_chs)
-    if name == "parquet":
-        from proxyless_ray.data.parquet import parquet_splits
-
-        return parquet_splits(data_cfg, resolution, in_chs)
-    raise ValueError(f"data.name {name!r} is unknown; expected fashion_mnist, imagefolder or parquet")
+# One reader per name of the registry (proxyless_ray.choices.DATASETS): module and function
+READERS: dict[str, tuple[str, str]] = {
+    "fashion_mnist": ("proxyless_ray.data.fashion_mnist", "fashion_mnist_splits"),
+    "imagefolder": ("proxyless_ray.data.imagefolder", "imagefolder_splits"),
+    "parquet": ("proxyless_ray.data.parquet", "parquet_splits"),
+}
 
 
 def build_splits(data_cfg, space) -> Splits:

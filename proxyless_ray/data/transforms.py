@@ -8,8 +8,8 @@ CenterCrop(resolution)), done on uint8 tensors:
 - JPEGs go through libjpeg-turbo in ``torchvision.io.decode_jpeg`` (one call per batch); PNG/GIF/WebP through
   ``decode_image``; anything else (BMP, TIFF, ...) through PIL. Grayscale is decoded straight to one channel.
 - A crop is a view, and one antialiased uint8 ``interpolate`` per image resizes it; normalisation runs once per
-  batch. This is what makes the reader >= 1.5x faster than ImageFolder + PIL + ``transforms`` v1 (see
-  ``benchmarks/bench_data.py``). Outputs match torchvision's PIL pipeline to within a grey level or so (tested).
+  batch. This is what makes the reader faster than ImageFolder + PIL + ``transforms`` v1 (``benchmarks/bench_data.py``,
+  ``docs/benchmarks.md``). Outputs match torchvision's PIL pipeline to within a grey level or so (tested).
 - The random numbers of a batch are drawn up front from the batch's generator, so results do not depend on the
   number of decoding threads nor on which images turned out unreadable.
 

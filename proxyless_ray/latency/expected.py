@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from proxyless_ray.arch import ZERO
 from proxyless_ray.latency.model import LatencyModel, layer_latency
-from proxyless_ray.space import SearchSpace
+from proxyless_ray.nn.arch import ZERO
+from proxyless_ray.nn.space import SearchSpace
 
 
 class SupernetLatency:

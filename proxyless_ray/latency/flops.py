@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxyless_ray.arch import out_resolution, parse_block
+from proxyless_ray.nn.arch import out_resolution, parse_block
 
 
 @dataclass(frozen=True)

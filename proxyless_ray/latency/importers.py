@@ -8,7 +8,7 @@
   ``-hs:`` fields, ``expand`` the *expanded channel count* (ratio = expand / in_chs), values ``{count, mean, std}``,
   plus ``AvgPool2D`` and ``Conv_2`` (a 1x1 conv after pooling).
 
-Keys become :func:`proxyless_ray.arch.layer_key` keys. Entries our search space cannot express (squeeze-excite,
+Keys become :func:`proxyless_ray.nn.arch.layer_key` keys. Entries our search space cannot express (squeeze-excite,
 h-swish, a non-integer expansion, a conv after pooling) are skipped and reported with the reason; keys that do not
 parse at all are an error that lists them.
 """
@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from proxyless_ray.arch import BlockSpec, format_block, layer_key, out_resolution
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import Entry, Profile
+from proxyless_ray.nn.arch import BlockSpec, format_block, layer_key, out_resolution
 
 FORMATS = ("proxylessnas", "ofa")
 

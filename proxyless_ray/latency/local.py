@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from proxyless_ray.latency.fingerprint import cpu_fingerprint, describe, differences, fingerprint_id
 from proxyless_ray.latency.profile import Profile, read_profile
 from proxyless_ray.latency.profiler import ProfilerSettings, profile_spaces
-from proxyless_ray.space import SearchSpace
+from proxyless_ray.nn.space import SearchSpace
 
 LOCAL_CPU = "cpu_local"
 _LOCAL_RE = re.compile(r"^cpu_local(?:_(\d+)threads?)?$")

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxyless_ray.arch import Arch, Layer, parse_block
 from proxyless_ray.latency.flops import layer_cost
-from proxyless_ray.space import SearchSpace
+from proxyless_ray.nn.arch import Arch, Layer, parse_block
+from proxyless_ray.nn.space import SearchSpace
 
 
 class LatencyModel(Protocol):

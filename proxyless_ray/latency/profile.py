@@ -1,7 +1,7 @@
 """Hardware profiles: per-layer latency tables of one platform, plus a fitted or analytic predictor.
 
 A profile is a YAML file in ``hardware_profiles/`` (format in ``hardware_profiles/README.md``): metadata saying
-what was measured and how, ``entries`` keyed by :func:`proxyless_ray.arch.layer_key` (``mb_k5_e6_c40_s2@24x56x56``)
+what was measured and how, ``entries`` keyed by :func:`proxyless_ray.nn.arch.layer_key` (``mb_k5_e6_c40_s2@24x56x56``)
 with the latency in ms, its spread and the number of runs, and an optional ``predictor``
 (:mod:`proxyless_ray.latency.predictor`) for shapes the table does not hold. Large tables go to a Parquet file
 beside the YAML. :class:`Profile` implements the ``lat_ms`` latency-model interface: exact entry first, then the
@@ -20,9 +20,10 @@ from typing import Any
 
 import yaml
 
-from proxyless_ray.arch import atomic_write_text, layer_key, parse_block, parse_layer_key, umask_mode
+from proxyless_ray.fileio import atomic_write_text, umask_mode
 from proxyless_ray.latency.predictor import Predictor, predictor_from_dict
-from proxyless_ray.space import SearchSpace
+from proxyless_ray.nn.arch import layer_key, parse_block, parse_layer_key
+from proxyless_ray.nn.space import SearchSpace
 
 PROFILE_VERSION = 1
 DEVICES = ("cpu", "gpu", "mobile")
@@ -296,6 +297,11 @@ def load_profile(spec: str | os.PathLike, strict: bool = False) -> Profile:
 
 
 # -- coverage ------------------------------------------------------------------------------------------------------
+
+
+def shipped_models(exclude: str | None = None) -> dict[str, Profile]:
+    """Every profile in ``hardware_profiles/`` but ``exclude`` (for per-epoch latency on all platforms)."""
+    return {name: load_profile(name) for name in list_profiles() if name != exclude}
 
 
 def space_layers(spaces: SearchSpace | Iterable[SearchSpace]) -> list[tuple[str, int, int]]:

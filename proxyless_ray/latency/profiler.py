@@ -9,7 +9,7 @@ Two contexts:
 * ``isolated``: each layer alone, run again and again on the same input (the classic per-layer table; a little
   optimistic because its weights and input stay in cache).
 
-Layers come from :mod:`proxyless_ray.ops` (MBConvs inside :class:`~proxyless_ray.ops.ResidualBlock`, so the shortcut
+Layers come from :mod:`~proxyless_ray.nn.ops` (MBConvs inside :class:`~.nn.ops.ResidualBlock`, so the shortcut
 add is priced as in the network), in eval mode under ``torch.inference_mode``, at the profile's batch size. On CPU
 the thread count is pinned and wall-clock time is read between calls; on CUDA, events are recorded between calls
 and the stream is synchronised before reading them. After a warm-up, the chosen statistic of the repeats (median
@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TextIO
 
-from proxyless_ray.arch import layer_key
 from proxyless_ray.latency.fingerprint import machine_fingerprint
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import Entry, Profile, space_layers, space_record
+from proxyless_ray.nn.arch import layer_key
+from proxyless_ray.nn.space import SearchSpace
 from proxyless_ray.progress import Progress
-from proxyless_ray.space import SearchSpace
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # Threading settings that change CPU timings (e.g. OMP_WAIT_POLICY=PASSIVE stops spinning threads from burning a
@@ -160,8 +160,8 @@ def build_layer(block: str, in_chs: int, resolution: int, settings: ProfilerSett
     """A no-argument callable running one layer (eval mode) on a fixed random input on ``settings.device``."""
     import torch
 
-    from proxyless_ray.arch import parse_block
-    from proxyless_ray.ops import Classifier, ResidualBlock, build_op
+    from proxyless_ray.nn.arch import parse_block
+    from proxyless_ray.nn.ops import Classifier, ResidualBlock, build_op
 
     device = torch.device(settings.device)
     if block.startswith("fc_c"):
@@ -223,7 +223,7 @@ class Bench:
     def _build(self, step: tuple) -> tuple[list[Callable[[Any], Any]], list[str], Any]:
         import torch
 
-        from proxyless_ray.network import ProxylessNet
+        from proxyless_ray.nn.network import ProxylessNet
 
         bsz = self.settings.batch_size
         if step[0] == "layer":
