@@ -21,7 +21,7 @@ from proxyless_ray.latency.fingerprint import machine_fingerprint
 from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.predictor import LinearPredictor, RooflinePredictor
 from proxyless_ray.latency.profile import Entry, Profile
-from proxyless_ray.latency.profiler import check_device, robust_stats
+from proxyless_ray.latency.timing import check_device, robust_stats
 from proxyless_ray.nn.arch import Arch
 
 # End-to-end checks split each network's timing into this many windows, interleaved across the networks
