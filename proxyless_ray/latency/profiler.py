@@ -35,9 +35,12 @@ from proxyless_ray.latency.fingerprint import machine_fingerprint
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import Entry, Profile, space_layers, space_record
 from proxyless_ray.latency.timing import Stamps, check_device, quantile_of, quantile_window, robust_stats
-from proxyless_ray.nn.arch import layer_key
+from proxyless_ray.nn.arch import layer_key, parse_block
+from proxyless_ray.nn.network import ProxylessNet
+from proxyless_ray.nn.ops import Classifier, ResidualBlock, build_op
 from proxyless_ray.nn.space import SearchSpace
 from proxyless_ray.progress import Progress
+from proxyless_ray.runtime import tune_allocator
 
 # Threading settings that change CPU timings (e.g. OMP_WAIT_POLICY=PASSIVE stops spinning threads from burning a
 # container's CPU quota, which otherwise stalls multi-threaded runs for a whole 100 ms quota period).
@@ -82,8 +85,6 @@ def build_layer(block: str, in_chs: int, resolution: int, settings: ProfilerSett
     """A no-argument callable running one layer (eval mode) on a fixed random input on ``settings.device``."""
     import torch
 
-    from proxyless_ray.nn.arch import parse_block
-    from proxyless_ray.nn.ops import Classifier, ResidualBlock, build_op
 
     device = torch.device(settings.device)
     if block.startswith("fc_c"):
@@ -145,7 +146,6 @@ class Bench:
     def _build(self, step: tuple) -> tuple[list[Callable[[Any], Any]], list[str], Any]:
         import torch
 
-        from proxyless_ray.nn.network import ProxylessNet
 
         bsz = self.settings.batch_size
         if step[0] == "layer":
@@ -239,7 +239,6 @@ def device_info(settings: ProfilerSettings) -> dict[str, Any]:
 
 
 def _tuned() -> bool:
-    from proxyless_ray.runtime import tune_allocator
 
     return tune_allocator()
 
@@ -259,7 +258,6 @@ def run_bench(bench: Bench, progress: Callable[[int, str], None] | None = None) 
     """Run every step of ``bench`` in ``rounds`` passes with the thread count pinned (restored after)."""
     import torch
 
-    from proxyless_ray.runtime import tune_allocator
 
     tune_allocator()  # the allocator the search and the exported networks run with
     old = torch.get_num_threads()
