@@ -2,10 +2,9 @@
 OpenMP threads wait.
 
 glibc hands every allocation above 128 KiB back to the kernel on free (``mmap``/``munmap``), so each large
-activation tensor of a forward or backward pass page-faults afresh: on the 2-vCPU development VM that made an
-ImageNet-space forward pass 1.6x slower (52.8 -> 32.2 ms at batch 1) and a small-space training step 1.3x slower,
-and left latency measurements jittering by +-30 %. Raising the mmap and trim thresholds keeps freed memory in the
-heap for reuse.
+activation tensor of a forward or backward pass page-faults afresh: forward passes and training steps slow down and
+latency measurements jitter (figures: docs/benchmarks.md). Raising the mmap and trim thresholds keeps freed memory
+in the heap for reuse.
 
 Between two parallel regions (every op of a step is one) torch's OpenMP threads wait for the next, either spinning
 or asleep. Asleep (``OMP_WAIT_POLICY=PASSIVE``) every op pays for waking them, and two threads step no faster than

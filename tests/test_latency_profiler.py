@@ -17,14 +17,12 @@ from proxyless_ray.latency.profile import check_space, read_profile, space_layer
 from proxyless_ray.latency.profiler import (
     Bench,
     ProfilerSettings,
-    Stamps,
-    check_device,
     cover_archs,
     measure_layers,
     profile_spaces,
-    robust_stats,
     run_bench,
 )
+from proxyless_ray.latency.timing import Stamps, check_device, robust_stats
 from proxyless_ray.nn.arch import layer_key
 from proxyless_ray.nn.space import SearchSpace
 from proxyless_ray.progress import Progress

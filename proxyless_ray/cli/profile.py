@@ -77,7 +77,8 @@ def _settings(args: argparse.Namespace):
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from proxyless_ray.latency.profiler import check_device, profile_spaces
+    from proxyless_ray.latency.profiler import profile_spaces
+    from proxyless_ray.latency.timing import check_device
 
     # [1] validate everything before minutes of measuring
     check_device(args.device)

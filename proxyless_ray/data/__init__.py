@@ -17,6 +17,13 @@ import torch
 from proxyless_ray.choices import DATASETS, expected
 
 
+class DamagedShard(ValueError):
+    """A Parquet shard's bytes cannot be read back (changed on disk since prepare-data): named with its row group.
+
+    Here rather than in :mod:`.parquet` so that a Ray worker can tell it from other failures without importing the
+    readers (pyarrow, torchvision)."""
+
+
 class BatchSource(Protocol):
     """A split that can produce batches by index."""
 

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from proxyless_ray.data import Splits
+from proxyless_ray.data import DamagedShard, Splits
 from proxyless_ray.data.imagefolder import carve, subset
 from proxyless_ray.data.transforms import EncodedSource, new_stats
 
@@ -40,10 +40,6 @@ VERSION = 1
 COLUMNS = ("image", "label", "class", "key")
 TEST_SPLIT = "val"
 MAX_OPEN_FILES = 64  # shard readers kept open per split (ImageNet has ~1300 shards; ulimit -n is often 1024)
-
-
-class DamagedShard(ValueError):
-    """A shard's bytes cannot be read back (changed on disk since prepare-data): named with its row group."""
 
 
 def open_location(location: str) -> tuple[pafs.FileSystem, str]:

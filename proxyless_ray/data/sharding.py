@@ -45,3 +45,23 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int, epoch: int, se
         else:  # last partial batch in evaluation: split as evenly as possible, possibly empty on some ranks
             out.append(chunk.tensor_split(world)[rank])
     return out
+
+
+class EndlessBatches:
+    """Batch ``k`` of a split read one batch at a time across passes (reshuffled each pass, sharded like
+    :func:`shard_batches`), for readers that count batches rather than epochs: the architecture steps read the
+    held-out split by their own counter, so a resumed run reads exactly the batches the uninterrupted run reads."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
+        self.n, self.rank, self.world, self.seed = n, rank, world, seed
+        self.batch_size = min(batch_size, max(n // world, 1))
+        self.per_pass = n // (self.batch_size * world)
+        self._plan: tuple[int, list[torch.Tensor]] = (-1, [])
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        if self.per_pass == 0:
+            raise ValueError(f"split of {self.n} images is too small for {self.world} workers")
+        pass_, i = divmod(k, self.per_pass)
+        if self._plan[0] != pass_:
+            self._plan = (pass_, shard_batches(self.n, self.batch_size, self.rank, self.world, pass_, self.seed))
+        return self._plan[1][i]

@@ -18,8 +18,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from proxyless_ray.config import Experiment
-from proxyless_ray.data import build_splits
-from proxyless_ray.data.parquet import DamagedShard
+from proxyless_ray.data import DamagedShard, build_splits
 from proxyless_ray.distributed.cluster import ClusterError, Endpoint, HeadWatch, attach, effective_address, node_cpus
 from proxyless_ray.distributed.ray_private import (
     mark_lean_cluster,

@@ -21,8 +21,10 @@ from proxyless_ray.latency.fingerprint import machine_fingerprint
 from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.predictor import LinearPredictor, RooflinePredictor
 from proxyless_ray.latency.profile import Entry, Profile
-from proxyless_ray.latency.profiler import check_device, robust_stats
+from proxyless_ray.latency.timing import check_device, robust_stats
 from proxyless_ray.nn.arch import Arch
+from proxyless_ray.nn.network import ProxylessNet
+from proxyless_ray.runtime import tune_allocator
 
 # End-to-end checks split each network's timing into this many windows, interleaved across the networks
 CHECK_ROUNDS = 10
@@ -57,8 +59,6 @@ def measure_networks(archs: Sequence[Arch], device: str = "cpu", threads: int = 
 
     import torch
 
-    from proxyless_ray.nn.network import ProxylessNet
-    from proxyless_ray.runtime import tune_allocator
 
     check_device(device)
     if clock == "thread" and (device != "cpu" or threads != 1):

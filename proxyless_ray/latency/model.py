@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from proxyless_ray.latency.flops import layer_cost
+from proxyless_ray.latency.local import is_local, local_profile
+from proxyless_ray.latency.profile import Profile, check_space, load_profile
 from proxyless_ray.nn.arch import Arch, Layer, parse_block
 from proxyless_ray.nn.space import SearchSpace
 
@@ -59,9 +61,6 @@ def load_latency_model(spec: str, strict: bool = False) -> LatencyModel:
     """
     if spec == "flops":
         return FlopsLatencyModel()
-    from proxyless_ray.latency.local import is_local, local_profile
-    from proxyless_ray.latency.profile import load_profile
-
     if is_local(spec):
         return local_profile(spec, None, strict=strict)
     return load_profile(spec, strict=strict)
@@ -75,9 +74,6 @@ def load_latency_model_for(spec: str, space: SearchSpace, strict: bool = False) 
         ValueError: naming the profile, the space's fingerprint and missing shapes when the profile was measured
             for another space and strict mode (or a missing predictor) forbids predicting them.
     """
-    from proxyless_ray.latency.local import is_local, local_profile
-    from proxyless_ray.latency.profile import Profile, check_space
-
     if is_local(spec):  # this machine's CPU: measured for the space on first use, then read from the cache
         return local_profile(spec, space, strict=strict)
     model = load_latency_model(spec, strict=strict)

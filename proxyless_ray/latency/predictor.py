@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from proxyless_ray.latency.flops import layer_cost
-from proxyless_ray.nn.arch import Arch, out_resolution, parse_block
+from proxyless_ray.nn.arch import Arch, out_resolution, parse_block, parse_layer_key
 
 FEATURES = ("pw_mmacs", "dw_mmacs", "act_mbytes", "weight_mbytes", "kernels")
 OP_TYPES = ("mb", "mb_e1", "conv", "conv1x1", "fc")
@@ -232,7 +232,6 @@ def fit_linear(entries: Mapping[str, float], dtype_bytes: int = 4, min_per_type:
     Raises:
         ValueError: with no entries, or a key that does not parse, or a latency that is not a positive number.
     """
-    from proxyless_ray.nn.arch import parse_layer_key
 
     if not entries:
         raise ValueError("cannot fit a latency predictor on an empty profile")

@@ -25,7 +25,6 @@ import datetime as _dt
 import os
 import platform
 import random
-import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,11 +34,14 @@ from typing import Any, TextIO
 from proxyless_ray.latency.fingerprint import machine_fingerprint
 from proxyless_ray.latency.predictor import fit_linear
 from proxyless_ray.latency.profile import Entry, Profile, space_layers, space_record
-from proxyless_ray.nn.arch import layer_key
+from proxyless_ray.latency.timing import Stamps, check_device, quantile_of, quantile_window, robust_stats
+from proxyless_ray.nn.arch import layer_key, parse_block
+from proxyless_ray.nn.network import ProxylessNet
+from proxyless_ray.nn.ops import Classifier, ResidualBlock, build_op
 from proxyless_ray.nn.space import SearchSpace
 from proxyless_ray.progress import Progress
+from proxyless_ray.runtime import tune_allocator
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # Threading settings that change CPU timings (e.g. OMP_WAIT_POLICY=PASSIVE stops spinning threads from burning a
 # container's CPU quota, which otherwise stalls multi-threaded runs for a whole 100 ms quota period).
 _THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS",
@@ -79,89 +81,10 @@ class ProfilerSettings:
             raise ValueError(f"profiler warmup and min_time_s must be >= 0, got {self.warmup}, {self.min_time_s}")
 
 
-def check_device(device: str) -> str:
-    """Validate a device string; raises ValueError naming it unless it is ``cpu``, ``cuda`` or ``cuda:N``."""
-    if not isinstance(device, str) or not _DEVICE_RE.match(device):
-        raise ValueError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'")
-    return device
-
-
-def quantile_of(statistic: str) -> float:
-    """``median`` -> 0.5, ``min`` -> 0, ``p10`` -> 0.1; raises ValueError naming anything else."""
-    if statistic == "median":
-        return 0.5
-    if statistic == "min":
-        return 0.0
-    m = re.match(r"^p(\d{1,2})$", str(statistic))
-    if not m:
-        raise ValueError(f"unknown timing statistic {statistic!r}; expected 'median', 'min' or 'pNN' (e.g. 'p10')")
-    return int(m.group(1)) / 100
-
-
-def quantile_window(n: int, statistic: str) -> slice:
-    """Ranks (in sorted order) whose mean estimates ``statistic``: 5 % of ``n`` samples, at least 3, centred on the
-    quantile's rank. ``min`` is thus the mean of the fastest few runs: steadier than the single fastest one."""
-    width = min(n, max(3, round(0.05 * n)))
-    lo = min(max(round(quantile_of(statistic) * (n - 1)) - width // 2, 0), n - width)
-    return slice(lo, lo + width)
-
-
-def robust_stats(samples: Sequence[float], statistic: str = "median") -> tuple[float, float]:
-    """The chosen statistic (default median; see :func:`quantile_window`) and a robust spread (IQR / 1.349, the
-    standard deviation for normal noise)."""
-    if not samples:
-        raise ValueError("no timing samples")
-    xs = sorted(samples)
-    value = statistics.fmean(xs[quantile_window(len(xs), statistic)])
-    if len(xs) < 4:
-        return value, (xs[-1] - xs[0]) / 2
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return value, (q[2] - q[0]) / 1.349
-
-
-class Stamps:
-    """Time marks between consecutive calls: the host clock on CPU; CUDA events on a GPU.
-
-    Kernel launches are asynchronous, so a host clock would time the launches only: each mark records an event
-    on the stream, and the last event is synchronised before any ``elapsed_time`` is read.
-
-    Args:
-        events: A module with ``Event(enable_timing=True)`` (``torch.cuda``), or ``None`` for the host clock.
-        clock: Host clock: ``wall`` (``perf_counter``) or ``thread`` (CPU time of this thread, which leaves out
-            the time the OS gives to other processes; equal to wall time for one busy thread on a quiet machine).
-    """
-
-    def __init__(self, events: Any = None, clock: str = "wall"):
-        self.events = events
-        self.now = time.thread_time if clock == "thread" else time.perf_counter
-        self.marks: list[Any] = []
-
-    def start(self) -> None:
-        self.marks = []
-        self.mark()
-
-    def mark(self) -> None:
-        if self.events is None:
-            self.marks.append(self.now())
-        else:
-            ev = self.events.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-
-    def durations_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks."""
-        if self.events is None:
-            return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        self.marks[-1].synchronize()
-        return [float(a.elapsed_time(b)) for a, b in zip(self.marks, self.marks[1:])]
-
-
 def build_layer(block: str, in_chs: int, resolution: int, settings: ProfilerSettings) -> Callable[[], Any]:
     """A no-argument callable running one layer (eval mode) on a fixed random input on ``settings.device``."""
     import torch
 
-    from proxyless_ray.nn.arch import parse_block
-    from proxyless_ray.nn.ops import Classifier, ResidualBlock, build_op
 
     device = torch.device(settings.device)
     if block.startswith("fc_c"):
@@ -223,7 +146,6 @@ class Bench:
     def _build(self, step: tuple) -> tuple[list[Callable[[Any], Any]], list[str], Any]:
         import torch
 
-        from proxyless_ray.nn.network import ProxylessNet
 
         bsz = self.settings.batch_size
         if step[0] == "layer":
@@ -317,7 +239,6 @@ def device_info(settings: ProfilerSettings) -> dict[str, Any]:
 
 
 def _tuned() -> bool:
-    from proxyless_ray.runtime import tune_allocator
 
     return tune_allocator()
 
@@ -337,7 +258,6 @@ def run_bench(bench: Bench, progress: Callable[[int, str], None] | None = None) 
     """Run every step of ``bench`` in ``rounds`` passes with the thread count pinned (restored after)."""
     import torch
 
-    from proxyless_ray.runtime import tune_allocator
 
     tune_allocator()  # the allocator the search and the exported networks run with
     old = torch.get_num_threads()

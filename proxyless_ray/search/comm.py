@@ -2,19 +2,16 @@
 
 The supernet is not wrapped in DDP: only the sampled path has gradients, and every rank samples the same path
 (shared per-step seed), so one flattened all-reduce of the gradients that exist is both correct and cheap, with
-none of DDP's unused-parameter bookkeeping. It runs after backward, not in buckets overlapped with it as DDP's do: on
-the 2-vCPU development VM, buckets of 0.1, 0.25 and 0.4 MB started from gradient hooks made the 2-rank weight step
-3-7 % slower (plain gloo ranks, batch 64 each, the two ways alternating every 8 steps), most likely because gloo's
-threads then compete with backward for the two cores; the whole all-reduce took 1.1 ms with both ranks arriving
-together, about 1 % of such a step.
+none of DDP's unused-parameter bookkeeping. It runs after backward, not in buckets overlapped with it as DDP's do:
+on 2 vCPUs buckets started from gradient hooks made the 2-rank weight step slower, most likely because gloo's
+threads then compete with backward for the cores, and the whole all-reduce is a small part of a step (figures:
+docs/benchmarks.md).
 
 On CPU (gloo) a rank waits for the gradient all-reduce by checking it every 0.1 ms and sleeping in between, rather
 than blocking or spinning. A blocked rank's idle virtual CPU halts, and the host takes milliseconds to wake it when
 the other rank's data arrives; a spinning rank answers at once but keeps its vCPU busy, and on a shared host that
-slows the rank still computing. On the 2-vCPU development VM a 540 KB all-reduce took 2.7-4.1 ms blocking, 0.7 ms
-spinning (with ``sched_yield``) and 1.4 ms napping; in the training loop (2 plain gloo ranks, the three waits
-alternating every 8 steps, 6 runs) 2-rank efficiency was 0.818 napping, 0.817 blocking and 0.789 spinning, with
-napping the steadiest (0.811-0.837). The previous stop, under a busier host, spinning had beaten blocking.
+slows the rank still computing. Measured in the training loop, napping was as fast as blocking, faster than
+spinning and the steadiest of the three (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -76,3 +76,10 @@ def derived_network(net: SuperNet, choices: list[int] | None = None, channels_la
     child.load_state_dict(net.derived_state_dict(choices))
     child = child.to(next(net.parameters()).device)
     return child.to(memory_format=torch.channels_last) if channels_last else child
+
+
+def freeze_batchnorm(net: nn.Module) -> None:
+    """BatchNorm layers of ``net`` in eval mode (running statistics used and kept; ``train.freeze_bn``)."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()

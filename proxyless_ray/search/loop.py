@@ -16,7 +16,6 @@ and, on rank 0, a checkpoint folder.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -30,7 +29,7 @@ from torch import nn
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import Splits, build_splits, iterate
-from proxyless_ray.data.sharding import shard_batches
+from proxyless_ray.data.sharding import EndlessBatches, shard_batches
 from proxyless_ray.latency.expected import SupernetLatency
 from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.nn.mixed_op import GateMode
@@ -39,20 +38,22 @@ from proxyless_ray.progress import Progress
 from proxyless_ray.runtime import tune_allocator
 from proxyless_ray.search.balance import BatchBalancer
 from proxyless_ray.search.comm import Comm
-from proxyless_ray.search.evaluate import accuracy, derived_network, recalibrate_bn, to_device
+from proxyless_ray.search.evaluate import accuracy, derived_network, freeze_batchnorm, recalibrate_bn, to_device
 from proxyless_ray.search.objective import latency_objective, reward
-from proxyless_ray.search.path_sampling import StepPaths, train_paths, uniform_choices, warmup_paths
+from proxyless_ray.search.path_sampling import StepPaths, step_generator, train_paths, uniform_choices, warmup_paths
 from proxyless_ray.search.readiness import readiness_summary, searching
 from proxyless_ray.search.retrain_loop import RetrainLoop
 from proxyless_ray.search.state import (
     DERIVED_DIR,
     SearchState,
+    alpha_digest,
     check_finite_loss,
-    cosine_lr,
     load_checkpoint,
     new_state,
+    prepare_supernet,
     save_checkpoint,
     save_derived,
+    search_lr,
 )
 
 # report(metrics, checkpoint_dir or None): a barrier across ranks; rank 0 passes the checkpoint folder.
@@ -61,11 +62,6 @@ Reporter = Callable[[dict[str, Any], "str | None"], None]
 BN_RECALIBRATION_BATCHES = 20
 READY_EVAL_IMAGES = 2000  # held-out images each readiness sub-network is read on
 FINETUNE_LR_SCALE = 0.5  # the derived network's fine-tune starts below the search's peak learning rate
-
-
-def step_generator(seed: int, epoch: int, step: int, kind: int) -> torch.Generator:
-    """The gate-sampling generator of one step: identical on every rank, different for every step and kind."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 4 + kind)
 
 
 class SearchLoop:
@@ -96,18 +92,8 @@ class SearchLoop:
         self.other_models = other_models or {}
         self.mode = GateMode(exp.train.gate_mode)
         self.state: SearchState = new_state(exp, self.device)
-        if exp.train.sync_bn:
-            if self.device.type == "cpu":
-                raise ValueError("train.sync_bn needs GPU workers (SyncBatchNorm all-reduces over NCCL); on CPU "
-                                 "keep the per-worker BatchNorm statistics (train.sync_bn: false)")
-            # Safe with path binarization: every rank runs the same sampled path, so the same BN layers sync.
-            self.state.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.state.net)
-        for m in self.state.net.mixed_ops():
-            m.zero_gradient = exp.train.zero_gradient
         self.cl = exp.train.channels_last
-        if self.cl:
-            self.state.net.to(memory_format=torch.channels_last)
-        comm.broadcast_([p.data for p in self.state.net.parameters()])
+        prepare_supernet(self.state, exp, self.device, comm)
         with torch.no_grad():
             lat0 = float(self.lat.expected(self.state.net.arch_parameters()))
         # Reference / target latency default to E[lat] of the freshly initialised (near-uniform) supernet.
@@ -123,7 +109,7 @@ class SearchLoop:
             raise ValueError(f"training split of {len(self.splits.train)} images gives no full batch of "
                              f"{b} x {comm.world} workers; lower data.batch_size")
         self.balancer = BatchBalancer(b * comm.world, comm.world, enabled=exp.dist.balance_batches and comm.active)
-        self._heldout_plan: tuple[int, list[torch.Tensor]] = (-1, [])
+        self._heldout = EndlessBatches(len(self.splits.heldout), b, comm.rank, comm.world, exp.train.seed + 17)
         self.derived: ProxylessNet | None = None
         self._last_child: tuple[list[int], ProxylessNet] | None = None  # the final epoch's BN-recalibrated child
         self._frozen_alpha = False  # this epoch's weight steps take warm-up paths (alpha frozen)
@@ -167,7 +153,8 @@ class SearchLoop:
                           seed=t.seed * 10_007 + epoch)
         net = st.net
         net.train()
-        self._freeze_bn_if_asked()
+        if self.exp.train.freeze_bn:
+            freeze_batchnorm(self.state.net)
         loss_sum = correct = seen = 0.0
         arch_losses: list[float] = []
         t0 = time.perf_counter()
@@ -271,7 +258,8 @@ class SearchLoop:
         """
         t, st, net, bal, rank = self.exp.train, self.state, self.state.net, self.balancer, self.comm.rank
         t0 = time.perf_counter()
-        self._set_lr(epoch, i)
+        for g in self.state.w_opt.param_groups:
+            g["lr"] = search_lr(self.exp.train, epoch, i, self.warmup_steps_per_epoch, self.steps_per_epoch)
         st.w_opt.zero_grad(set_to_none=True)
         if self._frozen_alpha:
             loss, logits = train_paths(net, x, y, self._warmup_paths(epoch, i), t.label_smoothing)
@@ -381,43 +369,15 @@ class SearchLoop:
         return child
 
     def _heldout_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k``-th held-out batch of the run (reshuffled each pass, sharded like the training split).
-
-        Indexed by the arch-step counter, so a resumed run reads exactly the batches the uninterrupted run reads.
-        """
-        exp, n = self.exp, len(self.splits.heldout)
-        bs = min(exp.data.batch_size, max(n // self.comm.world, 1))
-        per_pass = n // (bs * self.comm.world)
-        if per_pass == 0:
-            raise ValueError(f"held-out split of {n} images is too small for {self.comm.world} workers; "
-                             f"raise data.heldout_size")
-        pass_, i = divmod(k, per_pass)
-        if self._heldout_plan[0] != pass_:
-            self._heldout_plan = (pass_, shard_batches(n, bs, self.comm.rank, self.comm.world, pass_,
-                                                       exp.train.seed + 17))
-        idx = self._heldout_plan[1][i]
-        return self.splits.heldout.get_batch(idx, False)
+        """The ``k``-th held-out batch of the run, indexed by the arch-step counter (:class:`EndlessBatches`)."""
+        if self._heldout.per_pass == 0:
+            raise ValueError(f"held-out split of {len(self.splits.heldout)} images is too small for "
+                             f"{self.comm.world} workers; raise data.heldout_size")
+        return self.splits.heldout.get_batch(self._heldout[k], False)
 
     @torch.no_grad()
     def _expected_ms(self) -> float:
         return float(self.lat.expected(self.state.net.arch_parameters()))
-
-    def _set_lr(self, epoch: int, i: int) -> None:
-        t = self.exp.train
-        if epoch < t.warmup_epochs:
-            lr = cosine_lr(t.warmup_lr, epoch * self.warmup_steps_per_epoch + i,
-                           t.warmup_epochs * self.warmup_steps_per_epoch)
-        else:
-            done = (epoch - t.warmup_epochs) * self.steps_per_epoch + i
-            lr = cosine_lr(t.lr, done, (t.epochs - t.warmup_epochs) * self.steps_per_epoch)
-        for g in self.state.w_opt.param_groups:
-            g["lr"] = lr
-
-    def _freeze_bn_if_asked(self) -> None:
-        if self.exp.train.freeze_bn:
-            for m in self.state.net.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
 
     def _report(self, metrics: dict[str, Any], force_checkpoint: bool) -> None:
         every = self.exp.dist.checkpoint_every
@@ -432,10 +392,3 @@ class SearchLoop:
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-
-def alpha_digest(net) -> str:
-    """A short hash of all architecture logits, bit-exact (ranks compare it)."""
-    flat = torch.cat([a.detach().reshape(-1).cpu() for a in net.arch_parameters()])
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]

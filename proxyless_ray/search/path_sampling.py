@@ -115,3 +115,8 @@ def train_paths(net, x: torch.Tensor, y: torch.Tensor, step: StepPaths,
             loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
         loss.backward()
     return first  # type: ignore[return-value]  # a StepPaths holds at least one path
+
+
+def step_generator(seed: int, epoch: int, step: int, kind: int) -> torch.Generator:
+    """The gate-sampling generator of one step: identical on every rank, different for every step and kind."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 4 + kind)

@@ -8,6 +8,7 @@ counters themselves.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.nn.network import ProxylessNet, load_tensors
 from proxyless_ray.nn.supernet import SuperNet
+from proxyless_ray.search.comm import Comm
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -71,6 +74,30 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     if total <= 0:
         return base
     return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def search_lr(t: Any, epoch: int, i: int, warmup_steps: int, steps: int) -> float:
+    """The weight learning rate at step ``i`` of ``epoch`` (``t``: the experiment's ``train`` section): one cosine
+    over the warm-up epochs from ``warmup_lr``, another over the search epochs from ``lr``."""
+    if epoch < t.warmup_epochs:
+        return cosine_lr(t.warmup_lr, epoch * warmup_steps + i, t.warmup_epochs * warmup_steps)
+    return cosine_lr(t.lr, (epoch - t.warmup_epochs) * steps + i, (t.epochs - t.warmup_epochs) * steps)
+
+
+def prepare_supernet(state: SearchState, exp: Experiment, device: torch.device, comm: Comm) -> None:
+    """Ready a new state's supernet for this worker: SyncBatchNorm if asked, the zero op's gradient setting, the
+    memory layout, and rank 0's initial weights on every rank."""
+    if exp.train.sync_bn:
+        if device.type == "cpu":
+            raise ValueError("train.sync_bn needs GPU workers (SyncBatchNorm all-reduces over NCCL); on CPU "
+                             "keep the per-worker BatchNorm statistics (train.sync_bn: false)")
+        # Safe with path binarization: every rank runs the same sampled path, so the same BN layers sync.
+        state.net = nn.SyncBatchNorm.convert_sync_batchnorm(state.net)
+    for m in state.net.mixed_ops():
+        m.zero_gradient = exp.train.zero_gradient
+    if exp.train.channels_last:
+        state.net.to(memory_format=torch.channels_last)
+    comm.broadcast_([p.data for p in state.net.parameters()])
 
 
 def save_checkpoint(state: SearchState, folder: str, exp: Experiment) -> str:
@@ -237,3 +264,9 @@ def save_derived(net: ProxylessNet, folder: str) -> None:
     tmp = os.path.join(folder, ".state_dict.pt.tmp")
     torch.save(net.state_dict(), tmp)
     os.replace(tmp, os.path.join(folder, "state_dict.pt"))
+
+
+def alpha_digest(net) -> str:
+    """A short hash of all architecture logits, bit-exact (ranks compare it)."""
+    flat = torch.cat([a.detach().reshape(-1).cpu() for a in net.arch_parameters()])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]

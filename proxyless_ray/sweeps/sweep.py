@@ -72,7 +72,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     written = written_metrics(exp.output_dir)
     if written is not None:
         # Restored after a kill that fell between this trial writing its outputs and Tune recording its end: the
-        # search is over, so Tune gets its final metrics instead of a restarted Train run (~30 s of start-up), and
+        # search is over, so Tune gets its final metrics instead of a restarted Train run (its start-up), and
         # the outputs stay as they were written.
         from ray import tune
 
