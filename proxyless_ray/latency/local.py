@@ -30,8 +30,8 @@ LOCAL_CPU = "cpu_local"
 _LOCAL_RE = re.compile(r"^cpu_local(?:_(\d+)threads?)?$")
 # Quick mode: the median over 6 s of runs per cover network, in 12 rounds of 0.5 s that visit the cover networks
 # in a new order each time (the machine's speed can drift by tens of percent over seconds on a shared VM: short,
-# many, interleaved windows let a slow spell hit every network alike, and spread the profile over ~45 s so that
-# it averages the drift as a later measurement does); the median, not the minimum, because networks are then
+# many, interleaved windows let a slow spell hit every network alike, and spread the profile over tens of seconds, so
+# that it averages the drift as a later measurement does); the median, not the minimum, because networks are then
 # timed by their median. max_repeats lifts the cap that would otherwise cut a 0.5 s window short.
 # On one thread the clock is the timing thread's CPU time: other processes on the machine (a browser, a second
 # search) then lengthen neither the profile nor the networks checked against it; it equals wall time when the CPU
