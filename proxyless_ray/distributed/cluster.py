@@ -7,7 +7,7 @@ for tens of seconds with one ``InvalidAuthToken`` line a second, then fails with
 call with a short timeout asks the head first; when it wants a token the token is looked up the way Ray does
 (``RAY_AUTH_TOKEN``, then the file at ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``), and a missing or wrong
 token is one line naming what to set. This is the only module that uses Ray's private authentication API and its
-generated gRPC stubs; ``tests/test_ray_cluster.py`` fails when they change.
+generated gRPC stubs; ``tests/distributed/test_ray_cluster.py`` fails when they change.
 """
 
 from __future__ import annotations

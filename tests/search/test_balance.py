@@ -21,7 +21,7 @@ from proxyless_ray.tracking.server import free_port
 from conftest import requires_fmnist, tiny_experiment
 
 _BENCH = importlib.util.spec_from_file_location(
-    "bench_balance", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_balance.py")
+    "bench_balance", pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_balance.py")
 bench_balance = importlib.util.module_from_spec(_BENCH)
 _BENCH.loader.exec_module(bench_balance)
 SlowSource = bench_balance.SlowSource  # a training split that reads slowly: the benchmark's straggler

@@ -25,7 +25,7 @@ from proxyless_ray.latency.profile import (
 from proxyless_ray.nn.arch import layer_key
 from proxyless_ray.nn.space import SearchSpace, space_from_preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "hardware_profiles").glob("*.yaml"))
 TINY = SearchSpace(preset="small", resolution=8, widths=(8,), depths=(2,), strides=(1,), kernel_sizes=(3,),
                    exp_ratios=(3,), stem="conv_k3_c8_s1", first_block=None, feature_mix_chs=16)

@@ -36,7 +36,7 @@ from conftest import requires_fmnist, tiny_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, proxyless-ray
 PORTS = ("gcs", "dashboard", "client", "node_manager", "object_manager", "agent_listen", "agent_grpc", "runtime_env",
          "metrics")

@@ -55,7 +55,7 @@ def run_uninterrupted(config: dict) -> list[dict]:
 
 FRESH = """
 import json, sys
-sys.path.insert(0, sys.argv[2])
+sys.path[:0] = [sys.argv[2], sys.argv[3]]  # this test's folder, and tests/ for conftest
 from test_sweep_trial import run_uninterrupted
 print(json.dumps(run_uninterrupted(json.loads(open(sys.argv[1]).read()))))
 """
@@ -73,7 +73,8 @@ def test_a_reused_process_computes_what_a_fresh_one_does(tmp_path):
     reused = run_uninterrupted(second)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(second))
-    out = subprocess.run([sys.executable, "-c", FRESH, str(path), os.path.dirname(__file__)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", FRESH, str(path), os.path.dirname(__file__),
+                          os.path.dirname(os.path.dirname(__file__))], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     fresh = json.loads(out.stdout.strip().splitlines()[-1])
