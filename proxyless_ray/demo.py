@@ -108,6 +108,7 @@ def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], ep
     if len(jobs) < 2 or (os.cpu_count() or 1) < 2 * threads:
         return {tid: fit_network(texp, spec, finetune=finetune, epochs=epochs, lr=lr) for tid, texp, spec in jobs}
     started = not ray.is_initialized()
+    before = _descendants(os.getpid())
     connect(exp, num_cpus=os.cpu_count())
     try:
         task = ray.remote(num_cpus=threads, max_retries=0)(fit_network)
@@ -126,15 +127,21 @@ def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], ep
         return out
     finally:
         if started:
-            shutdown_and_wait()
+            shutdown_and_wait(keep=before)
 
 
-def shutdown_and_wait(timeout_s: float = 60.0) -> None:
+def shutdown_and_wait(timeout_s: float = 60.0, keep: set[int] = frozenset()) -> None:
     """``ray.shutdown()``, then wait until the processes it started (GCS, raylet, workers) have exited: they keep
-    a core busy for seconds after the call returns, and latency measured then is not this machine's."""
+    a core busy for seconds after the call returns, and latency measured then is not this machine's.
+
+    Args:
+        timeout_s: How long to wait before saying which processes are still running.
+        keep: Processes that were running before Ray started (e.g. a tracking server this process runs): not
+            Ray's, so not waited for.
+    """
     import ray
 
-    procs = _descendants(os.getpid())
+    procs = _descendants(os.getpid()) - set(keep)
     ray.shutdown()
     t_end = time.monotonic() + timeout_s
     while procs and time.monotonic() < t_end:
