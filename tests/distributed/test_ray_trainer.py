@@ -137,16 +137,21 @@ def test_workers_start_with_the_wait_policy_of_their_placement(tmp_path, local_r
 
     exp = tiny_experiment(tmp_path, train={"threads": threads}, dist={"workers": 2, "cpus_per_worker": 1})
     log = str(tmp_path / "reports.jsonl")
-    result = build_trainer(exp, f"policy-{threads}", callbacks=[ReportLog(log)], train_fn=report_thread_env).fit()
-    assert result.error is None
-    (report,) = read_report_log(log)
-    assert len(report["metrics"]) == 2  # both workers
-    for metrics in report["metrics"]:
-        assert {k: metrics[k] for k in THREAD_ENV_KEYS} == thread_env(expected == "passive")
+    trainer = build_trainer(exp, f"policy-{threads}", callbacks=[ReportLog(log)], train_fn=report_thread_env)
     line = capsys.readouterr().err
     assert (f"Ray Train workers: {threads} torch thread(s), OpenMP threads {expected} "
             f"(OMP_WAIT_POLICY={thread_env(expected == 'passive')['OMP_WAIT_POLICY']}") in line
     assert f"2 process(es) x {threads} thread(s) on 2 CPUs" in line
+    wanted = thread_env(expected == "passive")
+    assert {k: trainer.run_config.worker_runtime_env["env_vars"][k] for k in wanted} == wanted
+    if expected == "spin":
+        return  # the same env reaches the workers as in the passive case, whose workers report it (a start ~20 s)
+    result = trainer.fit()
+    assert result.error is None
+    (report,) = read_report_log(log)
+    assert len(report["metrics"]) == 2  # both workers
+    for metrics in report["metrics"]:
+        assert {k: metrics[k] for k in THREAD_ENV_KEYS} == wanted
 
 
 def test_worker_killed_mid_run_recovers_without_losing_or_repeating_epochs(tmp_path, local_ray):
