@@ -293,19 +293,11 @@ def test_two_worker_search_by_host_port_finds_the_token_file(head, tmp_path):
     assert json.loads((out / "result.json").read_text())["arch"] == result["arch"]
 
 
-def test_auto_finds_this_cluster_through_its_address_file(head, tmp_path):
-    exp, out = write_experiment(tmp_path)
-    # on the head node: the address file 'ray start' wrote in its temp dir, and the token in the environment
-    env = head.client_env(RAY_TMPDIR=str(head.tmp), RAY_AUTH_TOKEN=head.token_file.read_text())
-    res = run_cli(["search", str(exp), "--address", "auto"], env)
-    assert res.returncode == 0, res.stdout[-4000:]
-    assert (out / "arch.json").is_file()
-    assert driver_logs(head, res.pid), "the driver must have joined this module's cluster, not another one here"
-
-
 def test_ray_job_submit_runs_the_search_and_tracks_it(head, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # absolute: the job's working directory is Ray's own
-    exp, out = write_experiment(tmp_path, tracking={"enabled": True, "uri": uri, "register_models": False})
+    # one worker: the two-worker search by host:port above covers sharding on this cluster
+    exp, out = write_experiment(tmp_path, dist={"workers": 1},
+                                tracking={"enabled": True, "uri": uri, "register_models": False})
     # The submitter needs the cluster's token (Ray's job CLI does not turn token mode on by itself).
     env = head.client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(head.token_file))
     res = run_cli(["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
@@ -323,13 +315,16 @@ def test_ray_job_submit_runs_the_search_and_tracks_it(head, tmp_path):
     assert child.data.tags["derived_arch"] == json.loads((out / "result.json").read_text())["arch"]
 
 
-def test_sweep_of_two_trials_on_the_cluster(head, tmp_path):
+def test_sweep_of_two_trials_on_the_cluster_found_by_auto(head, tmp_path):
     exp, _ = write_experiment(tmp_path, name="sweep", dist={"workers": 1},
                               sweep={"hardware": ["pixel1", "v100_roofline"], "lambdas": [0.5], "scheduler": "fifo",
                                      "workers_per_trial": 1})
-    env = head.client_env(RAY_AUTH_TOKEN_PATH=str(head.token_file))
-    res = run_cli(["sweep", str(exp), "--address", head.gcs], env)
+    # 'auto' on the head node: the address file 'ray start' wrote in its temp dir, and the token in the environment
+    # (searches and sweeps connect through the same function; a search is reached by host:port above)
+    env = head.client_env(RAY_TMPDIR=str(head.tmp), RAY_AUTH_TOKEN=head.token_file.read_text())
+    res = run_cli(["sweep", str(exp), "--address", "auto"], env)
     assert res.returncode == 0, res.stdout[-4000:]
+    assert driver_logs(head, res.pid), "the driver must have joined this module's cluster, not another one here"
     assert "no 'driver_slot' resource" not in res.stdout  # the head has one: trials hold shares of it
     assert len(re.findall(r"^\[sweep +\d+s\] finished ", res.stdout, re.M)) == 2, res.stdout[-4000:]
     # Ray's own helpers inside the cluster resolve 'auto' too; other clusters on this machine must not confuse them
@@ -350,7 +345,8 @@ def test_sweep_says_it_falls_back_without_driver_slots(tmp_path):
 
 
 def test_head_dying_mid_search_ends_the_driver_with_the_resume_command(head, tmp_path):
-    exp, _ = write_experiment(tmp_path, train={"epochs": 30, "warmup_epochs": 1, "max_steps_per_epoch": 2})
+    exp, _ = write_experiment(tmp_path, dist={"workers": 1},
+                              train={"epochs": 30, "warmup_epochs": 1, "max_steps_per_epoch": 2})
     env = head.client_env(RAY_AUTH_TOKEN_PATH=str(head.token_file))
     cmd = [str(BIN / "proxyless-ray"), "search", str(exp), "--address", head.gcs]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
