@@ -231,9 +231,9 @@ def front_quality(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
             lat = front["argmax_latency_ms"].astype(float)
             q.update(best_acc=float(best[acc_col]), best_trial=best["trial_id"], best_layers_kept=f"{kept}/{total}",
                      front_latency_span=float(lat.max() / lat.min()) if lat.min() > 0 else None)
-        by_lam = part[part["finished"]].sort_values("lam")
+        by_lam = part[part["finished"]].sort_values("lambda")
         lats = [round(float(v), 4) for v in by_lam["expected_latency_ms"]]
-        q["expected_latency_by_lambda"] = dict(zip([float(v) for v in by_lam["lam"]], lats))
+        q["expected_latency_by_lambda"] = dict(zip([float(v) for v in by_lam["lambda"]], lats))
         q["latency_non_increasing_in_lambda"] = all(b <= a * 1.02 for a, b in zip(lats, lats[1:]))
         out[hw] = q
     return out

@@ -70,6 +70,6 @@ def test_run_sweep_returns_the_run_ids_the_sweep_logged(tmp_path):
         run = client.get_run(front.mlflow_run_ids[row["trial_id"]])
         assert run.data.tags["trial_key"] == row["trial_id"] and run.data.tags["hardware"] == row["hardware"]
         assert run.data.params["latency.profile"] == row["hardware"]
-        assert float(run.data.params["latency.lam"]) == 0.5
+        assert float(run.data.params["latency.lambda"]) == 0.5 and run.data.tags["lambda"] == "0.5"
         assert run.data.metrics["heldout_acc"] == pytest.approx(row["heldout_acc"])
         assert run.data.metrics["expected_latency_ms"] == pytest.approx(row["expected_latency_ms"])

@@ -130,7 +130,7 @@ class SearchTracking:
     def _parent_summary(self, result: dict[str, Any]) -> None:
         row = {"hardware": self.hardware, "trial_id": self.child_id, "heldout_acc": result.get("heldout_acc"),
                "expected_latency_ms": result.get("expected_latency_ms"), "arch": result.get("arch"),
-               "lam": self.exp.latency.lam if self.exp.latency.loss == "add" else None}
+               "lambda": self.exp.latency.lam if self.exp.latency.loss == "add" else None}
         table = pareto_table([row])
         with tempfile.TemporaryDirectory(prefix="proxyless-pareto-") as tmp:
             plot = plot_pareto(table, os.path.join(tmp, "pareto.png"), title=f"search {self.exp.name}")
