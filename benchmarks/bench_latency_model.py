@@ -46,7 +46,9 @@ from proxyless_ray.latency.profiler import ProfilerSettings, profile_spaces
 from proxyless_ray.nn.arch import Arch
 from proxyless_ray.nn.space import space_from_preset
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# the published files beside the checkout, or where $PROXYLESS_REFERENCE_DIR points (as for the tests)
+REFERENCE = Path(os.environ.get("PROXYLESS_REFERENCE_DIR")
+                 or Path(__file__).resolve().parents[2] / "shared" / "reference")
 PUBLISHED = {"mobile": ("proxyless_mobile.config", 78.0, "Pixel 1, TFLite, batch 1 (ProxylessNAS paper / README)"),
              "gpu": ("proxyless_gpu.config", 5.1, "V100, batch 8 (ProxylessNAS paper / README)"),
              "cpu": ("proxyless_cpu.config", None, "2x Xeon E5-2640 v4, batch 1 (not verified)")}

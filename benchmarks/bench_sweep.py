@@ -123,7 +123,7 @@ def main() -> None:
         "synchronous_first_rung": exp.sweep.synchronous_first_rung,
         "first_rung_decisions_pareto": first_rung_decisions(os.path.join(out, "pareto")),
         "latency_monotone_in_lambda_full": monotone_latency(tables["full"]),
-        "latency_by_lambda_full": {hw: part.sort_values("lam")[["lam", "expected_latency_ms", "heldout_acc"]]
+        "latency_by_lambda_full": {hw: part.sort_values("lambda")[["lambda", "expected_latency_ms", "heldout_acc"]]
                                    .to_dict("records") for hw, part in tables["full"].groupby("hardware")},
         "fixed": fixed_report,
         "targets": {"compute_ratio": 2.0, "compute_ratio_wall": 1.8, "hypervolume_within": 0.03,

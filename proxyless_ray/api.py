@@ -7,7 +7,7 @@
     found.arch, found.test_acc, found.latency_on_profiles, found.out_dir, found.mlflow_run_id
     pr.predict_latency(found.arch_file, "pixel1")
     net = pr.retrain(exp, found.arch_file, finetune=True, epochs=1)   # RetrainResult
-    front = pr.run_sweep(exp)                       # SweepResult: Pareto table, best per hardware, report files
+    front = pr.run_sweep(exp)                       # SweepResult: Pareto table, best per hardware, MLflow run ids
 
 The command line (``proxyless-ray search``, ``sweep``, ``train``) runs the same functions.
 """
@@ -23,6 +23,7 @@ from proxyless_ray.distributed import trainer
 from proxyless_ray.distributed.retrain import run_retrain
 from proxyless_ray.latency.model import arch_latency, load_latency_model
 from proxyless_ray.nn.arch import Arch
+from proxyless_ray.sweeps.plan import load_plan
 from proxyless_ray.tracking.retrain import log_retrain
 from proxyless_ray.tracking.tracker import Tracker
 
@@ -78,6 +79,8 @@ class SweepResult:
         hypervolume: Per hardware, the front's hypervolume.
         table: The Pareto table (one row per trial: hardware, coefficient, accuracy, latency, arch, front flag).
         files: Report files (``table_parquet``, ``table_csv``, ``plot``).
+        mlflow_parent_run_id: The sweep's MLflow parent run (None without tracking).
+        mlflow_run_ids: Per trial (its ``trial_id`` in ``table``), its MLflow child run, as the store holds them.
         raw: ``summary.json`` as written.
     """
 
@@ -88,6 +91,8 @@ class SweepResult:
     hypervolume: dict[str, float]
     table: Any = field(repr=False)  # a pandas DataFrame
     files: dict[str, str] = field(default_factory=dict)
+    mlflow_parent_run_id: str | None = None
+    mlflow_run_ids: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -147,8 +152,14 @@ def run_sweep(exp: Experiment, resume: bool = False) -> SweepResult:
         tracker.check()
     s = run_tune_sweep(exp, resume=resume, tracker=tracker)
     table = pd.read_parquet(s["files"]["table_parquet"])
+    parent, runs = None, {}
+    if tracker is not None:
+        # what the sweep logged: the parent it saved in its plan (sweep.json), the children the store holds under it
+        parent = load_plan(os.path.abspath(exp.output_dir)).parent_run_id or None
+        runs = tracker.child_runs(parent) if parent else {}
     return SweepResult(name=s["name"], trials=s["trials"], finished=s["finished"], best=s["best"],
-                       hypervolume=s["hypervolume"], table=table, files=dict(s["files"]), raw=s)
+                       hypervolume=s["hypervolume"], table=table, files=dict(s["files"]),
+                       mlflow_parent_run_id=parent, mlflow_run_ids=runs, raw=s)
 
 
 def retrain(exp: Experiment, arch: str | os.PathLike, finetune: bool = False, epochs: int | None = None,

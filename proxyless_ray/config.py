@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
-from proxyless_ray.config_checks import _ALIASES, validate
+from proxyless_ray.config_checks import _ALIASES, _OLD_KEYS, _shown, validate
 from proxyless_ray.nn.space import PRESETS, SearchSpace, space_from_preset
 
 
@@ -92,7 +93,7 @@ class LatencyConfig:
 
     profile: str = "flops"  # a name in hardware_profiles/, a path to a profile, or 'flops' (placeholder model)
     loss: str = "add"  # add | mul_log | none
-    lam: float = 0.1  # 'add': CE + lam * (E[lat] - ref) / ref  (YAML key 'lambda' also accepted)
+    lam: float = 0.1  # 'add': CE + lambda * (E[lat] - ref) / ref; YAML key 'lambda' (a Python keyword)
     ref_ms: float = 0.0  # 'add' reference latency; 0: E[lat] of the supernet at initialisation
     target_ms: float = 0.0  # 'mul_log' target latency; 0: E[lat] at initialisation
     alpha: float = 0.2  # 'mul_log': alpha * CE * (log E[lat] / log target) ** beta
@@ -178,8 +179,12 @@ class Experiment:
         return os.path.join(self.out_dir, self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON-safe) for the Ray boundary and MLflow params."""
-        return _plain(dataclasses.asdict(self))
+        """Plain nested dict (YAML/JSON-safe) for the Ray boundary and MLflow params, keyed as a YAML file is
+        (``latency.lambda``, not the attribute ``lam``)."""
+        d = _plain(dataclasses.asdict(self))
+        for (section, key), attr in _ALIASES.items():
+            d[section] = {key if k == attr else k: v for k, v in d[section].items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> Experiment:
@@ -264,12 +269,20 @@ def _build_experiment(raw: dict[str, Any], source: str) -> Experiment:
 
 def _build_section(section: str, values: dict[str, Any], source: str) -> Any:
     cls = _SECTIONS[section]
+    for (sec, old), new in _OLD_KEYS.items():
+        if sec == section and old in values:
+            if new in values:
+                raise ValueError(f"{source}: {section}.{new} and {section}.{old} are both given; {old} is the old "
+                                 f"name of {new}: keep {section}.{new} only")
+            warnings.warn(f"{source}: {section}.{old} is the old name of {section}.{new}; write {section}.{new} "
+                          f"(the old name will be refused in a later release)", FutureWarning, stacklevel=2)
+            values = {new if k == old else k: v for k, v in values.items()}
     values = {_ALIASES.get((section, k), k): v for k, v in values.items()}
     valid = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {[f'{section}.{k}' for k in unknown]}; expected some of "
-                         f"{sorted(f'{section}.{k}' for k in valid)}")
+                         f"{sorted(_shown(section, k) for k in valid)}")
     coerced = {k: _coerce(section, k, v, valid[k], cls) for k, v in values.items()}
     try:
         if section == "space":
@@ -331,7 +344,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def with_overrides(exp: Experiment, **sections: dict[str, Any]) -> Experiment:
-    """A copy with some section fields replaced, e.g. ``with_overrides(exp, latency={'lam': 0.3})``."""
+    """A copy with some section fields replaced, keyed as in YAML, e.g. ``with_overrides(exp, latency={'lambda':
+    0.3})``."""
     d = exp.to_dict()
     for section, values in sections.items():
         d[section].update(values)

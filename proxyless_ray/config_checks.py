@@ -16,7 +16,11 @@ from proxyless_ray.runtime import WAIT_POLICIES
 # The checks take the Experiment being built (proxyless_ray.config imports this module, not the other way round).
 Experiment = Any
 
+# YAML key -> attribute where the user's name is not a Python identifier: the latency coefficient is ``lambda``
+# everywhere a user sees it (experiment files, --set, MLflow params and tags, tables), ``lam`` only in code.
 _ALIASES = {("latency", "lambda"): "lam"}
+# Old spellings still read, with a message naming the new key: {(section, old key): new key}.
+_OLD_KEYS = {("latency", "lam"): "lambda"}
 WEIGHT_SHARING = ("nested", "separate")
 
 

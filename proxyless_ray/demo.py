@@ -22,7 +22,7 @@ from proxyless_ray.config import Experiment, with_overrides
 from proxyless_ray.distributed.ray_trainer import connect
 from proxyless_ray.distributed.retrain import cpu_timing, fit_network, measure_latencies_ms, measure_retrained
 from proxyless_ray.fileio import atomic_write_text
-from proxyless_ray.latency.model import load_latency_model_for
+from proxyless_ray.latency.target import HardwareTarget, target_of
 from proxyless_ray.nn.network import load_network
 from proxyless_ray.sweeps.plan import TRIALS_DIR
 from proxyless_ray.sweeps.sweep import RETRAINED_DIR, run_sweep
@@ -57,12 +57,14 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
         texp = Experiment.from_dict({**texp.to_dict(), "out_dir": os.path.join(sweep_dir, RETRAINED_DIR),
                                      "name": r["trial_id"]})
         jobs.append((r["trial_id"], texp, os.path.join(sweep_dir, TRIALS_DIR, r["trial_id"], "network")))
+    # each front network's target, resolved once here for the fit, the timing and the prediction
+    targets = {tid: target_of(texp) for tid, texp, _ in jobs}
     # the search's peak rate: at a fifth of it one epoch barely moved the inherited weights (figures: README)
-    fitted = fit_in_parallel(exp, jobs, exp.sweep.retrain_epochs, exp.train.lr)
-    measured = measure_front(jobs, fitted)
+    fitted = fit_in_parallel(exp, jobs, exp.sweep.retrain_epochs, exp.train.lr, targets=targets)
+    measured = measure_front(jobs, fitted, targets)
     rows = []
     for trial_id, texp, _ in jobs:
-        res = measure_retrained(texp, fitted[trial_id], measured[trial_id])
+        res = measure_retrained(texp, fitted[trial_id], measured[trial_id], target=targets[trial_id])
         if tracker is not None:
             log_retrain(tracker, res, trial_key=trial_id)
         rows.append({"trial_id": trial_id, "retrained_test_acc": res["test_acc"],
@@ -76,14 +78,15 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
 
 
 def measure_front(jobs: list[tuple[str, Experiment, str]], fitted: dict[str, dict[str, Any]],
-                  min_time_s: float = 2.0, rounds: int = 10) -> dict[str, dict[str, Any]]:
-    """Time every fitted network here, each as its target is timed (:func:`.distributed.retrain.cpu_timing`), all
-    together in ``rounds`` interleaved windows: a slow spell of a shared machine then slows every network alike,
-    and the ratios of one table come from one measurement."""
+                  targets: dict[str, HardwareTarget] | None = None, min_time_s: float = 2.0,
+                  rounds: int = 10) -> dict[str, dict[str, Any]]:
+    """Time every fitted network here, each as its target (``targets`` by key, else resolved here) is timed
+    (:func:`.distributed.retrain.cpu_timing`), all together in ``rounds`` interleaved windows: a slow spell of a
+    shared machine then slows every network alike, and the ratios of one table come from one measurement."""
     groups: dict[tuple[int, str], list[str]] = {}
     for tid, texp, _ in jobs:
-        model = load_latency_model_for(texp.latency.profile, texp.space, strict=texp.latency.strict)
-        groups.setdefault(cpu_timing(model), []).append(tid)
+        target = (targets or {}).get(tid) or target_of(texp)
+        groups.setdefault(cpu_timing(target.model), []).append(tid)
     out: dict[str, dict[str, Any]] = {}
     for (threads, clock), tids in groups.items():
         nets = [load_network(os.path.join(fitted[tid]["out_dir"], "network")) for tid in tids]
@@ -94,7 +97,8 @@ def measure_front(jobs: list[tuple[str, Experiment, str]], fitted: dict[str, dic
 
 
 def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], epochs: int, lr: float,
-                    finetune: bool = True) -> dict[str, dict[str, Any]]:
+                    finetune: bool = True, targets: dict[str, HardwareTarget] | None = None,
+                    ) -> dict[str, dict[str, Any]]:
     """Train ``jobs`` (key, experiment, network folder or ``arch.json``) as Ray tasks of ``train.threads`` CPUs each,
     as many at once as the cluster's CPUs allow; returns each key's
     :func:`proxyless_ray.distributed.retrain.fit_network` result.
@@ -104,16 +108,19 @@ def fit_in_parallel(exp: Experiment, jobs: list[tuple[str, Experiment, str]], ep
     """
     import ray
 
+    targets = targets or {}
     threads = max(1, exp.train.threads)
     if len(jobs) < 2 or (os.cpu_count() or 1) < 2 * threads:
-        return {tid: fit_network(texp, spec, finetune=finetune, epochs=epochs, lr=lr) for tid, texp, spec in jobs}
+        return {tid: fit_network(texp, spec, finetune=finetune, epochs=epochs, lr=lr, target=targets.get(tid))
+                for tid, texp, spec in jobs}
     started = not ray.is_initialized()
     before = _descendants(os.getpid())
     connect(exp, num_cpus=os.cpu_count())
     try:
         task = ray.remote(num_cpus=threads, max_retries=0)(fit_network)
-        pending = {task.remote(texp, spec, finetune=finetune, epochs=epochs, lr=lr, progress=False): tid
-                   for tid, texp, spec in jobs}
+        # a task is another process: it gets the target this one resolved (a small picklable profile), not its spec
+        pending = {task.remote(texp, spec, finetune=finetune, epochs=epochs, lr=lr, progress=False,
+                               target=targets.get(tid)): tid for tid, texp, spec in jobs}
         out: dict[str, dict[str, Any]] = {}
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -231,9 +238,9 @@ def front_quality(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
             lat = front["argmax_latency_ms"].astype(float)
             q.update(best_acc=float(best[acc_col]), best_trial=best["trial_id"], best_layers_kept=f"{kept}/{total}",
                      front_latency_span=float(lat.max() / lat.min()) if lat.min() > 0 else None)
-        by_lam = part[part["finished"]].sort_values("lam")
+        by_lam = part[part["finished"]].sort_values("lambda")
         lats = [round(float(v), 4) for v in by_lam["expected_latency_ms"]]
-        q["expected_latency_by_lambda"] = dict(zip([float(v) for v in by_lam["lam"]], lats))
+        q["expected_latency_by_lambda"] = dict(zip([float(v) for v in by_lam["lambda"]], lats))
         q["latency_non_increasing_in_lambda"] = all(b <= a * 1.02 for a, b in zip(lats, lats[1:]))
         out[hw] = q
     return out

@@ -35,9 +35,9 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 ACC_LAT_SENSES: tuple[str, str] = ("max", "min")
-TABLE_COLUMNS: tuple[str, ...] = ("hardware", "trial_id", "lam", "beta", "target_ms", "heldout_acc",
+TABLE_COLUMNS: tuple[str, ...] = ("hardware", "trial_id", "lambda", "beta", "target_ms", "heldout_acc",
                                   "expected_latency_ms", "arch", "rank", "on_front")
-_PARAM_COLUMNS: tuple[str, ...] = ("lam", "beta", "target_ms", "arch")
+_PARAM_COLUMNS: tuple[str, ...] = ("lambda", "beta", "target_ms", "arch")
 
 
 def _as_minimisation(points: Any, senses: Sequence[str]) -> np.ndarray:
@@ -150,7 +150,7 @@ def pareto_table(results: Iterable[Mapping[str, Any]], hardware_key: str = "hard
         lat_key: Key of the expected latency in ms (lower is better).
 
     Returns:
-        A DataFrame with columns :data:`TABLE_COLUMNS` sorted by hardware, rank and latency. ``lam``, ``beta``,
+        A DataFrame with columns :data:`TABLE_COLUMNS` sorted by hardware, rank and latency. ``lambda``, ``beta``,
         ``target_ms`` and ``arch`` are missing (NaN/None) where a trial has no such value. Trials without both
         metrics (e.g. they failed before their first report) are left out with a warning.
     """

@@ -38,3 +38,38 @@ def test_the_readme_example_on_a_tiny_experiment(tmp_path):
     assert isinstance(net, pr.RetrainResult)
     assert 0.0 <= net.test_acc <= 1.0 and net.measured_cpu_latency_ms > 0 and net.mlflow_run_id
     assert os.path.isdir(net.out_dir)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@requires_fmnist
+def test_run_sweep_returns_the_run_ids_the_sweep_logged(tmp_path):
+    """A tiny sweep (test_sweep.py's settings: 2 hardware x 1 coefficient, a few steps) through the API on real Ray
+    Tune and a real sqlite store: the result's run ids are the store's runs, with the trial's params and metrics."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tiny_experiment(
+        tmp_path, name="sweep",
+        train={"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
+               "channels_last": False, "arch_lr": 0.05},
+        sweep={"hardware": ["pixel1", "v100_roofline"], "lambdas": [0.5], "scheduler": "fifo",
+               "max_concurrent_trials": 1},
+        tracking={"enabled": True, "uri": uri, "register_models": False})
+    front = pr.run_sweep(exp)
+    assert isinstance(front, pr.SweepResult) and front.finished == 2
+    assert set(front.mlflow_run_ids) == set(front.table["trial_id"]) == {"pixel1-add-lam0.5",
+                                                                          "v100_roofline-add-lam0.5"}
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(front.mlflow_parent_run_id)
+    assert parent.data.tags["kind"] == "sweep" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{front.mlflow_parent_run_id}'")
+    assert {r.info.run_id for r in children} == set(front.mlflow_run_ids.values())
+    for _, row in front.table.iterrows():
+        run = client.get_run(front.mlflow_run_ids[row["trial_id"]])
+        assert run.data.tags["trial_key"] == row["trial_id"] and run.data.tags["hardware"] == row["hardware"]
+        assert run.data.params["latency.profile"] == row["hardware"]
+        assert float(run.data.params["latency.lambda"]) == 0.5 and run.data.tags["lambda"] == "0.5"
+        assert run.data.metrics["heldout_acc"] == pytest.approx(row["heldout_acc"])
+        assert run.data.metrics["expected_latency_ms"] == pytest.approx(row["expected_latency_ms"])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from proxyless_ray.config import Experiment, flatten, load_experiment
+from proxyless_ray.config import Experiment, flatten, load_experiment, with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.yaml")))
@@ -47,6 +47,20 @@ def test_overrides_and_lambda_alias(tmp_path):
     assert exp.train.epochs == 3 and exp.space.kernel_sizes == (3, 5) and exp.latency.lam == 0.5
     assert exp.name == "exp"
     assert flatten(exp.to_dict())["train.epochs"] == 3
+    # one name for the coefficient: the plain dict (Ray configs, MLflow params) keys it as the YAML file does
+    assert flatten(exp.to_dict())["latency.lambda"] == 0.5 and "latency.lam" not in flatten(exp.to_dict())
+    assert Experiment.from_dict(exp.to_dict()) == exp
+    assert with_overrides(exp, latency={"lambda": 0.7}).latency.lam == 0.7
+
+
+def test_the_old_name_of_lambda_is_read_with_a_warning(tmp_path):
+    with pytest.warns(FutureWarning, match=r"latency\.lam is the old name of latency\.lambda; write latency\.lambda"):
+        exp = load_experiment(write(tmp_path, "latency:\n  lam: 0.3\n"))
+    assert exp.latency.lam == 0.3
+    with pytest.raises(ValueError, match=r"latency\.lambda and latency\.lam are both given"):
+        load_experiment(write(tmp_path, "latency:\n  lam: 0.3\n"), ["latency.lambda=0.5"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['latency\.lamda'\]; expected .*'latency\.lambda'"):
+        load_experiment(write(tmp_path, "latency:\n  lamda: 0.3\n"))
 
 
 @pytest.mark.parametrize("override,fragment", [

@@ -10,7 +10,7 @@ SHALLOW = "mb_k3_e1_c16_s1|zero,zero|mb_k3_e3_c24_s2,zero,zero"
 
 
 def rows(hw, lam, acc, e_lat, argmax_lat, arch, on_front=True, retrained=None):
-    return {"trial_id": f"{hw}-{lam}", "hardware": hw, "lam": lam, "heldout_acc": acc, "expected_latency_ms": e_lat,
+    return {"trial_id": f"{hw}-{lam}", "hardware": hw, "lambda": lam, "heldout_acc": acc, "expected_latency_ms": e_lat,
             "argmax_latency_ms": argmax_lat, "arch": arch, "on_front": on_front, "finished": True,
             "retrained_test_acc": retrained}
 

@@ -107,7 +107,7 @@ def _results() -> list[dict]:
     out = []
     for i, (acc, lat) in enumerate(POINTS):
         out.append({"trial_id": f"a{i}", "heldout_acc": acc, "expected_latency_ms": lat,
-                    "config": {"hardware": "pixel1", "lam": 0.1 * i}})
+                    "config": {"hardware": "pixel1", "lambda": 0.1 * i}})
     # Another hardware, flattened-config style; its (0.95, 5) would dominate all of pixel1 but is never compared.
     out.append({"trial_id": "g0", "heldout_acc": 0.95, "expected_latency_ms": 5.0, "config/hardware": "gpu",
                 "config/beta": 0.6, "config/target_ms": 6.0, "arch": "mb_k3_e3_c16_s1"})
@@ -122,7 +122,7 @@ def test_pareto_table_per_hardware():
     assert len(table) == 7  # the trial without metrics is left out
     pixel = table[table.hardware == "pixel1"].set_index("trial_id")
     assert pixel["rank"].to_dict() == {"a0": 0, "a1": 0, "a2": 0, "a3": 1, "a4": 2}
-    assert pixel.loc["a3", "lam"] == pytest.approx(0.3)
+    assert pixel.loc["a3", "lambda"] == pytest.approx(0.3)
     gpu = table[table.hardware == "gpu"].set_index("trial_id")
     assert gpu["on_front"].to_dict() == {"g0": True, "g1": False}
     assert gpu.loc["g0", "beta"] == 0.6 and gpu.loc["g0", "arch"] == "mb_k3_e3_c16_s1"

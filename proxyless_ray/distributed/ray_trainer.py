@@ -27,10 +27,9 @@ from proxyless_ray.distributed.ray_private import (
     trainer_class,
 )
 from proxyless_ray.distributed.resume import latest_ray_checkpoint, resume_point
-from proxyless_ray.latency.fingerprint import check_machine, machine_note
-from proxyless_ray.latency.local import is_local
-from proxyless_ray.latency.model import load_latency_model_for
-from proxyless_ray.latency.profile import profile_from_text, shipped_models
+from proxyless_ray.latency.fingerprint import machine_note
+from proxyless_ray.latency.profile import shipped_models
+from proxyless_ray.latency.target import HardwareTarget, target_of
 from proxyless_ray.progress import format_epoch
 from proxyless_ray.runtime import WORKER_ENV, describe, ray_worker_policy, thread_env
 from proxyless_ray.search.comm import Comm
@@ -62,14 +61,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(int(exp.dist.cpus_per_worker), 1))
 
     node_id = ray.get_runtime_context().get_node_id()
-    model = worker_latency_model(exp, config, rank, f"Ray node {node_id[:8]}")
+    target = worker_target(exp, config, rank, f"Ray node {node_id[:8]}")
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(folder) if folder else None
         ray.train.report({**metrics, "node_id": node_id, "pid": os.getpid()}, checkpoint=ckpt)
 
     device = ray.train.torch.get_device()
-    loop = SearchLoop(exp, Comm(rank, world), report, latency_model=model, other_models=shipped_models(),
+    loop = SearchLoop(exp, Comm(rank, world), report, latency_model=target.model, other_models=shipped_models(),
                       device=device, progress=config.get("progress", False))
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -83,36 +82,32 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     loop.run(until_epoch=config.get("until_epoch"))
 
 
-def worker_latency_model(exp: Experiment, config: dict[str, Any], rank: int, where: str):
-    """The search's latency model on a worker, compared with the node it runs on.
+def worker_target(exp: Experiment, config: dict[str, Any], rank: int, where: str) -> HardwareTarget:
+    """The search's hardware target on a worker, compared with the node it runs on.
 
-    A profile the driver resolved (``cpu_local``, measured once there) comes as YAML text in
+    A worker is another process than the driver (often on another node), so it resolves the target again; a
+    profile the driver resolved (``cpu_local``, measured once there) comes as YAML text in
     ``config["latency_profile"]``: workers on other nodes share no disk and must not measure it again. Rank 0 says
     in one line when a measured profile was measured on another kind of machine than this node; in strict mode
     every rank refuses it.
     """
     import io
 
-    text, strict = config.get("latency_profile"), exp.latency.strict
-    if text:
-        model = profile_from_text(text, f"profile {exp.latency.profile!r} from the driver", strict)
-    else:
-        model = load_latency_model_for(exp.latency.profile, exp.space, strict=strict)
-    check_machine(model, strict=strict, where=where, stream=None if rank == 0 else io.StringIO(), unmeasured=False)
-    return model
+    target = target_of(exp, config.get("latency_profile"))
+    target.check_machine(where=where, stream=None if rank == 0 else io.StringIO(), unmeasured=False)
+    return target
 
 
-def describe_unmeasured(model: Any) -> None:
+def describe_unmeasured(target: HardwareTarget) -> None:
     """On the driver: one line saying an analytic or imported profile is not compared with any machine (the
     workers compare measured ones with their node)."""
-    md = getattr(model, "metadata", None)
-    if md is not None and md.get("method") != "measured":
-        print(f"[proxyless-ray] {machine_note(model)}", file=sys.stderr, flush=True)
+    if target.metadata and target.kind != "measured":
+        print(f"[proxyless-ray] {machine_note(target.model)}", file=sys.stderr, flush=True)
 
 
-def driver_profile_text(spec: str, model: Any) -> dict[str, str]:
+def driver_profile_text(target: HardwareTarget) -> dict[str, str]:
     """``{"latency_profile": yaml}`` for a profile the driver resolved (``cpu_local``), else ``{}``."""
-    return {"latency_profile": model.to_yaml()} if is_local(spec) else {}
+    return {"latency_profile": target.text} if target.text else {}
 
 
 # -- driver side -------------------------------------------------------------------------------------------------
@@ -227,8 +222,8 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     check_writable(out)
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
     tracking.check()
-    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
-    describe_unmeasured(model)
+    target = target_of(exp)  # the driver's: the outputs and the MLflow tags take it; workers resolve their own
+    describe_unmeasured(target)
 
     build_splits(exp.data, exp.space)  # bad data fails here, before any worker starts
     name = run_name(exp)
@@ -251,9 +246,9 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
     with HeadWatch(endpoint):  # a head that dies mid-run: one line and the resume command, no minute-long hang
         try:
             check_placeable(exp)
-            with tracking.active():  # MLflow parent + child runs, logged from the Train controller; FAILED on errors
+            with tracking.active(target):  # MLflow runs, logged from the Train controller; FAILED on errors
                 trainer = build_trainer(exp, name,
-                                        {"progress": True, **init, **driver_profile_text(exp.latency.profile, model)},
+                                        {"progress": True, **init, **driver_profile_text(target)},
                                         callbacks=[EpochLogCallback(), *tracking.callbacks(), *(callbacks or [])])
                 result = trainer.fit()
                 if result.error is not None:
@@ -261,7 +256,7 @@ def run_ray_search(exp: Experiment, resume: bool = False, callbacks: list | None
                 if result.checkpoint is None:
                     raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
                 with result.checkpoint.as_directory() as folder:
-                    res = write_search_outputs(exp, folder, out, model, shipped_models())
+                    res = write_search_outputs(exp, folder, out, target.model, shipped_models())
                 tracking.finish(out, res)
         except KeyboardInterrupt as err:
             if isinstance(err, Interrupted):

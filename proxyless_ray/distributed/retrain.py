@@ -33,7 +33,8 @@ from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.latency.check import measure_networks
 from proxyless_ray.latency.fingerprint import machine_note
 from proxyless_ray.latency.local import quick_settings
-from proxyless_ray.latency.model import arch_latency, load_latency_model_for
+from proxyless_ray.latency.model import arch_latency
+from proxyless_ray.latency.target import HardwareTarget, target_of
 from proxyless_ray.nn.arch import Arch
 from proxyless_ray.nn.network import ProxylessNet, export_network, load_network, load_tensors
 from proxyless_ray.search.comm import Comm
@@ -173,15 +174,19 @@ def run_retrain(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     Returns:
         The ``result.json`` content: test top-1, measured and predicted latency, files.
     """
-    return measure_retrained(exp, fit_network(exp, spec, finetune, epochs, lr))
+    target = target_of(exp)
+    return measure_retrained(exp, fit_network(exp, spec, finetune, epochs, lr, target=target), target=target)
 
 
 def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int | None = None,
-                lr: float | None = None, progress: bool = True) -> dict[str, Any]:
+                lr: float | None = None, progress: bool = True, target: HardwareTarget | None = None,
+                ) -> dict[str, Any]:
     """The training half of :func:`run_retrain`: train and export, no latency measured.
 
     Returns the result so far (accuracies, files, ``out_dir``); :func:`measure_retrained` completes it. Several
     fits may run at once (the demo's parallel fine-tunes) while the measurements wait for a quiet machine.
+    ``target`` is the experiment's hardware target as the caller resolved it; without one it is resolved here, so a
+    bad profile fails before any training.
     """
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
@@ -196,7 +201,8 @@ def fit_network(exp: Experiment, spec: str, finetune: bool = False, epochs: int 
     if finetune and source.state_dict is None:
         raise ValueError(f"--finetune: {spec!r} comes without weights (no state_dict.pt beside it)")
     build_splits_for(exp, arch)  # shape / data errors before any worker starts
-    load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)  # a bad profile, too
+    if target is None:
+        target_of(exp)  # a bad profile, too
     out = os.path.join(exp.output_dir, "retrained", arch.name or "network")
     check_writable(out)
     state = source.state_dict if finetune else None
@@ -235,14 +241,14 @@ def cpu_timing(model: Any) -> tuple[int, str]:
 
 
 def measure_retrained(exp: Experiment, fitted: dict[str, Any], measured: dict[str, Any] | None = None,
-                      ) -> dict[str, Any]:
+                      target: HardwareTarget | None = None) -> dict[str, Any]:
     """The measuring half of :func:`run_retrain`: time the exported network on this CPU (unless ``measured``, from
-    :func:`measure_latencies_ms` with :func:`cpu_timing`, is given), predict it on the experiment's profile and
-    write ``result.json``."""
+    :func:`measure_latencies_ms` with :func:`cpu_timing`, is given), predict it on the experiment's hardware target
+    (``target``, resolved here when None) and write ``result.json``."""
     out = fitted["out_dir"]
     net = load_network(os.path.join(out, "network"))
     arch = net.arch
-    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
+    model = (target or target_of(exp)).model
     if measured is None:
         threads, clock = cpu_timing(model)
         measured = measure_latency_ms(net, arch, threads=threads, clock=clock)

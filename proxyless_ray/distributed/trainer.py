@@ -14,9 +14,8 @@ from typing import Any
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.fileio import umask_mode
-from proxyless_ray.latency.fingerprint import check_machine
-from proxyless_ray.latency.model import load_latency_model_for
 from proxyless_ray.latency.profile import shipped_models
+from proxyless_ray.latency.target import target_of
 from proxyless_ray.progress import format_epoch
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import SearchLoop
@@ -91,8 +90,8 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
     check_writable(out)
     tracking = SearchTracking(exp, resume)  # MLflow: fails fast on an unreachable store, before any training
     tracking.check()
-    model = load_latency_model_for(exp.latency.profile, exp.space, strict=exp.latency.strict)
-    check_machine(model, strict=exp.latency.strict)  # a profile measured on another machine: one line (or refused)
+    target = target_of(exp)  # resolved once; the loop, the outputs and the MLflow tags all take this one
+    target.check_machine()  # a profile measured on another machine: one line (or refused)
     others = shipped_models()
     reporter = LocalReporter(out, exp.dist.checkpoints_to_keep, echo)
 
@@ -100,7 +99,7 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
         reporter(metrics, checkpoint_dir)
         tracking.log_epoch(metrics)
 
-    loop = SearchLoop(exp, Comm(), report, latency_model=model, other_models=others)
+    loop = SearchLoop(exp, Comm(), report, latency_model=target.model, other_models=others)
     if resume and reporter.latest is None:
         print(f"--resume: no checkpoint under {os.path.join(out, CHECKPOINTS_DIR)!r} (the run stopped before its "
               f"first one); starting from scratch", file=sys.stderr)
@@ -110,14 +109,14 @@ def run_local(exp: Experiment, resume: bool = False, echo: bool = True) -> dict[
     elif reporter.latest is not None:
         shutil.rmtree(os.path.join(out, CHECKPOINTS_DIR))  # a fresh run does not mix with an old one
         reporter.latest = None
-    with tracking.active():  # MLflow parent + child runs; marked FAILED if anything below raises
+    with tracking.active(target):  # MLflow parent + child runs; marked FAILED if anything below raises
         try:
             loop.run()
         except KeyboardInterrupt:
             raise interrupted(out, reporter.latest) from None
         if reporter.latest is None:
             raise RuntimeError("the search finished without a final checkpoint")
-        result = write_search_outputs(exp, reporter.latest, out, model, others)
+        result = write_search_outputs(exp, reporter.latest, out, target.model, others)
         tracking.finish(out, result)
     print(json.dumps({k: result[k] for k in ("arch", "latency_ms", "test_acc", "profile")}), flush=True)
     return result

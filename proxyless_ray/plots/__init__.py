@@ -53,11 +53,11 @@ SPLIT_RATIO = 10.0
 
 
 def _point_labels(rows: pd.DataFrame) -> list[str]:
-    """The ``label`` column, else ``λ=<lam>`` from a :func:`proxyless_ray.pareto.pareto_table`, else nothing."""
+    """The ``label`` column, else ``λ=<lambda>`` from a :func:`proxyless_ray.pareto.pareto_table`, else nothing."""
     if "label" in rows:
         return ["" if pd.isna(v) else str(v) for v in rows["label"]]
-    if "lam" in rows:
-        return ["" if pd.isna(v) else f"λ={v:g}" for v in rows["lam"]]
+    if "lambda" in rows:
+        return ["" if pd.isna(v) else f"λ={v:g}" for v in rows["lambda"]]
     return [""] * len(rows)
 
 
@@ -128,7 +128,7 @@ def plot_pareto(table: pd.DataFrame, path: str | os.PathLike, title: str | None 
 
     Args:
         table: Columns ``hardware``, ``heldout_acc``, ``expected_latency_ms``, ``on_front`` (bool); optional
-            ``label`` (e.g. ``"λ=0.1"``, else made from ``lam`` when present) and ``target_ms`` (dashed lines), as
+            ``label`` (e.g. ``"λ=0.1"``, else made from ``lambda`` when present) and ``target_ms`` (dashed lines), as
             :func:`proxyless_ray.pareto.pareto_table` returns.
         path: Output PNG path; its folder must exist.
         title: Figure title.

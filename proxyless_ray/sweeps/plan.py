@@ -38,12 +38,15 @@ class TrialSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrialSpec:
-        """The spec from its plain-dict form (``dataclasses.asdict``, as in ``sweep.json`` and Tune configs)."""
-        return cls(d["hardware"], d["loss"], d.get("lam"), d.get("beta"), d.get("target_ms"))
+        """The spec from its plain-dict form (:meth:`to_dict`, as in ``sweep.json`` and Tune configs; ``lam``: the
+        coefficient's key in sweeps saved by earlier releases)."""
+        return cls(d["hardware"], d["loss"], d.get("lambda", d.get("lam")), d.get("beta"), d.get("target_ms"))
 
     @property
     def key(self) -> str:
-        """Stable, filesystem-safe trial name, e.g. ``pixel1-add-lam0.1``."""
+        """Stable, filesystem-safe trial name, e.g. ``pixel1-add-lam0.1``. It names the trial's folder, its Tune
+        trial and its MLflow run (``trial_key``), which a resumed sweep finds again by it, so it keeps its
+        ``lam`` although the coefficient is called ``lambda`` everywhere else."""
         parts = [self.hardware, self.loss]
         for name in ("lam", "beta", "target_ms"):
             v = getattr(self, name)
@@ -52,7 +55,7 @@ class TrialSpec:
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hardware": self.hardware, "loss": self.loss, "lam": self.lam, "beta": self.beta,
+        return {"hardware": self.hardware, "loss": self.loss, "lambda": self.lam, "beta": self.beta,
                 "target_ms": self.target_ms, "key": self.key}
 
 
@@ -125,9 +128,9 @@ def trial_experiment(exp: Experiment, spec: TrialSpec, sweep_dir: str) -> Experi
     d["name"] = spec.key
     d["out_dir"] = os.path.join(sweep_dir, TRIALS_DIR)
     d["latency"].update({"profile": spec.hardware, "loss": spec.loss})
-    for name in ("lam", "beta", "target_ms"):
+    for name, key in (("lam", "lambda"), ("beta", "beta"), ("target_ms", "target_ms")):
         if getattr(spec, name) is not None:
-            d["latency"][name] = getattr(spec, name)
+            d["latency"][key] = getattr(spec, name)
     d["dist"]["workers"] = max(exp.sweep.workers_per_trial, 1)
     d["dist"]["storage_path"] = exp.dist.storage_path or os.path.join(os.path.abspath(sweep_dir), "ray")
     return Experiment.from_dict(d, source=f"trial {spec.key}")

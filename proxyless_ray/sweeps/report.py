@@ -18,7 +18,7 @@ from proxyless_ray.config import Experiment
 from proxyless_ray.fileio import atomic_write_text
 from proxyless_ray.pareto import best_within_target, hypervolume_by_hardware, pareto_table
 from proxyless_ray.plots import plot_pareto
-from proxyless_ray.sweeps.plan import TRIALS_DIR
+from proxyless_ray.sweeps.plan import TRIALS_DIR, TrialSpec
 
 
 def written_metrics(out_dir: str) -> dict[str, Any] | None:
@@ -43,14 +43,15 @@ def trial_rows(exp: Experiment, grid, sweep_dir: str) -> list[dict[str, Any]]:
     """
     rows = []
     for result in grid:
-        spec = result.config["trial"]
+        key = result.config["trial"]["key"]  # as Tune knows the trial (a sweep restored from an older release too)
+        spec = TrialSpec.from_dict(result.config["trial"])
         m = result.metrics or {}
-        out_dir = os.path.join(sweep_dir, TRIALS_DIR, spec["key"])
+        out_dir = os.path.join(sweep_dir, TRIALS_DIR, key)
         written = written_metrics(out_dir)
         if written and written.get("epoch", 0) > m.get("epoch", 0):
             m = written
-        row = {"trial_id": spec["key"], "hardware": spec["hardware"], "loss": spec["loss"], "lam": spec["lam"],
-               "beta": spec["beta"], "target_ms": spec["target_ms"], "heldout_acc": m.get("heldout_acc"),
+        row = {"trial_id": key, "hardware": spec.hardware, "loss": spec.loss, "lambda": spec.lam,
+               "beta": spec.beta, "target_ms": spec.target_ms, "heldout_acc": m.get("heldout_acc"),
                "expected_latency_ms": m.get("expected_latency_ms"), "argmax_latency_ms": m.get("argmax_latency_ms"),
                "derived_latency_ms": m.get("derived_latency_ms"), "arch": m.get("arch"), "epoch": m.get("epoch", 0),
                "search_epoch": m.get("search_epoch", 0),
@@ -93,8 +94,8 @@ def compute_spent(exp: Experiment, rows: list[dict[str, Any]], plan) -> dict[str
 def monotone_latency(table: pd.DataFrame) -> dict[str, bool | None]:
     """Per hardware: does expected latency fall (weakly) as lambda grows, over finished trials?"""
     out: dict[str, bool | None] = {}
-    for hw, part in table[table["finished"] & table["lam"].notna()].groupby("hardware"):
-        lats = part.sort_values("lam")["expected_latency_ms"].tolist()
+    for hw, part in table[table["finished"] & table["lambda"].notna()].groupby("hardware"):
+        lats = part.sort_values("lambda")["expected_latency_ms"].tolist()
         out[str(hw)] = all(b <= a * 1.001 for a, b in zip(lats, lats[1:])) if len(lats) > 1 else None
     return out
 
@@ -144,7 +145,7 @@ def _targets(exp: Experiment) -> dict[str, list[float]]:
 
 
 def _row(r) -> dict[str, Any]:
-    keys = ("trial_id", "hardware", "lam", "beta", "target_ms", "heldout_acc", "expected_latency_ms", "arch",
+    keys = ("trial_id", "hardware", "lambda", "beta", "target_ms", "heldout_acc", "expected_latency_ms", "arch",
             "test_acc")
     return {k: (None if (isinstance(r.get(k), float) and math.isnan(r.get(k))) else r.get(k)) for k in keys}
 

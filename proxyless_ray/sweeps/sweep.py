@@ -31,9 +31,8 @@ from proxyless_ray.data import cached_splits
 from proxyless_ray.distributed.cluster import HeadWatch, effective_address, node_cpus
 from proxyless_ray.distributed.ray_trainer import build_trainer, check_placeable, connect, describe_unmeasured
 from proxyless_ray.latency.fingerprint import check_machine
-from proxyless_ray.latency.local import is_local
-from proxyless_ray.latency.model import load_latency_model_for
-from proxyless_ray.latency.profile import profile_from_text, shipped_models
+from proxyless_ray.latency.profile import shipped_models
+from proxyless_ray.latency.target import HardwareTarget, resolve_target, target_of
 from proxyless_ray.runtime import describe, ray_worker_policy
 from proxyless_ray.search.results import INCOMPLETE, check_writable, interrupted, write_search_outputs
 from proxyless_ray.sweeps.plan import (
@@ -87,10 +86,10 @@ def train_driver_fn(config: dict[str, Any]) -> None:
     if result.error is not None:
         raise result.error
     if result.checkpoint is not None and (result.metrics or {}).get("finished"):
-        model = (profile_from_text(text, f"profile {spec.hardware!r} from the driver") if text
-                 else load_latency_model_for(exp.latency.profile, exp.space))
+        # this trial's process is not the sweep driver's: it resolves the target itself, from the driver's text
+        target = target_of(exp, text)
         with result.checkpoint.as_directory() as folder:
-            write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
+            write_search_outputs(exp, folder, exp.output_dir, target.model, shipped_models())
 
 
 def trial_name(trial) -> str:
@@ -157,18 +156,18 @@ def _shutdown_after():
         ray.shutdown()
 
 
-def resolve_local_profiles(exp: Experiment) -> dict[str, str]:
-    """``{hardware: profile YAML}`` for every local CPU target of the sweep (``cpu_local``), measured here once
-    before any trial starts (or read from the cache) and handed to the trials, so no trial measures it again;
-    analytic and imported targets say what they are."""
+def resolve_targets(exp: Experiment) -> dict[str, HardwareTarget]:
+    """Every hardware target of the sweep, resolved once on the driver before any trial starts: a local CPU target
+    (``cpu_local``) is measured here (or read from the cache) and its profile handed to the trials as text
+    (:attr:`HardwareTarget.text`), so no trial measures it again; analytic and imported targets say what they are;
+    the MLflow callback tags the trials' runs from these."""
     out = {}
     for hw in exp.sweep.hardware:
-        model = load_latency_model_for(hw, exp.space, strict=exp.latency.strict)
-        describe_unmeasured(model)  # measured ones are compared by each trial's rank 0 with its node
-        if exp.latency.strict and exp.dist.address is None:  # the embedded cluster is this machine: refuse now
-            check_machine(model, strict=True, unmeasured=False)
-        if is_local(hw):
-            out[hw] = model.to_yaml()
+        target = resolve_target(hw, exp.space, strict=exp.latency.strict)
+        describe_unmeasured(target)  # measured ones are compared by each trial's rank 0 with its node
+        if target.strict and exp.dist.address is None:  # the embedded cluster is this machine: refuse now
+            check_machine(target.model, strict=True, unmeasured=False)
+        out[hw] = target
     return out
 
 
@@ -246,7 +245,8 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
         os.makedirs(sweep_dir, exist_ok=True)
 
     cached_splits(exp.data, exp.space)  # bad data fails before any worker starts (and a local warm-up reuses it)
-    local_profiles = resolve_local_profiles(exp)
+    targets = resolve_targets(exp)
+    local_profiles = {hw: t.text for hw, t in targets.items() if t.text}
     embedded = effective_address(exp.dist.address) is None
     # The dashboard's State API lets Train free a stopped trial's placement group (facts P1): on for Train trials.
     # Trials in their own actor start no Train run, and Tune frees its own placement groups: the lean cluster.
@@ -290,7 +290,7 @@ def run_sweep(exp: Experiment, resume: bool = False, tracker=None) -> dict[str, 
             group_sizes = dict(Counter(spec.hardware for spec in plan.trials))
         callbacks = [TrialLogCallback(len(plan.trials), exp.train.epochs)]
         if tracker is not None:
-            callbacks.append(tune_callback(tracker, plan.parent_run_id))
+            callbacks.append(tune_callback(tracker, plan.parent_run_id, targets))
         if resume:
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=param_space)

@@ -20,6 +20,7 @@ from typing import Any
 from ray.tune import Callback
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.latency.target import HardwareTarget
 from proxyless_ray.nn.network import load_network
 from proxyless_ray.sweeps.plan import TrialSpec, trial_experiment
 from proxyless_ray.tracking.tracker import Tracker, experiment_params, search_tags
@@ -45,18 +46,24 @@ class MLflowTuneCallback(Callback):
     Args:
         tracker: The sweep's :class:`proxyless_ray.tracking.tracker.Tracker`.
         parent_id: The sweep's parent run (``Tracker.start_parent("sweep", ...)``).
+        targets: The sweep's hardware targets as the driver resolved them, by name (they name the runs' hardware).
     """
 
-    def __init__(self, tracker: Tracker, parent_id: str):
-        self.tracker, self.parent_id = tracker, parent_id
+    # a class default too: a sweep restored from a folder saved by an older release unpickles its callback
+    # without calling __init__
+    targets: dict[str, HardwareTarget] = {}  # never mutated
+
+    def __init__(self, tracker: Tracker, parent_id: str, targets: dict[str, HardwareTarget] | None = None):
+        self.tracker, self.parent_id, self.targets = tracker, parent_id, targets or {}
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
 
     def _run_for(self, trial) -> str:
         if trial.trial_id not in self.runs:
             exp = trial_experiment_of(trial.config)
             key = trial.config["trial"]["key"]
-            self.runs[trial.trial_id] = self.tracker.start_child(
-                self.parent_id, key, search_tags(exp, "trial", key), experiment_params(exp), name=key)
+            tags = search_tags(exp, "trial", key, self.targets.get(exp.latency.profile))
+            self.runs[trial.trial_id] = self.tracker.start_child(self.parent_id, key, tags, experiment_params(exp),
+                                                                 name=key)
         return self.runs[trial.trial_id]
 
     def _guard(self, what: str, trial, fn) -> None:
@@ -99,7 +106,7 @@ class MLflowTuneCallback(Callback):
         self._guard("marking the run failed", trial, fail)
 
 
-def tune_callback(tracker: Tracker, parent_id: str) -> Callback:
+def tune_callback(tracker: Tracker, parent_id: str, targets: dict[str, HardwareTarget] | None = None) -> Callback:
     """A Ray Tune ``Callback`` that keeps one child run per sweep trial under ``parent_id`` (Tune driver side).
 
     See :class:`MLflowTuneCallback`; with tracking disabled a callback that does nothing.
@@ -107,7 +114,7 @@ def tune_callback(tracker: Tracker, parent_id: str) -> Callback:
     if not tracker.enabled or not parent_id:
         return Callback()
     tracker.client.update_run(parent_id, status="RUNNING")  # a resumed sweep's parent runs again
-    return MLflowTuneCallback(tracker, parent_id)
+    return MLflowTuneCallback(tracker, parent_id, targets)
 
 
 def finish_sweep(tracker: Tracker, parent_id: str, sweep_dir: str, summary: dict[str, Any]) -> bool:

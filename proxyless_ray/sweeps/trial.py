@@ -29,11 +29,11 @@ import torch
 from proxyless_ray.config import Experiment
 from proxyless_ray.data import cached_splits
 from proxyless_ray.distributed.ray_private import TUNE_STORAGE_LOGGER
-from proxyless_ray.distributed.ray_trainer import build_trainer, worker_latency_model
+from proxyless_ray.distributed.ray_trainer import build_trainer, worker_target
 from proxyless_ray.fileio import umask_mode
-from proxyless_ray.latency.fingerprint import check_machine
 from proxyless_ray.latency.model import LatencyModel
 from proxyless_ray.latency.profile import shipped_models
+from proxyless_ray.latency.target import HardwareTarget
 from proxyless_ray.pareto import scalarised_score
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import Reporter, SearchLoop
@@ -43,7 +43,7 @@ from proxyless_ray.sweeps.plan import TrialSpec, in_actor, trial_experiment, war
 from proxyless_ray.sweeps.report import written_metrics
 
 _SHIPPED: dict[str, LatencyModel] | None = None  # every shipped profile, read once per process
-_TARGETS: dict[tuple[str, bool, str, str | None], LatencyModel] = {}  # trials' target models, read once per process
+_TARGETS: dict[tuple[str, bool, str, str | None], HardwareTarget] = {}  # trials' targets, resolved once per process
 
 
 def tune_fault_settings(exp: Experiment) -> dict[str, Any]:
@@ -80,14 +80,14 @@ def shipped() -> dict[str, LatencyModel]:
     return _SHIPPED
 
 
-def target_model(exp: Experiment, text: str | None, where: str) -> LatencyModel:
-    """:func:`.distributed.ray_trainer.worker_latency_model`, its profile parsed once per process (trials only read
-    it); the line comparing a measured profile with this machine is still said by every trial."""
+def trial_target(exp: Experiment, text: str | None, where: str) -> HardwareTarget:
+    """:func:`.distributed.ray_trainer.worker_target`, resolved once per process (trials only read it); the line
+    comparing a measured profile with this machine is still said by every trial."""
     key = (exp.latency.profile, exp.latency.strict, exp.space.fingerprint(), text)
     if key not in _TARGETS:
-        _TARGETS[key] = worker_latency_model(exp, {"latency_profile": text} if text else {}, 0, where)
+        _TARGETS[key] = worker_target(exp, {"latency_profile": text} if text else {}, 0, where)
     else:
-        check_machine(_TARGETS[key], strict=exp.latency.strict, where=where, unmeasured=False)
+        _TARGETS[key].check_machine(where=where, unmeasured=False)
     return _TARGETS[key]
 
 
@@ -110,9 +110,9 @@ def fresh_trial_loop(exp: Experiment, config: dict[str, Any], report: Reporter, 
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.set_num_threads(exp.train.threads or max(int(exp.dist.cpus_per_worker), 1))
-    model = target_model(exp, (config.get("latency_profiles") or {}).get(exp.latency.profile), where)
+    target = trial_target(exp, (config.get("latency_profiles") or {}).get(exp.latency.profile), where)
     device = "cuda" if exp.dist.gpus_per_worker > 0 else "cpu"  # Ray shows the actor only the GPU it holds
-    loop = SearchLoop(exp, Comm(), report, splits=cached_splits(exp.data, exp.space), latency_model=model,
+    loop = SearchLoop(exp, Comm(), report, splits=cached_splits(exp.data, exp.space), latency_model=target.model,
                       other_models=shipped(), device=device, progress=False)
     if resume is not None:
         loop.restore(resume)

@@ -44,7 +44,7 @@ def results_table(uri: str, experiment: str, hardware: str | None = None, parent
         include_unfinished: Also running, failed and early-stopped runs that logged both metrics.
 
     Returns:
-        Columns ``hardware, trial_id`` (the run id) ``, lam, beta, target_ms, heldout_acc, expected_latency_ms, arch,
+        Columns ``hardware, trial_id`` (the run id) ``, lambda, beta, target_ms, heldout_acc, expected_latency_ms, arch,
         rank, on_front, run_name, kind, test_acc, derived_latency_ms``.
 
     Raises:
@@ -74,7 +74,7 @@ def results_table(uri: str, experiment: str, hardware: str | None = None, parent
         if not include_unfinished and tags.get("outcome", "finished") != "finished":
             continue  # a trial a scheduler stopped early is no front candidate
         records.append({"hardware": tags.get("hardware", tags.get("profile", "?")), "trial_id": run.info.run_id,
-                        "lam": _float(tags.get("lambda")), "beta": _float(tags.get("beta")),
+                        "lambda": _float(tags.get("lambda")), "beta": _float(tags.get("beta")),
                         "target_ms": _float(tags.get("target_ms")), "heldout_acc": metrics["heldout_acc"],
                         "expected_latency_ms": metrics["expected_latency_ms"],
                         "arch": tags.get("derived_arch", tags.get("current_arch"))})
@@ -149,7 +149,7 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def _coef(r: pd.Series) -> str:
-    for key, label in (("lam", "λ"), ("beta", "β")):
+    for key, label in (("lambda", "λ"), ("beta", "β")):
         v = r.get(key)
         if v is not None and not pd.isna(v):
             return f"{label}={v:g}"

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from proxyless_ray.config import Experiment
+from proxyless_ray.latency.target import HardwareTarget
 from proxyless_ray.nn.network import load_network
 from proxyless_ray.pareto import pareto_table
 from proxyless_ray.plots import plot_pareto
@@ -39,21 +40,27 @@ class SearchTracking:
         self.tracker = Tracker(exp)
         self.key = os.path.abspath(exp.output_dir)
         self.parent_id = self.child_id = ""
+        self.target: HardwareTarget | None = None
 
     def check(self) -> None:
         """Fail fast (unreachable store, deleted experiment name) before any training: :meth:`Tracker.check`."""
         self.tracker.check()
 
     @contextmanager
-    def active(self) -> Iterator[SearchTracking]:
-        """Create (or reuse) the parent and child runs; an error inside marks both FAILED (KILLED on Ctrl-C)."""
+    def active(self, target: HardwareTarget | None = None) -> Iterator[SearchTracking]:
+        """Create (or reuse) the parent and child runs; an error inside marks both FAILED (KILLED on Ctrl-C).
+
+        ``target`` is the search's resolved hardware target, which names the runs' hardware (read from the
+        experiment's spec when None).
+        """
+        self.target = target
         if not self.tracker.enabled:
             yield self
             return
         t = self.tracker
         t.ensure_experiment()
         self.parent_id = t.start_parent("search", f"search {self.exp.name}", self.exp, self.key, reuse=self.resume)
-        tags = search_tags(self.exp, "search", self.key)
+        tags = search_tags(self.exp, "search", self.key, target)
         self.child_id = t.start_child(self.parent_id, self.key, tags, experiment_params(self.exp), name=self.exp.name,
                                       reuse=self.resume)
         print(f"MLflow: run {self.child_id} (parent {self.parent_id}) in experiment {t.experiment!r} at {t.uri}",
@@ -118,12 +125,12 @@ class SearchTracking:
 
     @property
     def hardware(self) -> str:
-        return profile_info(self.exp.latency.profile)["hardware"]
+        return (self.target.info() if self.target is not None else profile_info(self.exp.latency.profile))["hardware"]
 
     def _parent_summary(self, result: dict[str, Any]) -> None:
         row = {"hardware": self.hardware, "trial_id": self.child_id, "heldout_acc": result.get("heldout_acc"),
                "expected_latency_ms": result.get("expected_latency_ms"), "arch": result.get("arch"),
-               "lam": self.exp.latency.lam if self.exp.latency.loss == "add" else None}
+               "lambda": self.exp.latency.lam if self.exp.latency.loss == "add" else None}
         table = pareto_table([row])
         with tempfile.TemporaryDirectory(prefix="proxyless-pareto-") as tmp:
             plot = plot_pareto(table, os.path.join(tmp, "pareto.png"), title=f"search {self.exp.name}")

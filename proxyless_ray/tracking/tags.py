@@ -10,43 +10,32 @@ import json
 from typing import Any
 
 from proxyless_ray.config import Experiment, flatten
-from proxyless_ray.latency.fingerprint import cpu_fingerprint
-from proxyless_ray.latency.local import local_threads
-from proxyless_ray.latency.profile import load_profile
+from proxyless_ray.latency.target import HardwareTarget, target_info
 
 MAX_PARAM_LEN = 6000  # MLflow's MAX_PARAM_VAL_LENGTH
 MAX_TAG_LEN = 8000  # MLflow's MAX_TAG_VAL_LENGTH
 
 
 def profile_info(spec: str) -> dict[str, str]:
-    """``hardware`` (the profile's name, which names the registered models), ``device`` and ``platform``.
-
-    ``flops`` (the placeholder model) has no metadata.
-    """
-    if spec == "flops":
-        return {"hardware": "flops", "device": "none", "platform": "FLOPs placeholder (no hardware)"}
-    threads = local_threads(spec)
-    if threads is not None:  # this machine's CPU: named without measuring it (the search resolves it)
-
-        return {"hardware": spec, "device": "cpu", "platform": f"local CPU: {cpu_fingerprint(threads)['model']}"}
-    profile = load_profile(spec)
-    md = profile.metadata
-    return {"hardware": profile.name, "device": str(md.get("device", "")), "platform": str(md.get("device_name", ""))}
+    """``hardware`` (the profile's name, which names the registered models), ``device`` and ``platform`` of a target
+    known only by its spec (:func:`proxyless_ray.latency.target.target_info`; a resolved target has ``info()``)."""
+    return target_info(spec)
 
 
-def search_tags(exp: Experiment, kind: str, trial_key: str) -> dict[str, str]:
+def search_tags(exp: Experiment, kind: str, trial_key: str, target: HardwareTarget | None = None) -> dict[str, str]:
     """The tags of a child run: what was searched, on which data, against which hardware and loss.
 
     Args:
         exp: The trial's (or single search's) experiment.
         kind: ``trial`` (one trial of a sweep) or ``search`` (a single search).
         trial_key: What identifies the trial across restarts (a Tune trial id, or the output folder).
+        target: The experiment's resolved hardware target (read from ``exp.latency.profile`` when None).
     """
     lat = exp.latency
     tags = {"kind": kind, "trial_key": trial_key, "profile": lat.profile, "loss": lat.loss,
             "dataset": exp.data.name if exp.data.path is None else f"{exp.data.name}:{exp.data.path}",
             "space_fingerprint": exp.space.fingerprint(), "gate_mode": exp.train.gate_mode, "name": exp.name,
-            **profile_info(lat.profile)}
+            **(target.info() if target is not None else profile_info(lat.profile))}
     if lat.loss == "add":
         tags.update({"lambda": f"{lat.lam:g}", "ref_ms": f"{lat.ref_ms:g}"})
     elif lat.loss == "mul_log":

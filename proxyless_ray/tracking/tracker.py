@@ -224,6 +224,25 @@ class Tracker:
         runs = self._find(f"tags.mlflow.parentRunId = '{parent_id}' and tags.trial_key = {quoted(trial_key)}")
         return runs[0].info.run_id if runs else None
 
+    def child_runs(self, parent_id: str) -> dict[str, str]:
+        """``{trial_key: run id}`` of every child under ``parent_id`` (the newest run per key), as the store holds
+        them; ``{}`` when tracking is disabled."""
+        if not self.enabled or not parent_id:
+            return {}
+        out: dict[str, str] = {}
+        token = None
+        while True:  # a sweep may have more children than one page holds
+            page = self.client.search_runs([self.ensure_experiment()], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                           order_by=["attributes.start_time DESC"], max_results=1000,
+                                           page_token=token)
+            for run in page:
+                key = run.data.tags.get("trial_key")
+                if key is not None:
+                    out.setdefault(key, run.info.run_id)
+            token = page.token
+            if not token:
+                return out
+
     def find_trial_run(self, trial_key: str) -> str | None:
         """The newest child run with ``trial_key`` under any parent (e.g. a sweep trial's key), or None."""
         if not self.enabled:

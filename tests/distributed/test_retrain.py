@@ -92,13 +92,16 @@ def test_parallel_fine_tunes_on_ray_match_one_in_process(searched, tmp_path):
     """The demo's side-by-side fine-tunes (Ray tasks) give what the same fit gives in this process, file for file."""
     from proxyless_ray.demo import _descendants, _running, fit_in_parallel
     from proxyless_ray.distributed.retrain import fit_network, measure_retrained
+    from proxyless_ray.latency.target import target_of
     from proxyless_ray.nn.network import load_network
 
     exp = tiny_experiment(tmp_path)
     spec = os.path.join(searched.output_dir, "network")
     jobs = [(f"trial{i}", Experiment.from_dict({**exp.to_dict(), "name": f"trial{i}"}), spec) for i in range(2)]
     before = _descendants(os.getpid())
-    remote = fit_in_parallel(exp, jobs, epochs=1, lr=0.01)
+    # trial0's task gets the target resolved here (pickled into it), trial1's resolves its own
+    targets = {"trial0": target_of(jobs[0][1])}
+    remote = fit_in_parallel(exp, jobs, epochs=1, lr=0.01, targets=targets)
     # its latency measurements follow: the Ray processes it started have exited when it returns
     assert not [pid for pid in _descendants(os.getpid()) - before if _running(pid)]
     assert sorted(remote) == ["trial0", "trial1"]
@@ -110,7 +113,7 @@ def test_parallel_fine_tunes_on_ray_match_one_in_process(searched, tmp_path):
         b = load_network(os.path.join(local["out_dir"], "network")).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not os.path.exists(os.path.join(remote["trial0"]["out_dir"], "result.json"))  # measured later, here
-    result = measure_retrained(jobs[0][1], remote["trial0"])
+    result = measure_retrained(jobs[0][1], remote["trial0"], target=targets["trial0"])
     assert result["measured_cpu_latency_ms"] > 0
     with open(os.path.join(remote["trial0"]["out_dir"], "result.json")) as fh:
         assert json.load(fh)["test_acc"] == local["test_acc"]

@@ -1,7 +1,7 @@
 """Importers for published latency tables (ProxylessNAS mobile_trim.yaml, Once-for-All *_lookup_table.yaml).
 
 Synthetic tables use made-up numbers in the published key formats; the real tables are read from
-``../shared/reference`` (skipped when absent) and never copied into the project.
+``../shared/reference`` (conftest's ``reference`` fixture) and never copied into the project.
 """
 
 from __future__ import annotations
@@ -14,13 +14,6 @@ from proxyless_ray.latency.importers import UnparsedKeysError, convert_key, conv
 from proxyless_ray.latency.model import arch_latency
 from proxyless_ray.latency.profile import read_profile
 from proxyless_ray.nn.arch import Arch
-
-from conftest import REFERENCE
-
-MOBILE_TRIM = REFERENCE / "proxylessnas" / "mobile_trim.yaml"
-OFA_TABLE = REFERENCE / "ofa" / "note10_224_lookup_table.yaml"
-needs_reference = pytest.mark.skipif(not MOBILE_TRIM.is_file() or not OFA_TABLE.is_file(),
-                                     reason="../shared/reference latency tables are absent")
 
 PNAS = {
     "Conv-input:32x32x3-output:16x16x32": {"count": 10, "mean": 1.5, "var": 0.04},
@@ -117,20 +110,18 @@ def test_import_cli_writes_a_profile_and_fails_cleanly(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
 
 
-@needs_reference
-def test_published_proxylessnas_table_imports_completely():
-    prof, res = import_table(MOBILE_TRIM)
+def test_published_proxylessnas_table_imports_completely(reference):
+    prof, res = import_table(reference("proxylessnas", "mobile_trim.yaml"))
     assert res.fmt == "proxylessnas" and len(res.entries) == res.total == 72 and not res.skipped
-    mobile = Arch.load(REFERENCE / "proxylessnas" / "proxyless_mobile.config")
+    mobile = Arch.load(reference("proxylessnas", "proxyless_mobile.config"))
     total, per_layer = arch_latency(prof, mobile)
     predicted = [lay.key for lay, _ in per_layer if lay.block != "zero" and lay.key not in prof.entries]
     assert len(predicted) == 3  # the width-32 blocks the table (width 24) does not hold
     assert 70 < total < 100  # published: 78 ms; isolated per-layer tables overstate a little
 
 
-@needs_reference
-def test_published_ofa_table_imports_with_se_and_hswish_reported():
-    prof, res = import_table(OFA_TABLE)
+def test_published_ofa_table_imports_with_se_and_hswish_reported(reference):
+    prof, res = import_table(reference("ofa", "note10_224_lookup_table.yaml"))
     assert res.fmt == "ofa" and res.entries
     assert len(res.entries) + len(res.skipped) == res.total
     assert all("-se:1" in k or "-hs:1" in k or k.startswith(("AvgPool2D", "Conv_2")) for k in res.skipped)
@@ -138,12 +129,10 @@ def test_published_ofa_table_imports_with_se_and_hswish_reported():
     assert prof.predictor.stats["pooled"].n == len(res.entries)
 
 
-@pytest.mark.skipif(not (REFERENCE / "proxylessnas" / "proxyless_mobile.config").is_file(),
-                    reason="../shared/reference/proxylessnas/proxyless_mobile.config is absent")
-def test_latency_command_prices_a_published_network_config(capsys):
+def test_latency_command_prices_a_published_network_config(capsys, reference):
     import json
 
-    config = REFERENCE / "proxylessnas" / "proxyless_mobile.config"
+    config = reference("proxylessnas", "proxyless_mobile.config")
     assert cli.main(["latency", "--profile", "pixel1", "--arch", str(config), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert abs(report["total_ms"] / 78.0 - 1) <= 0.10  # published: 78 ms on a Pixel 1

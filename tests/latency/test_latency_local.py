@@ -213,18 +213,19 @@ def test_profile_quick_fills_the_cache_and_latency_reads_it(cache, tmp_path, cap
 
 
 def test_sweep_resolves_cpu_local_once_and_workers_take_the_driver_profile(cache, tmp_path, monkeypatch):
-    from proxyless_ray.distributed.ray_trainer import worker_latency_model
-    from proxyless_ray.sweeps.sweep import resolve_local_profiles
+    from proxyless_ray.distributed.ray_trainer import worker_target
+    from proxyless_ray.sweeps.sweep import resolve_targets
 
     monkeypatch.setattr(local, "QUICK", {**local.QUICK, "min_time_s": 0.0, "repeats": 3, "rounds": 1})
     exp = tiny_experiment(tmp_path, space=TINY_DICT, sweep={"hardware": ["cpu_local", "pixel1"], "lambdas": [1.0]})
-    profiles = resolve_local_profiles(exp)
-    assert set(profiles) == {"cpu_local"}
+    targets = resolve_targets(exp)
+    assert set(targets) == {"cpu_local", "pixel1"} and targets["pixel1"].text is None
+    assert targets["cpu_local"].kind == "measured" and targets["cpu_local"].fingerprint
     monkeypatch.setattr(local, "profile_spaces", lambda *a, **k: pytest.fail("a trial measured cpu_local again"))
     monkeypatch.setattr(local, "cpu_fingerprint", lambda *a: pytest.fail("a trial looked into its own cache"))
     texp = tiny_experiment(tmp_path, space=TINY_DICT, latency={"profile": "cpu_local"})
-    model = worker_latency_model(texp, {"latency_profile": profiles["cpu_local"]}, 0, "Ray node test")
-    assert model.name == "cpu_local" and model.entries
+    target = worker_target(texp, {"latency_profile": targets["cpu_local"].text}, 0, "Ray node test")
+    assert target.name == "cpu_local" and target.model.entries
 
 
 # -- latency --check / --calibrate ---------------------------------------------------------------------------------

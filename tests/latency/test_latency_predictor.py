@@ -22,8 +22,6 @@ from proxyless_ray.latency.profile import space_layers
 from proxyless_ray.nn.arch import Arch, layer_key
 from proxyless_ray.nn.space import space_from_preset
 
-from conftest import REFERENCE
-
 TRUE = {"mb": (0.02, 0.08, 0.3, 0.1, 0.01), "mb_e1": (0.03, 0.1, 0.2, 0.0, 0.02), "conv": (0.05, 0.0, 0.5, 0.2, 0.03),
         "conv1x1": (0.02, 0.0, 0.3, 0.2, 0.01),
         "fc": (0.01, 0.0, 0.1, 0.1, 0.005)}
@@ -144,15 +142,13 @@ def test_roofline_launch_overhead_dominates_small_layers_and_large_kernels_are_c
         RooflinePredictor(**{**V100, "bandwidth_gbs": -1})
 
 
-@pytest.mark.skipif(not (REFERENCE / "proxylessnas" / "mobile_trim.yaml").is_file(),
-                    reason="../shared/reference/proxylessnas/mobile_trim.yaml is absent")
-def test_fit_on_the_published_pixel1_table_generalises():
+def test_fit_on_the_published_pixel1_table_generalises(reference):
     from proxyless_ray.latency.importers import import_table
 
-    profile, _ = import_table(REFERENCE / "proxylessnas" / "mobile_trim.yaml")
+    profile, _ = import_table(reference("proxylessnas", "mobile_trim.yaml"))
     st = profile.predictor.stats["mb"]
     assert st.n >= 60 and st.loo_mape < 10, st  # held-out error on MBConv entries
-    mobile = Arch.load(REFERENCE / "proxylessnas" / "proxyless_mobile.config")
+    mobile = Arch.load(reference("proxylessnas", "proxyless_mobile.config"))
     pred_only = sum(profile.predictor.lat_ms(lay.block, lay.in_chs, lay.resolution)
                     for lay in mobile.layers() if lay.block != "zero")
     exact = sum(profile.lat_ms(lay.block, lay.in_chs, lay.resolution) for lay in mobile.layers())

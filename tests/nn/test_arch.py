@@ -16,10 +16,6 @@ from proxyless_ray.nn.arch import (
     parse_layer_key,
 )
 
-from conftest import REFERENCE as SHARED_REFERENCE
-
-REFERENCE = str(SHARED_REFERENCE / "proxylessnas")
-
 
 @pytest.mark.parametrize("text", ["mb_k5_e6_c40_s2", "mb_k3_e1_c16_s1", "mb_k7_e3_c320_s1", "conv_k3_c32_s2",
                                   "conv_k1_c1280_s1", "zero"])
@@ -115,13 +111,12 @@ def test_shapes_that_do_not_chain_refused():
         from_proxyless_config(cfg)
 
 
-@pytest.mark.skipif(not os.path.isdir(REFERENCE), reason="../shared/reference is absent")
-def test_published_configs_convert():
-    arch = Arch.load(os.path.join(REFERENCE, "proxyless_mobile.config"))
+def test_published_configs_convert(reference):
+    arch = Arch.load(reference("proxylessnas", "proxyless_mobile.config"))
     assert arch.stem == "conv_k3_c32_s2" and arch.feature_mix == "conv_k1_c1280_s1"
     assert arch.stages[0] == ("mb_k3_e1_c16_s1",)
     assert len(arch.blocks()) == 22 and arch.num_classes == 1000
-    gpu = Arch.load(os.path.join(REFERENCE, "proxyless_gpu.config"))
+    gpu = Arch.load(reference("proxylessnas", "proxyless_gpu.config"))
     assert gpu.blocks().count("zero") == 8
 
 

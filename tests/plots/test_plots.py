@@ -33,9 +33,6 @@ from proxyless_ray.plots import search as plots_search
 from proxyless_ray.plots.arch import FIXED_COLOUR
 from proxyless_ray.plots.search import candidate_column
 
-from conftest import REFERENCE
-
-GPU_CONFIG = REFERENCE / "proxylessnas" / "proxyless_gpu.config"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -162,10 +159,8 @@ def test_plot_arch_writes_png_and_scales_with_block_count(tmp_path):
     assert no_temp_files(tmp_path)
 
 
-def test_plot_arch_published_gpu_config(tmp_path):
-    if not GPU_CONFIG.exists():
-        pytest.skip(f"{GPU_CONFIG} not present")
-    arch = Arch.load(GPU_CONFIG)
+def test_plot_arch_published_gpu_config(tmp_path, reference):
+    arch = Arch.load(reference("proxylessnas", "proxyless_gpu.config"))
     assert sum(b.is_gap for b in arch_boxes(arch)) == arch.blocks().count("zero") > 0
     assert_png(plot_arch(arch, tmp_path / "gpu.png", latency_ms=5.1))
 

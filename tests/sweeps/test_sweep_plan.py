@@ -36,8 +36,8 @@ def test_log_sampling_is_seeded_and_in_range(tmp_path):
 
 
 def test_warmup_key_ignores_hardware_and_coefficients(tmp_path):
-    a = tiny_experiment(tmp_path, latency={"profile": "pixel1", "lam": 0.1})
-    b = tiny_experiment(tmp_path, latency={"profile": "v100_roofline", "lam": 3.0})
+    a = tiny_experiment(tmp_path, latency={"profile": "pixel1", "lambda": 0.1})
+    b = tiny_experiment(tmp_path, latency={"profile": "v100_roofline", "lambda": 3.0})
     c = tiny_experiment(tmp_path, train={"seed": 1})
     assert warmup_key(a) == warmup_key(b) != warmup_key(c)
 

@@ -9,8 +9,8 @@ from proxyless_ray.sweeps.plan import TRIALS_DIR
 from proxyless_ray.sweeps.report import front_table, trial_rows
 
 
-def tune_result(key: str, epoch: int, finished: bool, acc: float):
-    spec = {"key": key, "hardware": "pixel1", "loss": "add", "lam": 0.5, "beta": None, "target_ms": None}
+def tune_result(key: str, epoch: int, finished: bool, acc: float, coefficient_key: str = "lambda"):
+    spec = {"key": key, "hardware": "pixel1", "loss": "add", coefficient_key: 0.5, "beta": None, "target_ms": None}
     metrics = {"epoch": epoch, "search_epoch": epoch - 1, "finished": finished, "heldout_acc": acc,
                "expected_latency_ms": 1.0, "arch": "mb_k3_e3_c8_s1", "latency_pixel1_ms": 0.5}
     return SimpleNamespace(config={"trial": spec}, metrics=metrics, error=None)
@@ -40,9 +40,10 @@ def test_a_trial_that_wrote_its_outputs_before_a_kill_is_reported_finished(tmp_p
 def test_tune_results_stand_when_the_trial_wrote_no_final_outputs(tmp_path):
     write_outputs(tmp_path, "stopped", 3, 0.7, result=False)  # a stopped trial never writes result.json
     write_outputs(tmp_path, "same", 4, 0.7)  # Tune already holds the last epoch: it stays the source
-    rows = trial_rows(None, [tune_result("stopped", 3, False, 0.5), tune_result("same", 4, True, 0.6)],
+    # "lam": the coefficient's key in a trial config saved by an earlier release (a restored sweep)
+    rows = trial_rows(None, [tune_result("stopped", 3, False, 0.5, "lam"), tune_result("same", 4, True, 0.6)],
                       str(tmp_path))
-    assert [r["heldout_acc"] for r in rows] == [0.5, 0.6]
+    assert [r["heldout_acc"] for r in rows] == [0.5, 0.6] and [r["lambda"] for r in rows] == [0.5, 0.5]
     assert [r["finished"] for r in rows] == [False, True]
     table = front_table(rows)
     assert dict(zip(table["trial_id"], table["status"])) == {"stopped": "stopped", "same": "finished"}

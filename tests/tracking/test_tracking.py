@@ -261,7 +261,7 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
 
     def config(lam):
         key = f"pixel1-add-lam{lam:g}"
-        return {"trial": {"hardware": "pixel1", "loss": "add", "lam": lam, "beta": None, "target_ms": None,
+        return {"trial": {"hardware": "pixel1", "loss": "add", "lambda": lam, "beta": None, "target_ms": None,
                           "key": key}, "experiment": base.to_dict(), "sweep_dir": sweep_dir}
 
     done, stopped, broken = (StandInTrial("a", config(0.1)), StandInTrial("b", config(0.5)),
