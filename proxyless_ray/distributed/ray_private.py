@@ -12,8 +12,8 @@
   token authentication (:func:`enable_token_mode`).
 - The name of Train V2's run snapshot file (:data:`RAY_SNAPSHOT`), removed to restart a run from an older checkpoint.
 
-``tests/distributed/test_ray_private.py`` checks each of these against the installed Ray and names what changed, so a Ray
-upgrade that moves one fails there in one clear line instead of somewhere in a search.
+``tests/distributed/test_ray_private.py`` checks each of these against the installed Ray and names what changed, so a
+Ray upgrade that moves one fails there in one clear line instead of somewhere in a search.
 """
 
 from __future__ import annotations
