@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -20,6 +21,31 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray Train's controller polls its workers every 2 s by default, so each report of the suite's millisecond epochs
 # waited up to 2 s; Ray reads the variable in the controller, which inherits it from the cluster this starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+# One empty MLflow store migrated per session and copied for each test that wants a new one: creating the tables
+# of a new sqlite store takes seconds, and a test or a server given a copy uses the same real store.
+_MLFLOW_TEMPLATE: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_template(tmp_path_factory):
+    _MLFLOW_TEMPLATE.append(tmp_path_factory.mktemp("mlflow-template") / "mlflow.db")  # filled on first use
+    yield
+    _MLFLOW_TEMPLATE.clear()
+
+
+def sqlite_store(folder: str | os.PathLike, name: str = "mlflow.db") -> str:
+    """The URI of a new, empty MLflow sqlite store ``folder/name`` (a copy of the session's migrated one)."""
+    template = _MLFLOW_TEMPLATE[0]
+    if not template.exists():
+        from mlflow import MlflowClient  # only the tests that track pay for importing MLflow
+
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+    db = Path(folder) / name
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
+
 
 TINY_SPACE = {"preset": "small", "widths": [8, 16], "depths": [1, 2], "strides": [1, 2], "kernel_sizes": [3, 5],
               "exp_ratios": [3], "feature_mix_chs": 32, "stem": "conv_k3_c8_s2", "first_block": "mb_k3_e1_c8_s1"}

@@ -10,7 +10,7 @@ import pytest
 import proxyless_ray as pr
 from proxyless_ray.latency.profile import list_profiles
 
-from conftest import requires_fmnist, tiny_experiment
+from conftest import requires_fmnist, sqlite_store, tiny_experiment
 
 
 def test_the_api_is_importable_without_loading_torch():
@@ -26,7 +26,7 @@ def test_the_api_is_importable_without_loading_torch():
 
 @requires_fmnist
 def test_the_readme_example_on_a_tiny_experiment(tmp_path):
-    exp = tiny_experiment(tmp_path, tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    exp = tiny_experiment(tmp_path, tracking={"enabled": True, "uri": sqlite_store(tmp_path)})
     found = pr.run_search(exp)
     assert isinstance(found, pr.SearchResult)
     assert found.out_dir == exp.output_dir and os.path.isfile(found.arch_file)
@@ -48,7 +48,7 @@ def test_run_sweep_returns_the_run_ids_the_sweep_logged(tmp_path):
     Tune and a real sqlite store: the result's run ids are the store's runs, with the trial's params and metrics."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     exp = tiny_experiment(
         tmp_path, name="sweep",
         train={"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,

@@ -32,7 +32,7 @@ from proxyless_ray.distributed import cluster as ray_cluster
 from proxyless_ray.distributed.cluster import ClusterError, check, resolve
 from proxyless_ray.sweeps.sweep import fallback_note
 
-from conftest import requires_fmnist, tiny_experiment
+from conftest import requires_fmnist, sqlite_store, tiny_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
@@ -294,7 +294,7 @@ def test_two_worker_search_by_host_port_finds_the_token_file(head, tmp_path):
 
 
 def test_ray_job_submit_runs_the_search_and_tracks_it(head, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # absolute: the job's working directory is Ray's own
+    uri = sqlite_store(tmp_path)  # absolute: the job's working directory is Ray's own
     # one worker: the two-worker search by host:port above covers sharding on this cluster
     exp, out = write_experiment(tmp_path, dist={"workers": 1},
                                 tracking={"enabled": True, "uri": uri, "register_models": False})

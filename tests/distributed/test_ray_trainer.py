@@ -34,7 +34,7 @@ from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import SearchLoop
 from proxyless_ray.search.state import read_meta
 
-from conftest import requires_fmnist, tiny_experiment
+from conftest import requires_fmnist, sqlite_store, tiny_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, requires_fmnist]
 
@@ -194,7 +194,7 @@ def test_two_worker_search_on_two_node_cluster_is_tracked_epoch_by_epoch(tmp_pat
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the module's embedded cluster, if one runs; the next test that needs it starts it again
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)

@@ -15,7 +15,7 @@ from proxyless_ray.latency.target import resolve_target, target_info
 from proxyless_ray.nn.space import space_from_preset
 from proxyless_ray.tracking.tags import search_tags
 
-from conftest import requires_fmnist, tiny_experiment
+from conftest import requires_fmnist, sqlite_store, tiny_experiment
 
 SPACE = space_from_preset("small")
 
@@ -66,7 +66,7 @@ def test_a_search_and_its_retraining_read_the_target_once(tmp_path, profile_read
     from proxyless_ray.distributed.trainer import run_local
 
     exp = tiny_experiment(tmp_path, latency={"profile": "pixel1"},
-                          tracking={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+                          tracking={"enabled": True, "uri": sqlite_store(tmp_path)})
     run_local(exp, echo=False)
     # once as the target (loop, objective, outputs, MLflow tags and registration), once among every shipped
     # profile the per-epoch metrics price the architecture on

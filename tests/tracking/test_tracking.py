@@ -20,13 +20,13 @@ from proxyless_ray.tracking.registry import load_registered, model_versions
 from proxyless_ray.tracking.retrain import log_retrain
 from proxyless_ray.tracking.tracker import Tracker, TrackingUnavailable, resolve_uri, search_tags
 
-from conftest import requires_fmnist, tiny_experiment
+from conftest import requires_fmnist, sqlite_store, tiny_experiment
 
 EXPERIMENT = "proxyless-ray"
 
 
 def _tracked(tmp_path, **tracking):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path)
     return tiny_experiment(tmp_path, tracking={"enabled": True, "uri": uri, **tracking},
                            train={"ready_acc": 0.01, "ready_samples": 1}), uri
 

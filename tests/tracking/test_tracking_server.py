@@ -22,7 +22,7 @@ from proxyless_ray.distributed.trainer import run_local
 from proxyless_ray.tracking.registry import load_registered
 from proxyless_ray.tracking.server import free_port, wait_healthy
 
-from conftest import requires_fmnist, tiny_experiment
+from conftest import requires_fmnist, sqlite_store, tiny_experiment
 
 pytestmark = [pytest.mark.mlflow_server, pytest.mark.slow]
 
@@ -56,7 +56,7 @@ def mlflow_server(tmp_path_factory):
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # a broken server fails the test, not hangs it
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # one process fewer to start; jobs unused here
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sqlite_store(tmp, "server.db"),
            "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     log = open(tmp / "server.log", "w")
@@ -145,7 +145,7 @@ def test_sweep_against_a_tracking_server(tmp_path, mlflow_server):
 
 
 def test_ui_command_serves_the_sqlite_store_on_localhost(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path)
     eid = MlflowClient(uri).create_experiment("proxyless-ray", artifact_location=(tmp_path / "mlruns").as_uri())
     assert main(["ui", "--tracking-uri", uri, "--background"]) == 0
     out = capsys.readouterr().out
@@ -170,7 +170,7 @@ def test_ui_command_without_a_database_says_so(tmp_path, monkeypatch, capsys):
 
 
 def test_terminating_the_ui_command_stops_the_server_it_started(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path)
     MlflowClient(uri).create_experiment("proxyless-ray", artifact_location=(tmp_path / "mlruns").as_uri())
     log = open(tmp_path / "ui.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "proxyless_ray.cli", "ui", "--tracking-uri", uri],
