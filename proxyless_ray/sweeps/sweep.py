@@ -39,6 +39,7 @@ from proxyless_ray.search.results import INCOMPLETE, check_writable, interrupted
 from proxyless_ray.sweeps.plan import (
     DRIVER_SLOT,
     SWEEP_STATE,
+    TRIAL_PROGRAM,
     TRIALS_DIR,
     SweepPlan,
     check_trusted,
@@ -90,7 +91,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
         model = (profile_from_text(text, f"profile {spec.hardware!r} from the driver") if text
                  else load_latency_model_for(exp.latency.profile, exp.space))
         with result.checkpoint.as_directory() as folder:
-            write_search_outputs(exp, folder, exp.output_dir, model, shipped_models())
+            write_search_outputs(exp, folder, exp.output_dir, model, shipped_models(), program=TRIAL_PROGRAM)
 
 
 def trial_name(trial) -> str:
