@@ -46,11 +46,22 @@ class ProxylessNet(nn.Module):
         return self.classifier(self.feature_mix(self.blocks(x)))
 
 
-def export_network(net: ProxylessNet, out_dir: str | os.PathLike, batch_size: int = 1) -> dict[str, str]:
+PROGRAM_FILE = "model.pt2"
+
+
+def export_network(net: ProxylessNet, out_dir: str | os.PathLike, batch_size: int = 1,
+                   program: bool = True) -> dict[str, str]:
     """Write ``arch.json``, ``state_dict.pt`` and a ``torch.export`` program (``model.pt2``) into ``out_dir``.
 
     Files are written into a temp folder beside ``out_dir`` and moved in place, so a failure leaves nothing
     half-written.
+
+    Args:
+        net: The network.
+        out_dir: The folder to (re)write.
+        batch_size: The program's example batch.
+        program: Write ``model.pt2``; without it the folder holds what :func:`load_network` reads (tracing the
+            program takes far longer than saving the state dict).
 
     Returns:
         Mapping from artifact kind to its path.
@@ -66,16 +77,17 @@ def export_network(net: ProxylessNet, out_dir: str | os.PathLike, batch_size: in
         arch = net.arch
         arch.save(tmp / "arch.json")
         torch.save(net.state_dict(), tmp / "state_dict.pt")
-        example = torch.randn(batch_size, arch.in_chs, arch.resolution, arch.resolution)
-        program = torch.export.export(net, (example,))
-        torch.export.save(program, tmp / "model.pt2")
+        if program:
+            example = torch.randn(batch_size, arch.in_chs, arch.resolution, arch.resolution)
+            torch.export.save(torch.export.export(net, (example,)), tmp / PROGRAM_FILE)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"arch": str(out / "arch.json"), "state_dict": str(out / "state_dict.pt"), "program": str(out / "model.pt2")}
+    paths = {"arch": str(out / "arch.json"), "state_dict": str(out / "state_dict.pt")}
+    return {**paths, "program": str(out / PROGRAM_FILE)} if program else paths
 
 
 def load_tensors(path: str | os.PathLike) -> Any:

@@ -3,7 +3,8 @@
 ``<out>/``: ``arch.json`` (derived network, zero layers dropped), ``searched_arch.json`` (the argmax with zero
 layers kept in place, for pictures), ``result.json`` (final metrics, latency on the target profile layer by layer),
 ``metrics.jsonl`` (one line per epoch), ``alphas.json`` (op probabilities per epoch) and ``network/`` (the
-exported network: ``torch.export`` program, ``state_dict.pt``, ``arch.json``).
+exported network: ``state_dict.pt``, ``arch.json`` and, unless the caller leaves it out, the ``torch.export`` program
+``model.pt2``).
 """
 
 from __future__ import annotations
@@ -54,8 +55,17 @@ def check_writable(folder: str) -> None:
 
 
 def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, model: LatencyModel,
-                         other_models: dict[str, LatencyModel] | None = None) -> dict[str, Any]:
+                         other_models: dict[str, LatencyModel] | None = None, program: bool = True) -> dict[str, Any]:
     """Export the derived network of a final checkpoint and write the result files.
+
+    Args:
+        exp: The search's experiment.
+        checkpoint_dir: Its final checkpoint.
+        out_dir: The output folder.
+        model: The target's latency model.
+        other_models: More latency models to price the derived network with.
+        program: Trace the ``torch.export`` program into ``network/`` (see
+            :func:`proxyless_ray.nn.network.export_network`); ``result.json``'s ``files`` name it only when written.
 
     Returns:
         The ``result.json`` content.
@@ -71,7 +81,7 @@ def write_search_outputs(exp: Experiment, checkpoint_dir: str, out_dir: str, mod
     searched = exp.space.arch_from_choices(last["choices"], name=exp.name)
     total, per_layer = arch_latency(model, arch)
     os.makedirs(out_dir, exist_ok=True)
-    paths = export_network(net, os.path.join(out_dir, "network"))
+    paths = export_network(net, os.path.join(out_dir, "network"), program=program)
     accuracies = {"test_acc": last.get("test_acc"),
                   "inherited_test_acc": last.get("inherited_test_acc"),  # before the optional fine-tune
                   "finetune_epochs": exp.train.finetune_epochs, "heldout_acc": last.get("heldout_acc"),

@@ -24,6 +24,11 @@ from proxyless_ray.latency.model import load_latency_model_for
 SWEEP_STATE = "sweep.json"
 TRIALS_DIR = "trials"
 DRIVER_SLOT = "driver_slot"  # custom resource the Tune trials (Train drivers) hold instead of CPUs
+# A trial's network/ holds arch.json and state_dict.pt, without the torch.export program: tracing it is a large share
+# of a short trial, paid by every trial, while few trials' networks are used as they are. What reads a trial's
+# network rebuilds it from those two files (retraining and the demo's fine-tune, which export their own program), and
+# registering a front network traces the program into the registered model.
+TRIAL_PROGRAM = False
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from proxyless_ray.search.results import INCOMPLETE, check_writable, interrupted
 from proxyless_ray.sweeps.plan import (
     DRIVER_SLOT,
     SWEEP_STATE,
+    TRIAL_PROGRAM,
     TRIALS_DIR,
     SweepPlan,
     check_trusted,
@@ -89,7 +90,7 @@ def train_driver_fn(config: dict[str, Any]) -> None:
         # this trial's process is not the sweep driver's: it resolves the target itself, from the driver's text
         target = target_of(exp, text)
         with result.checkpoint.as_directory() as folder:
-            write_search_outputs(exp, folder, exp.output_dir, target.model, shipped_models())
+            write_search_outputs(exp, folder, exp.output_dir, target.model, shipped_models(), program=TRIAL_PROGRAM)
 
 
 def trial_name(trial) -> str:

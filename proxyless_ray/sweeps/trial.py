@@ -39,7 +39,7 @@ from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import Reporter, SearchLoop
 from proxyless_ray.search.results import write_search_outputs
 from proxyless_ray.search.state import META_FILE, read_meta
-from proxyless_ray.sweeps.plan import TrialSpec, in_actor, trial_experiment, warmup_key
+from proxyless_ray.sweeps.plan import TRIAL_PROGRAM, TrialSpec, in_actor, trial_experiment, warmup_key
 from proxyless_ray.sweeps.report import written_metrics
 
 _SHIPPED: dict[str, LatencyModel] | None = None  # every shipped profile, read once per process
@@ -147,8 +147,9 @@ def trial_fn(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         if folder is not None and metrics.get("finished"):
-            # before Tune hears of the end: the sweep's report and the MLflow callback read them at completion
-            write_search_outputs(exp, folder, exp.output_dir, loop.model, shipped())
+            # before Tune hears of the end: the sweep's report and the MLflow callback read them at completion;
+            # no torch.export program (see TRIAL_PROGRAM)
+            write_search_outputs(exp, folder, exp.output_dir, loop.model, shipped(), program=TRIAL_PROGRAM)
         ckpt = tune.Checkpoint.from_directory(folder) if folder else None
         tune.report(with_score({**metrics, "node_id": node_id, "pid": os.getpid()}, weight), checkpoint=ckpt)
 

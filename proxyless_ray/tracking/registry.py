@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from proxyless_ray.nn.network import export_network, load_network
+from proxyless_ray.nn.network import PROGRAM_FILE, export_network, load_network
 
 MODEL_PREFIX = "proxyless-"
 MODEL_FORMAT = "proxyless_ray network: arch.json + state_dict.pt (weights only) + model.pt2 (torch.export)"
@@ -66,7 +66,8 @@ def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: 
         acc: Accuracy to tag the version with (``acc``), e.g. held-out or test accuracy.
         latency_ms: Predicted latency on ``hardware`` (``latency_ms`` tag).
         tags: Extra version tags.
-        folder: ``net`` already exported there (a search's ``network/``); else it is exported to a temp folder.
+        folder: ``net`` already exported there (a search's ``network/``); else, or when that folder has no
+            ``model.pt2`` (a sweep trial's), it is exported whole to a temp folder.
 
     Returns:
         The version number (an int, whichever store: sqlite gives ints, the REST API strings).
@@ -79,7 +80,7 @@ def register_network(uri: str, run_id: str, net: nn.Module, hardware: str, acc: 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     tmp = tempfile.mkdtemp(prefix="proxyless-model-")
     try:
-        if folder is None:
+        if folder is None or not os.path.isfile(os.path.join(folder, PROGRAM_FILE)):
             folder = os.path.join(tmp, "network")
             export_network(net.eval(), folder)
         # The model belongs to the run's experiment, so its files go beside the store like the run's (mlflow's

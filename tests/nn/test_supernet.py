@@ -67,6 +67,19 @@ def test_export_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_export_without_the_program_holds_what_load_network_reads(tmp_path):
+    net = trained_supernet()
+    child = ProxylessNet(net.derive().without_zeros())
+    child.load_state_dict(net.derived_state_dict())
+    child.eval()
+    paths = export_network(child, tmp_path / "network", program=False)
+    assert sorted(paths) == ["arch", "state_dict"]
+    assert sorted(p.name for p in (tmp_path / "network").iterdir()) == ["arch.json", "state_dict.pt"]
+    x = torch.randn(1, 1, 28, 28)
+    torch.testing.assert_close(load_network(tmp_path / "network")(x), child(x), rtol=0, atol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_entropy_falls_as_alpha_sharpens():
     net = SuperNet(SPACE)
     h0 = net.entropy()

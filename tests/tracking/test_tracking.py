@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import mlflow.artifacts
 import pytest
 import torch
 import yaml
@@ -15,8 +16,9 @@ from mlflow import MlflowClient
 from proxyless_ray.cli import main
 from proxyless_ray.config import TrackingConfig, with_overrides
 from proxyless_ray.distributed.trainer import run_local
+from proxyless_ray.nn.network import load_network
 from proxyless_ray.sweeps.tracking import finish_sweep, tune_callback
-from proxyless_ray.tracking.registry import load_registered, model_versions
+from proxyless_ray.tracking.registry import load_registered, model_versions, network_files
 from proxyless_ray.tracking.retrain import log_retrain
 from proxyless_ray.tracking.tracker import Tracker, TrackingUnavailable, resolve_uri, search_tags
 
@@ -250,7 +252,8 @@ class StandInTrial:
 
 
 @requires_fmnist
-def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_the_front(searched, tmp_path):
+def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_the_front(searched, tmp_path,
+                                                                                     monkeypatch):
     import pandas as pd
 
     exp, uri, result = searched
@@ -276,7 +279,9 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
     again = tune_callback(t, parent)  # a restored sweep: new callback, same trials, epoch 2 reported again
     again.on_trial_start(0, [], done)
     again.on_trial_result(0, [], done, {"epoch": 2, "heldout_acc": 0.0, "expected_latency_ms": 9.9})
-    shutil.copytree(exp.output_dir, os.path.join(sweep_dir, "trials", "pixel1-add-lam0.1"))
+    trial_dir = os.path.join(sweep_dir, "trials", "pixel1-add-lam0.1")
+    shutil.copytree(exp.output_dir, trial_dir)
+    os.unlink(os.path.join(trial_dir, "network", "model.pt2"))  # a sweep trial writes no program (TRIAL_PROGRAM)
     again.on_trial_complete(0, [], done)
     again.on_trial_complete(0, [], stopped)
     again.on_trial_error(0, [], broken)
@@ -305,6 +310,14 @@ def test_tune_callback_and_finish_sweep_keep_one_child_per_trial_and_register_th
     versions = model_versions(uri, "pixel1")
     assert [v.tags["trial"] for v in versions] == ["pixel1-add-lam0.1"]
     assert versions[0].run_id == a.info.run_id
+    # the registered model gets the program its trial did not write; the trial's folder stays as it was
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # models:/ URIs resolve through the fluent registry
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/proxyless-pixel1/{versions[0].version}",
+                                                dst_path=str(tmp_path / "registered"), tracking_uri=uri)
+    program = torch.export.load(os.path.join(network_files(local), "model.pt2"))
+    x = torch.randn(1, 1, 28, 28)  # the program's example batch
+    torch.testing.assert_close(program.module()(x), load_network(network_files(local))(x))
+    assert not os.path.exists(os.path.join(trial_dir, "network", "model.pt2"))
     assert finish_sweep(t, parent, sweep_dir, {"name": "cb"}) is True  # resumed sweep: no second version
     assert len(model_versions(uri, "pixel1")) == 1
     # only the trial that ran to the end is a front candidate when read back from MLflow
