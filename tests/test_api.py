@@ -44,17 +44,17 @@ def test_the_readme_example_on_a_tiny_experiment(tmp_path):
 @pytest.mark.slow
 @requires_fmnist
 def test_run_sweep_returns_the_run_ids_the_sweep_logged(tmp_path):
-    """A tiny sweep (test_sweep.py's settings: 2 hardware x 1 coefficient, a few steps) through the API on real Ray
+    """A tiny sweep (2 hardware x 1 coefficient, 2 epochs of a few steps, both at once) through the API on real Ray
     Tune and a real sqlite store: the result's run ids are the store's runs, with the trial's params and metrics."""
     from mlflow import MlflowClient
 
     uri = sqlite_store(tmp_path)
     exp = tiny_experiment(
         tmp_path, name="sweep",
-        train={"epochs": 4, "warmup_epochs": 1, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
+        train={"epochs": 2, "warmup_epochs": 0, "arch_update_every": 2, "max_steps_per_epoch": 4, "threads": 1,
                "channels_last": False, "arch_lr": 0.05},
         sweep={"hardware": ["pixel1", "v100_roofline"], "lambdas": [0.5], "scheduler": "fifo",
-               "max_concurrent_trials": 1},
+               "max_concurrent_trials": 2},
         tracking={"enabled": True, "uri": uri, "register_models": False})
     front = pr.run_sweep(exp)
     assert isinstance(front, pr.SweepResult) and front.finished == 2

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REFERENCE, REFERENCE_ENV, REPO, REQUIRE_REFERENCE_ENV
 
-NEEDS_IT = "tests/test_arch.py::test_published_configs_convert"
+NEEDS_IT = "tests/nn/test_arch.py::test_published_configs_convert"
 
 
 def test_the_reference_folder_is_found_relative_to_the_repository():
