@@ -47,6 +47,14 @@ def sqlite_store(folder: str | os.PathLike, name: str = "mlflow.db") -> str:
     return f"sqlite:///{db}"
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Files run in the order of their names, whatever their folder: the order of the flat suite before it was
+    mirrored into subfolders. In the folders' order the real-cluster tests (tests/distributed, token-authenticated
+    `ray start` heads) ran before the Tune tests, and later in-process `ray.init` calls of this process failed to
+    start their GCS with an auth-token error: state Ray keeps per process leaks across tests (not yet pinned down)."""
+    items.sort(key=lambda item: item.path.name)  # stable: a file's tests keep their order
+
+
 TINY_SPACE = {"preset": "small", "widths": [8, 16], "depths": [1, 2], "strides": [1, 2], "kernel_sizes": [3, 5],
               "exp_ratios": [3], "feature_mix_chs": 32, "stem": "conv_k3_c8_s2", "first_block": "mb_k3_e1_c8_s1"}
 

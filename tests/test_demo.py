@@ -62,13 +62,14 @@ def test_descendants_lists_the_process_tree_and_running_drops_the_exited():
 def test_shutdown_waits_for_new_processes_only(capsys):
     """A process that ran before Ray started (a tracking server, another test's) is not waited for: the demo's
     fine-tunes must not sit out the timeout on it. Without ``keep`` the same process is waited for and named."""
+    import os
     import subprocess
 
-    from proxyless_ray.demo import shutdown_and_wait
+    from proxyless_ray.demo import _descendants, shutdown_and_wait
 
     older = subprocess.Popen(["sleep", "30"])
     try:
-        shutdown_and_wait(timeout_s=0.5, keep={older.pid})
+        shutdown_and_wait(timeout_s=0.5, keep=_descendants(os.getpid()))  # older, and whatever earlier tests left
         assert "still running" not in capsys.readouterr().err
         shutdown_and_wait(timeout_s=0.5)
         assert str(older.pid) in capsys.readouterr().err
