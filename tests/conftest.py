@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,37 @@ def sqlite_store(folder: str | os.PathLike, name: str = "mlflow.db") -> str:
     return f"sqlite:///{db}"
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Files run in the order of their names, whatever their folder: the order of the flat suite before it was
-    mirrored into subfolders. In the folders' order the real-cluster tests (tests/distributed, token-authenticated
-    `ray start` heads) ran before the Tune tests, and later in-process `ray.init` calls of this process failed to
-    start their GCS with an auth-token error: state Ray keeps per process leaks across tests (not yet pinned down)."""
-    items.sort(key=lambda item: item.path.name)  # stable: a file's tests keep their order
+def _ray_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "TUNE_")) or k in RAY_SET_ENV}
+
+
+# Variables Ray or our embedded-cluster settings put into os.environ without the RAY_ prefix.
+RAY_SET_ENV = ("REPORTER_UPDATE_INTERVAL_MS", "PYTHONBREAKPOINT")
+_BASELINE_RAY_ENV = _ray_env()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ray_state():
+    """Each test that leaves this process without a Ray session leaves it as a new process would find it.
+
+    Ray reads its auth mode and token once per process and caches them (RayConfig and the token loader), and a
+    session puts variables into os.environ (its auth mode, the lean cluster's settings) that outlive it. A later
+    ray.init or cluster here then inherited them: a new local cluster failed to start its GCS with
+    InvalidAuthToken, and a cluster_utils actor never started. Ray's own tests reset its auth state the same way.
+    """
+    yield
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        return  # a module's shared session (test_ray_trainer's) keeps its settings until the module stops it
+    for key in _ray_env().keys() - _BASELINE_RAY_ENV.keys():
+        os.environ.pop(key, None)
+    os.environ.update(_BASELINE_RAY_ENV)
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 TINY_SPACE = {"preset": "small", "widths": [8, 16], "depths": [1, 2], "strides": [1, 2], "kernel_sizes": [3, 5],
