@@ -67,6 +67,8 @@ def _fresh_ray_state():
     InvalidAuthToken, and a cluster_utils actor never started. Ray's own tests reset its auth state the same way.
     """
     yield
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a sweep's Tune driver left its Ctrl-C handler
     if "ray" not in sys.modules:
         return
     import ray
