@@ -16,6 +16,7 @@ from proxyless_ray import cli
 from proxyless_ray.latency import local
 from proxyless_ray.latency.check import CheckRow, fit_scale, measure_network, measure_networks
 from proxyless_ray.latency.fingerprint import (
+    ISA_FLAGS,
     FingerprintMismatch,
     check_machine,
     cpu_fingerprint,
@@ -61,10 +62,14 @@ def test_fingerprint_compare_names_what_differs():
     here = cpu_fingerprint(2)
     assert here["device"] == "cpu" and here["threads"] == 2 and here["model"] and here["torch"]
     assert differences(here, here) == []
-    other = {**here, "model": "Intel(R) Xeon(R) Platinum 8375C", "isa": [*here["isa"], "avx512f"], "threads": 1}
+    # a flag this machine lacks (which flags it has depends on the CI machine's CPU), and one it has
+    absent = next(f for f in (*ISA_FLAGS, "made_up_isa") if f not in here["isa"])
+    other = {**here, "model": "Intel(R) Xeon(R) Platinum 8375C", "isa": [*here["isa"], absent], "threads": 1}
     diff = differences(other, here)
     assert any(d.startswith("model: 'Intel(R) Xeon(R) Platinum 8375C'") for d in diff)
-    assert "isa: -avx512f" in diff and "threads: 1 -> 2" in diff
+    assert f"isa: -{absent}" in diff and "threads: 1 -> 2" in diff
+    if here["isa"]:
+        assert differences({**here, "isa": here["isa"][1:]}, here) == [f"isa: +{here['isa'][0]}"]
     # recorded for the reader, not compared: core count, OS
     assert differences({**here, "logical_cores": 64, "os": "x"}, here) == []
     assert fingerprint_id({**here, "logical_cores": 64}) == fingerprint_id(here) != fingerprint_id(other)
