@@ -20,6 +20,7 @@ from typing import Any
 
 from proxyless_ray.config import Experiment, load_experiment
 from proxyless_ray.distributed import trainer
+from proxyless_ray.distributed.ray_private import process_state_kept
 from proxyless_ray.distributed.retrain import run_retrain
 from proxyless_ray.latency.model import arch_latency, load_latency_model
 from proxyless_ray.nn.arch import Arch
@@ -126,7 +127,8 @@ def run_search(exp: Experiment, resume: bool = False) -> SearchResult:
         exp: From :func:`load_experiment`.
         resume: Continue a stopped search from its newest intact checkpoint.
     """
-    r = trainer.run_search(exp, resume=resume)
+    with process_state_kept():
+        r = trainer.run_search(exp, resume=resume)
     run_id = None
     if exp.tracking.enabled:
         run_id = Tracker(exp).find_trial_run(os.path.abspath(exp.output_dir))
@@ -150,7 +152,8 @@ def run_sweep(exp: Experiment, resume: bool = False) -> SweepResult:
     if exp.tracking.enabled:
         tracker = Tracker(exp)
         tracker.check()
-    s = run_tune_sweep(exp, resume=resume, tracker=tracker)
+    with process_state_kept():
+        s = run_tune_sweep(exp, resume=resume, tracker=tracker)
     table = pd.read_parquet(s["files"]["table_parquet"])
     parent, runs = None, {}
     if tracker is not None:
@@ -173,7 +176,8 @@ def retrain(exp: Experiment, arch: str | os.PathLike, finetune: bool = False, ep
         epochs: Training epochs (default ``train.epochs``).
         lr: Peak learning rate (default ``train.lr``).
     """
-    r = run_retrain(exp, os.fspath(arch), finetune=finetune, epochs=epochs, lr=lr)
+    with process_state_kept():
+        r = run_retrain(exp, os.fspath(arch), finetune=finetune, epochs=epochs, lr=lr)
     run_id = log_retrain(Tracker(exp), r) if exp.tracking.enabled else ""
     return RetrainResult(arch=r["arch"], test_acc=r["test_acc"], predicted_latency_ms=r.get("predicted_latency_ms"),
                          measured_cpu_latency_ms=r.get("measured_cpu_latency_ms"), out_dir=r["out_dir"],

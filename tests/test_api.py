@@ -4,6 +4,7 @@ predicted latency, a retraining), with real MLflow tracking into a temporary sql
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -56,8 +57,13 @@ def test_run_sweep_returns_the_run_ids_the_sweep_logged(tmp_path):
         sweep={"hardware": ["pixel1", "v100_roofline"], "lambdas": [0.5], "scheduler": "fifo",
                "max_concurrent_trials": 2},
         tracking={"enabled": True, "uri": uri, "register_models": False})
+    ray_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+    handler = signal.getsignal(signal.SIGINT)
     front = pr.run_sweep(exp)
     assert isinstance(front, pr.SweepResult) and front.finished == 2
+    # a notebook gets its process back: Ray's variables and Python's Ctrl-C handler as they were before the call
+    assert {k: v for k, v in os.environ.items() if k.startswith("RAY_")} == ray_env
+    assert signal.getsignal(signal.SIGINT) is handler
     assert set(front.mlflow_run_ids) == set(front.table["trial_id"]) == {"pixel1-add-lam0.5",
                                                                           "v100_roofline-add-lam0.5"}
     client = MlflowClient(tracking_uri=uri)

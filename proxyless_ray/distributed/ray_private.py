@@ -11,6 +11,8 @@
 - Where ``ray start`` records the cluster's address (:func:`recorded_address`) and how this process turns on Ray's
   token authentication (:func:`enable_token_mode`).
 - The name of Train V2's run snapshot file (:data:`RAY_SNAPSHOT`), removed to restart a run from an older checkpoint.
+- What a Ray session leaves behind in the calling process (:func:`process_state_kept`): Ray's variables in
+  ``os.environ``, its cached auth mode and token, and Train's or Tune's Ctrl-C handler.
 
 ``tests/distributed/test_ray_private.py`` checks each of these against the installed Ray and names what changed, so a
 Ray upgrade that moves one fails there in one clear line instead of somewhere in a search.
@@ -18,10 +20,13 @@ Ray upgrade that moves one fails there in one clear line instead of somewhere in
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import signal
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -131,3 +136,47 @@ def enable_token_mode() -> None:
 
     _enable_token_auth()
     AuthenticationTokenLoader.instance().reset_cache()  # read the token again, now that token mode is on
+
+
+def _ray_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("RAY_") or k in LEAN_ENV}
+
+
+@contextlib.contextmanager
+def process_state_kept() -> Iterator[None]:
+    """Run a Ray session and give the calling process back as it was: for notebooks, which run one call after another.
+
+    A session leaves marks that outlive ``ray.shutdown()``: Ray's variables in ``os.environ`` (its auth mode, the
+    lean cluster's settings, ``PREEMPTION_WATCHER``), its auth mode and token cached for the process (a later
+    embedded cluster then failed to start its GCS with ``InvalidAuthToken``), and Train's or Tune's Ctrl-C handler
+    (a later Ctrl-C first tried to abort a controller that was gone). Nothing is restored when a Ray session is
+    still up afterwards (the caller's own, which it keeps using).
+    """
+    global _LEAN_CLUSTER
+    env = _ray_env()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized():
+            if threading.current_thread() is threading.main_thread() and handler is not None:
+                signal.signal(signal.SIGINT, handler)
+            if _ray_env() != env:
+                for key in _ray_env().keys() - env.keys():
+                    os.environ.pop(key, None)
+                os.environ.update(env)
+                _LEAN_SET.intersection_update(env)
+                _LEAN_CLUSTER = False
+                if ray is not None:
+                    _reset_auth_cache()
+
+
+def _reset_auth_cache() -> None:
+    """Ray's auth mode (its config) and token, read again from the environment, as Ray's own tests reset them."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # first: a draining gRPC thread must not reload the token while the config says token mode
+    AuthenticationTokenLoader.instance().reset_cache()

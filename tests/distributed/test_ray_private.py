@@ -72,7 +72,7 @@ def test_the_cluster_helpers_exist():
     try:
         import ray._private.utils
         from ray._private.authentication.authentication_token_setup import _enable_token_auth
-        from ray._raylet import AuthenticationTokenLoader
+        from ray._raylet import AuthenticationTokenLoader, Config
     except ImportError as err:
         raise AssertionError(f"Ray {ray.__version__} moved a cluster helper ({err}); {WHERE}") from None
     assert callable(getattr(ray._private.utils, "read_ray_address", None)), (
@@ -80,3 +80,5 @@ def test_the_cluster_helpers_exist():
     assert callable(_enable_token_auth)
     assert callable(getattr(AuthenticationTokenLoader, "instance", None)), (
         f"Ray {ray.__version__}'s AuthenticationTokenLoader has no instance(); {WHERE}")
+    assert callable(getattr(Config, "initialize", None)), (
+        f"Ray {ray.__version__}'s ray._raylet.Config has no initialize() (process_state_kept resets it); {WHERE}")
