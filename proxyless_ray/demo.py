@@ -57,8 +57,12 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
         texp = Experiment.from_dict({**texp.to_dict(), "out_dir": os.path.join(sweep_dir, RETRAINED_DIR),
                                      "name": r["trial_id"]})
         jobs.append((r["trial_id"], texp, os.path.join(sweep_dir, TRIALS_DIR, r["trial_id"], "network")))
-    # each front network's target, resolved once here for the fit, the timing and the prediction
-    targets = {tid: target_of(texp) for tid, texp, _ in jobs}
+    # each hardware's target, resolved once here for the fits, the timing and the predictions of its networks
+    by_spec: dict[str, HardwareTarget] = {}
+    for _, texp, _ in jobs:
+        if texp.latency.profile not in by_spec:
+            by_spec[texp.latency.profile] = target_of(texp)
+    targets = {tid: by_spec[texp.latency.profile] for tid, texp, _ in jobs}
     # the search's peak rate: at a fifth of it one epoch barely moved the inherited weights (figures: README)
     fitted = fit_in_parallel(exp, jobs, exp.sweep.retrain_epochs, exp.train.lr, targets=targets)
     measured = measure_front(jobs, fitted, targets)
