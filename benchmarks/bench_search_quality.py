@@ -16,7 +16,7 @@ On Fashion-MNIST with the small space and one fixed training budget for every ne
    searched >= mean(random) + 1 std.
 
 Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick | --reduced]`` (hours on 2 cores without
-either; ``--reduced``: the demo's search at its middle lambda for each hardware, 8 matched random networks, 2 seeds,
+either; ``--reduced``: the demo's search at lambda 0.1 for each hardware, 8 matched random networks, 2 seeds,
 3 retraining epochs from scratch on 10,000 images, tested on 5,000; with ``--out runs`` it reuses the demo's
 warm-up). Networks train side by side as Ray tasks of one thread; latencies are measured afterwards, one at a time.
 """
