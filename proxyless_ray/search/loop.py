@@ -59,7 +59,6 @@ from proxyless_ray.search.state import (
 # report(metrics, checkpoint_dir or None): a barrier across ranks; rank 0 passes the checkpoint folder.
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 
-BN_RECALIBRATION_BATCHES = 20
 READY_EVAL_IMAGES = 2000  # held-out images each readiness sub-network is read on
 FINETUNE_LR_SCALE = 0.5  # the derived network's fine-tune starts below the search's peak learning rate
 
@@ -364,7 +363,7 @@ class SearchLoop:
         data, t = self.exp.data, self.exp.train
         with torch.random.fork_rng(devices=[]):
             child = derived_network(self.state.net, choices, channels_last=self.cl)
-            recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES, t.seed,
+            recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, t.bn_recal_batches, t.seed,
                            self.device, self.cl)
         return child
 
