@@ -129,7 +129,9 @@ class SearchLoop:
             metrics = self._epoch(epoch)
             self.state.epoch = epoch + 1
             if self.state.epoch == t.epochs:
+                t0 = time.perf_counter()
                 metrics.update(self._final_metrics())
+                metrics["eval_s"] += time.perf_counter() - t0
             metrics["finished"] = self.state.epoch == t.epochs  # not "done": Tune reserves that key
             self.state.history.append(metrics)
             self.state.alpha_history.append([p.tolist() for p in self.state.net.probs()])
@@ -182,6 +184,7 @@ class SearchLoop:
         loss_sum, correct, seen = self.comm.sum([loss_sum, correct, seen])
         check_finite_loss(loss_sum, epoch + 1, exp)  # NaN weights: stop before the epoch is reported or derived
         # [3] end of epoch: the current argmax architecture, as a network with inherited weights, on held-out data
+        t_eval = time.perf_counter()
         choices = net.argmax_choices()
         child = self._inherited_child(choices)
         heldout_acc, heldout_ce = accuracy(child, self.splits.heldout, self.comm, exp.data.eval_batch_size,
@@ -220,6 +223,8 @@ class SearchLoop:
             metrics["subnet_heldout_acc"] = self.subnet_accuracy(epoch)
             if t.ready_acc > 0:
                 metrics["supernet_ready"] = metrics["subnet_heldout_acc"] >= t.ready_acc
+        # the readings' own compute (the last epoch adds its test readings): with epoch_s, what an epoch computed
+        metrics["eval_s"] = time.perf_counter() - t_eval
         return metrics
 
     def _say(self, text: str) -> None:
