@@ -146,3 +146,53 @@ def test_paused_and_killed_trials_resume_in_reused_processes_with_the_uninterrup
     assert tune_results(sweep_dir, key)[-1]["epoch"] == 4 and tune_results(sweep_dir, key)[-1]["pid"] != pid
     # one trial at a time, so one process at a time: the trials share processes instead of one each
     assert len(set().union(*pids.values())) < sum(len(p) for p in pids.values())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_trial_killed_mid_epoch_is_retried_in_a_process_that_ran_another_trial(tmp_path):
+    """Two trials at once: when one reaches its last epoch, the other is SIGKILLed mid-epoch. Its retry is staged
+    while its new process starts (importing torch takes seconds), the first trial finishes within its last epoch, and
+    Tune hands the retry that trial's process. The retry continues from its checkpoint there with exactly the
+    uninterrupted trial's metrics and alphas: nothing of the other trial (its alphas, optimizer state, RNG) leaks."""
+    from proxyless_ray.sweeps.plan import load_plan, sweep_grid
+    from proxyless_ray.sweeps.sweep import run_sweep
+
+    exp = sweep_experiment(tmp_path, scheduler="fifo", lambdas=[0.01, 1.0], max_concurrent_trials=2)
+    sweep_dir = tmp_path / "runs" / "reuse"
+    keys = [spec.key for spec in sweep_grid(exp)]
+    killed: dict[str, int] = {}
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set() and not killed:
+            rows = {key: tune_results(sweep_dir, key) for key in keys}
+            ahead = [k for k in keys if rows[k] and rows[k][-1]["epoch"] == exp.train.epochs - 1]
+            behind = [k for k in keys if k not in ahead and rows[k] and rows[k][-1]["epoch"] < exp.train.epochs]
+            if ahead and behind:
+                os.kill(rows[behind[0]][-1]["pid"], signal.SIGKILL)
+                killed[behind[0]] = rows[behind[0]][-1]["pid"]
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        summary = run_sweep(exp)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert summary["errors"] == 0 and summary["finished"] == 2, summary
+    assert killed, "no trial was killed"
+    (key, pid), = killed.items()
+    other = next(k for k in keys if k != key)
+    plan = load_plan(str(sweep_dir))
+    rows = {spec.key: tune_results(sweep_dir, spec.key) for spec in plan.trials}
+    retried = [r for r in rows[key] if r["pid"] != pid]
+    assert retried and retried[0]["iterations_since_restore"] == 1, rows[key]  # restarted from a checkpoint
+    # the case under test: the retry ran in the process that had run the other trial to its end
+    assert {r["pid"] for r in retried} == {rows[other][-1]["pid"]}, (rows[key], rows[other])
+    for spec in plan.trials:
+        epochs = [r["epoch"] for r in rows[spec.key]]
+        assert epochs == list(range(2, 2 + len(epochs))) and epochs[-1] == exp.train.epochs, (spec.key, epochs)
+        reference = run_uninterrupted(trial_config(exp, spec, str(sweep_dir), plan.warmup_checkpoint))
+        assert [{k: r[k] for k in KEYS} for r in rows[spec.key]] == reference, spec.key
