@@ -1,5 +1,6 @@
 """Sweep trials of one worker in their Tune actor: reused processes compute what fresh ones do, through pauses at
-the synchronous first rung and a trial killed mid-epoch and retried from its checkpoint."""
+the synchronous first rung and trials killed mid-epoch and retried from their checkpoint (in a new process, and in
+one that had run another trial)."""
 
 from __future__ import annotations
 
@@ -151,10 +152,11 @@ def test_paused_and_killed_trials_resume_in_reused_processes_with_the_uninterrup
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_trial_killed_mid_epoch_is_retried_in_a_process_that_ran_another_trial(tmp_path):
-    """Two trials at once: when one reaches its last epoch, the other is SIGKILLed mid-epoch. Its retry is staged
-    while its new process starts (importing torch takes seconds), the first trial finishes within its last epoch, and
-    Tune hands the retry that trial's process. The retry continues from its checkpoint there with exactly the
-    uninterrupted trial's metrics and alphas: nothing of the other trial (its alphas, optimizer state, RNG) leaks."""
+    """Two trials at once: as soon as both have saved a checkpoint and neither has finished, the one behind is
+    SIGKILLed mid-epoch. Its retry is staged while its new process starts (importing torch takes seconds), the other
+    trial finishes its last epochs meanwhile, and Tune hands the retry that trial's process. The retry continues
+    from its checkpoint there with exactly the uninterrupted trial's metrics and alphas: nothing of the other trial
+    (its alphas, optimizer state, RNG) leaks."""
     from proxyless_ray.sweeps.plan import load_plan, sweep_grid
     from proxyless_ray.sweeps.sweep import run_sweep
 
@@ -167,11 +169,11 @@ def test_a_trial_killed_mid_epoch_is_retried_in_a_process_that_ran_another_trial
     def killer():
         while not stop.is_set() and not killed:
             rows = {key: tune_results(sweep_dir, key) for key in keys}
-            ahead = [k for k in keys if rows[k] and rows[k][-1]["epoch"] == exp.train.epochs - 1]
-            behind = [k for k in keys if k not in ahead and rows[k] and rows[k][-1]["epoch"] < exp.train.epochs]
-            if ahead and behind:
-                os.kill(rows[behind[0]][-1]["pid"], signal.SIGKILL)
-                killed[behind[0]] = rows[behind[0]][-1]["pid"]
+            running = [k for k in keys if rows[k] and not rows[k][-1].get("finished")]
+            if len(running) == 2:  # the other trial then has at most its last epochs to go
+                behind = min(running, key=lambda k: rows[k][-1]["epoch"])
+                os.kill(rows[behind][-1]["pid"], signal.SIGKILL)
+                killed[behind] = rows[behind][-1]["pid"]
             time.sleep(0.02)
 
     thread = threading.Thread(target=killer, daemon=True)
