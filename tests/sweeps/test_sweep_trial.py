@@ -194,7 +194,12 @@ def test_a_trial_killed_mid_epoch_is_retried_in_a_process_that_ran_another_trial
     # the case under test: the retry ran in the process that had run the other trial to its end
     assert {r["pid"] for r in retried} == {rows[other][-1]["pid"]}, (rows[key], rows[other])
     for spec in plan.trials:
-        epochs = [r["epoch"] for r in rows[spec.key]]
-        assert epochs == list(range(2, 2 + len(epochs))) and epochs[-1] == exp.train.epochs, (spec.key, epochs)
-        reference = run_uninterrupted(trial_config(exp, spec, str(sweep_dir), plan.warmup_checkpoint))
-        assert [{k: r[k] for k in KEYS} for r in rows[spec.key]] == reference, spec.key
+        reference = {m["epoch"]: m for m in run_uninterrupted(trial_config(exp, spec, str(sweep_dir),
+                                                                             plan.warmup_checkpoint))}
+        # Tune's result.json can lack the epoch reported just before the kill (seen once in four runs, although its
+        # checkpoint was the one resumed): what Tune got is compared epoch by epoch, the trial's own history whole
+        assert rows[spec.key][-1]["epoch"] == exp.train.epochs, spec.key
+        assert all({k: r[k] for k in KEYS} == reference[r["epoch"]] for r in rows[spec.key]), spec.key
+        with open(sweep_dir / "trials" / spec.key / "metrics.jsonl") as fh:
+            history = [json.loads(line) for line in fh]
+        assert [{k: m[k] for k in KEYS} for m in history if m["epoch"] >= 2] == list(reference.values()), spec.key
