@@ -13,7 +13,12 @@ monotonically as lambda grows, per hardware (on the full grid, where every trial
 
 And a third sweep, ``fixed``: the same grid under FIFO with trials of 2 weight steps per epoch and small evaluation
 splits, whose wall time is nearly all start-up: ``fixed_cost_per_trial_s`` = its wall time (after the cluster is up)
-x trials at once / trials; target <= 5 s.
+x trials at once / trials; target <= 5 s. Its trials re-estimate BatchNorm statistics on 1 training batch
+(``train.bn_recal_batches``, 20 by default) before each held-out reading: the probe measures what starting and running
+a trial costs beyond its compute, and nobody reads its accuracies, so the 20 batches' convolutions (the largest part
+of a 2-step trial's compute) would only hide that cost. Beside it, ``compute_per_trial_s``: what a trial computed on
+average, from its own per-epoch metrics (weight steps, data and architecture steps: ``epoch_s``; the held-out and
+test readings: ``eval_s``), and ``left_per_trial_s``, the fixed cost less that compute.
 
 Usage: ``python benchmarks/bench_sweep.py [--quick] [--fixed-only]`` (``--quick`` uses 3 lambdas and fewer images
 to check the plumbing; ``--fixed-only`` runs only the ``fixed`` sweep).
@@ -30,6 +35,7 @@ import pandas as pd
 
 from proxyless_ray.config import Experiment
 from proxyless_ray.pareto import hypervolume_by_hardware, pareto_table, shared_references
+from proxyless_ray.sweeps.plan import TRIALS_DIR
 from proxyless_ray.sweeps.report import monotone_latency
 from proxyless_ray.sweeps.sweep import SCHEDULER_STATE, run_sweep
 
@@ -44,7 +50,7 @@ def experiment(mode: str, out: str, quick: bool, reduction_factor: float = 2) ->
             "name": mode, "out_dir": out,
             "data": {"train_subset": 1500, "heldout_size": 256, "test_subset": 256, "batch_size": 64},
             "train": {"epochs": 5, "warmup_epochs": 2, "max_steps_per_epoch": 2, "ready_samples": 0, "threads": 1,
-                      "seed": 0},
+                      "seed": 0, "bn_recal_batches": 1},
             "sweep": {"hardware": HARDWARE, "lambdas": lambdas, "scheduler": "fifo", "shared_warmup": False,
                       "workers_per_trial": 1, "max_concurrent_trials": max(min(os.cpu_count() or 1, 2), 1)},
             "tracking": {"enabled": False},
@@ -73,6 +79,20 @@ def first_rung_decisions(sweep_dir: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def trial_compute(trials_dir: str) -> dict[str, float]:
+    """Per trial, on average: seconds of weight steps, of all the epoch's training work and of the readings, from
+    each trial's ``metrics.jsonl``."""
+    sums = {"weight_step_s": 0.0, "epoch_s": 0.0, "eval_s": 0.0}
+    keys = sorted(os.listdir(trials_dir))
+    for key in keys:
+        with open(os.path.join(trials_dir, key, "metrics.jsonl")) as fh:
+            for line in fh:
+                m = json.loads(line)
+                for name in sums:
+                    sums[name] += m[name]
+    return {name: v / max(len(keys), 1) for name, v in sums.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -85,11 +105,17 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     fexp = experiment("fixed", out, args.quick)
     fixed = run_sweep(fexp)["compute"]
+    trials = len(fexp.sweep.hardware) * len(fexp.sweep.lambdas)
+    per_trial = fixed["sweep_s"] * fexp.sweep.max_concurrent_trials / trials
+    own = trial_compute(os.path.join(fexp.output_dir, TRIALS_DIR))
+    compute = own["epoch_s"] + own["eval_s"]
     fixed_report = {
-        "trials": len(fexp.sweep.hardware) * len(fexp.sweep.lambdas), "concurrency": fexp.sweep.max_concurrent_trials,
-        "sweep_s": fixed["sweep_s"],
-        "fixed_cost_per_trial_s": fixed["sweep_s"] * fexp.sweep.max_concurrent_trials
-        / (len(fexp.sweep.hardware) * len(fexp.sweep.lambdas)),
+        "trials": trials, "concurrency": fexp.sweep.max_concurrent_trials, "sweep_s": fixed["sweep_s"],
+        "fixed_cost_per_trial_s": per_trial,
+        # what each trial computed (in its own process, beside the other trial running at once) and what is left
+        "compute_per_trial_s": compute, "weight_step_per_trial_s": own["weight_step_s"],
+        "eval_per_trial_s": own["eval_s"], "left_per_trial_s": per_trial - compute,
+        "bn_recal_batches": fexp.train.bn_recal_batches,
     }
     if args.fixed_only:
         print(json.dumps({"benchmark": "sweep", "fixed": fixed_report, "targets": {"fixed_cost_per_trial_s": 5.0},

@@ -82,6 +82,10 @@ class TrainConfig:
     wait_policy: str = "auto"
     channels_last: bool = True  # NHWC activations: faster depthwise convs and BN on CPU
     max_steps_per_epoch: int = 0  # 0: the whole split; small values for smoke tests
+    # Training batches that re-estimate the BatchNorm statistics of each network read on held-out or test data (the
+    # supernet's statistics mix every sampled path). Fewer batches make noisier readings; a start-up probe whose
+    # figures nobody reads may take 1.
+    bn_recal_batches: int = 20
     finetune_epochs: int = 0  # after the search: fine-tune the derived network from its inherited weights
     sync_bn: bool = False  # False: per-worker BatchNorm statistics (the paper's setting); True needs GPUs
     freeze_bn: bool = False  # BN layers use running statistics while training (equivalence tests)

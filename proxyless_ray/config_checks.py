@@ -39,6 +39,7 @@ RANGES = {
     "train.arch_steps": "[1, inf)", "train.reinforce_baseline_decay": "[0, 1]", "train.alpha_init_std": "[0, inf)",
     "train.grad_clip": "[0, inf)", "train.seed": "[0, inf)", "train.threads": "[0, inf)",
     "train.max_steps_per_epoch": "[0, inf)", "train.finetune_epochs": "[0, inf)",
+    "train.bn_recal_batches": "[1, inf)",
     "latency.alpha": "[0, inf)",  # lambda, ref_ms and target_ms: checked in validate() with their own reasons
     "dist.workers": "[0, inf)", "dist.cpus_per_worker": "(0, inf)", "dist.gpus_per_worker": "[0, inf)",
     "dist.resources_per_worker": "[0, inf)", "dist.checkpoint_every": "[1, inf)",

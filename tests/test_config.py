@@ -68,6 +68,8 @@ def test_the_old_name_of_lambda_is_read_with_a_warning(tmp_path):
     ("latency.target_ms=-5", "latency.target_ms must be > 0 for mul_log"),
     ("train.gate_mode=three", "train.gate_mode 'three' is unknown"),
     ("train.epochs=abc", "train.epochs must be a number, got 'abc'"),
+    ("train.bn_recal_batches=0", "train.bn_recal_batches must be >= 1, got 0"),
+    ("train.bn_recal_batches=2.5", "train.bn_recal_batches must be an integer, got 2.5"),
     ("space.kernel_sizes=[3, 4]", "kernel size 4"),
     ("space.strides=[1, 3, 2, 1]", "stride 3"),
     ("sweep.scheduler=hyperband", "sweep.scheduler 'hyperband' does not exist"),

@@ -59,7 +59,6 @@ from proxyless_ray.search.state import (
 # report(metrics, checkpoint_dir or None): a barrier across ranks; rank 0 passes the checkpoint folder.
 Reporter = Callable[[dict[str, Any], "str | None"], None]
 
-BN_RECALIBRATION_BATCHES = 20
 READY_EVAL_IMAGES = 2000  # held-out images each readiness sub-network is read on
 FINETUNE_LR_SCALE = 0.5  # the derived network's fine-tune starts below the search's peak learning rate
 
@@ -130,7 +129,9 @@ class SearchLoop:
             metrics = self._epoch(epoch)
             self.state.epoch = epoch + 1
             if self.state.epoch == t.epochs:
+                t0 = time.perf_counter()
                 metrics.update(self._final_metrics())
+                metrics["eval_s"] += time.perf_counter() - t0
             metrics["finished"] = self.state.epoch == t.epochs  # not "done": Tune reserves that key
             self.state.history.append(metrics)
             self.state.alpha_history.append([p.tolist() for p in self.state.net.probs()])
@@ -183,6 +184,7 @@ class SearchLoop:
         loss_sum, correct, seen = self.comm.sum([loss_sum, correct, seen])
         check_finite_loss(loss_sum, epoch + 1, exp)  # NaN weights: stop before the epoch is reported or derived
         # [3] end of epoch: the current argmax architecture, as a network with inherited weights, on held-out data
+        t_eval = time.perf_counter()
         choices = net.argmax_choices()
         child = self._inherited_child(choices)
         heldout_acc, heldout_ce = accuracy(child, self.splits.heldout, self.comm, exp.data.eval_batch_size,
@@ -221,6 +223,8 @@ class SearchLoop:
             metrics["subnet_heldout_acc"] = self.subnet_accuracy(epoch)
             if t.ready_acc > 0:
                 metrics["supernet_ready"] = metrics["subnet_heldout_acc"] >= t.ready_acc
+        # the readings' own compute (the last epoch adds its test readings): with epoch_s, what an epoch computed
+        metrics["eval_s"] = time.perf_counter() - t_eval
         return metrics
 
     def _say(self, text: str) -> None:
@@ -364,7 +368,7 @@ class SearchLoop:
         data, t = self.exp.data, self.exp.train
         with torch.random.fork_rng(devices=[]):
             child = derived_network(self.state.net, choices, channels_last=self.cl)
-            recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, BN_RECALIBRATION_BATCHES, t.seed,
+            recalibrate_bn(child, self.splits.train, self.comm, data.batch_size, t.bn_recal_batches, t.seed,
                            self.device, self.cl)
         return child
 

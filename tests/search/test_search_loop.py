@@ -111,6 +111,27 @@ def test_heldout_accuracy_reads_the_derived_network_and_leaves_the_supernet_alon
     assert any(not torch.allclose(a, b) for a, b in zip(stale_bn, own_bn))
 
 
+def test_bn_recal_batches_sets_the_batches_a_child_is_recalibrated_on(tmp_path):
+    """``train.bn_recal_batches`` batches re-estimate the child's statistics: the child equals one recalibrated by
+    hand on that many batches, and differs from the default's 20."""
+    from proxyless_ray.search.evaluate import derived_network, recalibrate_bn
+
+    exp = tiny_experiment(tmp_path, train={"epochs": 1, "warmup_epochs": 1, "bn_recal_batches": 2})
+    loop = SearchLoop(exp, Comm(), lambda m, f: None, progress=False)
+    choices = loop.state.net.argmax_choices()
+    child = loop._inherited_child(choices)
+
+    def by_hand(batches: int) -> dict[str, torch.Tensor]:
+        net = derived_network(loop.state.net, choices, channels_last=exp.train.channels_last)
+        recalibrate_bn(net, loop.splits.train, Comm(), exp.data.batch_size, batches, exp.train.seed,
+                       channels_last=exp.train.channels_last)
+        return net.state_dict()
+
+    two, twenty = by_hand(2), by_hand(20)
+    assert all(torch.equal(v, two[k]) for k, v in child.state_dict().items())
+    assert any(not torch.equal(v, twenty[k]) for k, v in child.state_dict().items())
+
+
 def test_final_metrics_test_the_last_epochs_child_as_a_fresh_recalibration_would(tmp_path):
     """The final metrics reuse the child the last epoch recalibrated for its held-out reading: it is the network a
     recalibration after the search gives, weights and BN statistics bit for bit, and its test accuracy."""
