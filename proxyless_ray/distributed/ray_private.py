@@ -25,6 +25,7 @@ import importlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -158,9 +159,7 @@ def process_state_kept() -> Iterator[None]:
     try:
         yield
     finally:
-        import sys
-
-        ray = sys.modules.get("ray")
+        ray = sys.modules.get("ray")  # not imported here: a search in this process never loads Ray
         if ray is None or not ray.is_initialized():
             if threading.current_thread() is threading.main_thread() and handler is not None:
                 signal.signal(signal.SIGINT, handler)
