@@ -82,3 +82,23 @@ def test_the_cluster_helpers_exist():
         f"Ray {ray.__version__}'s AuthenticationTokenLoader has no instance(); {WHERE}")
     assert callable(getattr(Config, "initialize", None)), (
         f"Ray {ray.__version__}'s ray._raylet.Config has no initialize() (process_state_kept resets it); {WHERE}")
+
+
+def test_process_state_kept_restores_what_a_session_leaves(monkeypatch):
+    """What a Ray session sets in this process (Ray's variables, the lean cluster's record, a Ctrl-C handler) is put
+    back when no session is left; a variable the caller had keeps its value."""
+    import os
+    import signal
+
+    monkeypatch.setenv("RAY_CALLER_SETTING", "kept")
+    before = {k: v for k, v in os.environ.items() if k.startswith("RAY_") or k in ray_private.LEAN_ENV}
+    handler = signal.getsignal(signal.SIGINT)
+    with ray_private.process_state_kept():
+        ray_private.set_lean_env(lean=True)
+        ray_private.mark_lean_cluster(True)
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_CALLER_SETTING"] = "changed"
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert {k: v for k, v in os.environ.items() if k.startswith("RAY_") or k in ray_private.LEAN_ENV} == before
+    assert not ray_private._LEAN_CLUSTER and not ray_private._LEAN_SET - before.keys()
