@@ -14,6 +14,12 @@ On Fashion-MNIST with the small space and one fixed training budget for every ne
 6. matched latency: for every searched network, ``--matched`` random architectures whose predicted latency on the
    same hardware lies within 5 % of it, retrained alike, each network with ``--seeds`` seeds; target per hardware:
    searched >= mean(random) + 1 std.
+7. the supernet's ranking at matched latency (with ``--supernet-rank``, on by default with ``--reduced``): the
+   searched trial's final supernet reads every network of a matched group (the searched one and its random
+   matches) with inherited weights (BatchNorm statistics re-estimated, ``train.bn_recal_batches``) on the held-out
+   split; reported per group: the Spearman correlation of those readings with the retrained accuracies, and what the
+   network the supernet reads best scores once retrained (could choosing among latency-matched candidates by the
+   supernet's reading have beaten random, where the argmax architecture did not?).
 
 Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick | --reduced]`` (hours on 2 cores without
 either; ``--reduced``: the demo's search at lambda 0.1 for each hardware, 8 matched random networks, 2 seeds,
@@ -24,6 +30,7 @@ warm-up). Networks train side by side as Ray tasks of one thread; latencies are 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -40,6 +47,8 @@ from proxyless_ray.nn.network import load_network
 from proxyless_ray.nn.space import SearchSpace
 from proxyless_ray.pareto import hypervolume_2d, pareto_front_mask
 from proxyless_ray.runtime import tune_allocator
+from proxyless_ray.search.comm import Comm
+from proxyless_ray.search.loop import SearchLoop
 from proxyless_ray.sweeps.sweep import run_sweep
 
 HARDWARE = ["cpu_1thread", "pixel1", "v100_roofline"]
@@ -47,13 +56,14 @@ MATCH_TOLERANCE = 0.05
 
 
 def matched_random(space: SearchSpace, model, target_ms: float, n: int, rng: random.Random,
-                   max_draws: int = 200_000) -> list[Arch]:
-    """``n`` random architectures whose predicted latency on ``model`` is within 5 % of ``target_ms``.
+                   max_draws: int = 200_000) -> list[tuple[Arch, list[str]]]:
+    """``n`` random architectures whose predicted latency on ``model`` is within 5 % of ``target_ms``, each with
+    its block per searchable layer (``zero`` included: what places it in the supernet).
 
     Each draw first picks how likely a layer is to be zero (uniform in [0, 1]), then every layer's candidate, so
     shallow and deep networks are both reachable; uniform per-layer draws alone rarely land on a front's extremes.
     """
-    out: list[Arch] = []
+    out: list[tuple[Arch, list[str]]] = []
     slots = space.slots()
     for _ in range(max_draws):
         p_zero = rng.random()
@@ -63,10 +73,39 @@ def matched_random(space: SearchSpace, model, target_ms: float, n: int, rng: ran
             blocks.append("zero" if s.has_zero and rng.random() < p_zero else rng.choice(real))
         arch = space.arch_from_blocks(blocks)
         if abs(arch_latency(model, arch)[0] / target_ms - 1) <= MATCH_TOLERANCE:
-            out.append(arch.without_zeros())
+            out.append((arch.without_zeros(), blocks))
             if len(out) == n:
                 break
     return out
+
+
+def final_checkpoint(sweep_dir: str, key: str) -> str:
+    """The newest checkpoint folder a sweep trial wrote (its final supernet and alphas)."""
+    found = glob.glob(os.path.join(sweep_dir, "**", key, "checkpoint_*", "state.pt"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint of trial {key!r} under {sweep_dir!r}")
+    return os.path.dirname(max(found, key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[-1])))
+
+
+def supernet_readings(exp: Experiment, checkpoint: str, choices: list[list[int] | None]) -> list[float]:
+    """Held-out accuracy of each sub-network (``None``: the argmax of the checkpoint's alphas) with the weights of
+    the supernet in ``checkpoint``, as the search itself reads a sub-network (BN statistics re-estimated)."""
+    loop = SearchLoop(exp, Comm(), lambda *_: None, progress=False)
+    loop.restore(checkpoint, weights_only=True)
+    return [loop.heldout_accuracy(c) for c in choices]
+
+
+def rank_summary(group: pd.DataFrame) -> dict:
+    """For one matched group (searched network + its random matches, each with a ``supernet_acc`` reading): how the
+    supernet's readings rank the retrained accuracies, and what its favourite scores once retrained."""
+    pick = group.sort_values("supernet_acc", ascending=False).iloc[0]
+    others = group[group["name"] != pick["name"]]
+    mean, std = float(others["test_acc"].mean()), float(others["test_acc"].std())
+    return {"spearman_supernet_vs_retrained": float(group["supernet_acc"].corr(group["test_acc"], method="spearman")),
+            "supernet_acc_range": [float(group["supernet_acc"].min()), float(group["supernet_acc"].max())],
+            "supernet_pick": pick["name"], "pick_is_searched": pick["kind"] == "searched",
+            "pick_acc": float(pick["test_acc"]), "others_mean": mean, "others_std": std,
+            "pick_beats_mean_plus_std": bool(pick["test_acc"] >= mean + std)}
 
 
 def base(out: str, quick: bool, epochs: int, train_subset: int = 0, threads: int = 1) -> dict:
@@ -110,6 +149,9 @@ def matched_summary(df: pd.DataFrame) -> dict[str, list[dict]]:
                 "searched_rank": int((rand["test_acc"] > srow["test_acc"]).sum()) + 1,
                 "mean_seed_std": float(sum(seeds) / len(seeds)) if seeds else None,
                 "searched_beats_mean_plus_std": bool(srow["test_acc"] >= mean + std)})
+            if "supernet_acc" in df and df.loc[rand.index, "supernet_acc"].notna().all():
+                group = pd.concat([df.loc[[srow.name]], rand])
+                out[hw][-1]["supernet_ranking"] = rank_summary(group)
     return out
 
 
@@ -127,6 +169,8 @@ def main() -> None:
     parser.add_argument("--test-subset", type=int, default=0, help="test images (default: all, 3000 quick)")
     parser.add_argument("--search-epochs", type=int, default=0, help="search epochs after the 2 warm-up epochs")
     parser.add_argument("--analyse", default="", help="recompute the summaries from this benchmark's JSON output")
+    parser.add_argument("--supernet-rank", action=argparse.BooleanOptionalAction, default=None,
+                        help="read every matched group on the searched trial's supernet (default: on with --reduced)")
     args = parser.parse_args()
     if args.analyse:
         with open(args.analyse) as fh:
@@ -154,18 +198,29 @@ def main() -> None:
     space = SearchSpace()
     rng = random.Random(0)
     nets: list[tuple[str, str, Arch]] = []
+    readings: dict[str, list[tuple[int, list[int] | None]]] = {}  # searched trial -> (network, its choices)
     for _, r in table[table["finished"]].iterrows():
+        readings[r["trial_id"]] = [(len(nets), None)]
         nets.append(("searched", r["hardware"], Arch.load(os.path.join(r["out_dir"], "arch.json"))))
     for i in range(args.random):
         nets.append(("random", "-", space.sample(rng, name=f"random{i}").without_zeros()))
     mbv2 = space.arch_from_blocks([f"mb_k3_e6_c{s.out_chs}_s{s.stride}" for s in space.slots()], name="mbv2_k3e6")
     nets.append(("baseline", "-", mbv2))
     models = {hw: load_latency_model(hw) for hw in HARDWARE}
-    for _kind, hw, arch in [n for n in nets if n[0] == "searched"]:
+    for key, [(k, _)] in list(readings.items()):
+        _kind, hw, arch = nets[k]
         target = arch_latency(models[hw], arch)[0]
-        for j, m in enumerate(matched_random(space, models[hw], target, args.matched, rng)):
+        for j, (m, blocks) in enumerate(matched_random(space, models[hw], target, args.matched, rng)):
+            readings[key].append((len(nets), [s.candidates.index(b) for s, b in zip(space.slots(), blocks)]))
             nets.append(("matched", hw, Arch(m.stem, m.stages, m.feature_mix, m.num_classes, m.resolution, m.in_chs,
                                              m.dropout, f"matched-{hw}-{arch.name}-{j}")))
+    supernet_acc: dict[int, float] = {}
+    if args.supernet_rank if args.supernet_rank is not None else args.reduced:
+        for key, plan in readings.items():
+            hw = nets[plan[0][0]][1]
+            exp = Experiment.from_dict({**sweep_cfg, "latency": {**sweep_cfg.get("latency", {}), "profile": hw}})
+            accs = supernet_readings(exp, final_checkpoint(os.path.join(out, "search"), key), [c for _, c in plan])
+            supernet_acc.update({i: acc for (i, _), acc in zip(plan, accs)})
     # every (network, seed) trains as a Ray task of one thread, side by side; latency is measured afterwards, alone
     cfg = base(out, args.quick, args.epochs, args.train_subset, threads=1)
     cfg["train"].update(warmup_epochs=0, ready_acc=0.0)  # plain training from scratch: no warm-up to wait for
@@ -188,7 +243,7 @@ def main() -> None:
         arch = Arch.load(paths[i])
         net = load_network(os.path.join(fitted[f"{i}/0"]["out_dir"], "network"))
         row = {"kind": kind, "searched_for": hw, "name": arch.name, "arch": arch.arch_string(),
-               "test_acc": sum(accs) / len(accs), "test_acc_seeds": accs,
+               "test_acc": sum(accs) / len(accs), "test_acc_seeds": accs, "supernet_acc": supernet_acc.get(i),
                "measured_cpu_ms": measure_latency_ms(net, arch)["median_ms"]}
         row.update({f"pred_{h}_ms": arch_latency(m, arch)[0] for h, m in models.items()})
         rows.append(row)

@@ -238,13 +238,16 @@ class SearchLoop:
         n = t.ready_samples if samples is None else samples
         gen = torch.Generator().manual_seed(t.seed * 7_919 + epoch)
         max_batches = max(1, READY_EVAL_IMAGES // data.eval_batch_size)
-        accs = []
-        for _ in range(n):
-            choices = uniform_choices(self.state.net.slots, gen)
-            acc, _ = accuracy(self._inherited_child(choices), self.splits.heldout, self.comm, data.eval_batch_size,
-                              max_batches=max_batches, device=self.device, channels_last=self.cl)
-            accs.append(acc)
+        accs = [self.heldout_accuracy(uniform_choices(self.state.net.slots, gen), max_batches) for _ in range(n)]
         return sum(accs) / max(len(accs), 1)
+
+    def heldout_accuracy(self, choices: list[int] | None = None, max_batches: int = 0) -> float:
+        """Held-out accuracy of one sub-network (``choices``: a candidate index per searchable layer; ``None``: the
+        argmax) with the supernet's weights and its own BN statistics, on the first ``max_batches`` batches (0: all).
+        """
+        acc, _ = accuracy(self._inherited_child(choices), self.splits.heldout, self.comm, self.exp.data.eval_batch_size,
+                          max_batches=max_batches, device=self.device, channels_last=self.cl)
+        return acc
 
     def weight_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int,
                     data_s: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

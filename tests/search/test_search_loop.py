@@ -104,6 +104,13 @@ def test_heldout_accuracy_reads_the_derived_network_and_leaves_the_supernet_alon
     assert torch.equal(rng, torch.get_rng_state())  # the global RNG stream a resume replays is untouched
     acc, _ = accuracy(child, loop.splits.heldout, Comm(), exp.data.eval_batch_size)
     assert seen[-1]["heldout_acc"] == pytest.approx(acc)
+    # the public reading (what benchmarks rank sub-networks by): the argmax by default, or the given choices
+    assert loop.heldout_accuracy() == pytest.approx(acc)
+    other = [(c + 1) % len(s.candidates) for c, s in zip(net.argmax_choices(), net.slots)]
+    other_acc, _ = accuracy(loop._inherited_child(other), loop.splits.heldout, Comm(), exp.data.eval_batch_size)
+    assert loop.heldout_accuracy(other) == pytest.approx(other_acc)
+    first, _ = accuracy(child, loop.splits.heldout, Comm(), exp.data.eval_batch_size, max_batches=1)
+    assert loop.heldout_accuracy(max_batches=1) == pytest.approx(first)
     # the supernet's own mixed statistics would read another number: the child has its own
     stale = derived_network(net, net.argmax_choices())
     stale_bn = [m.running_mean for m in stale.modules() if isinstance(m, torch.nn.BatchNorm2d)]
