@@ -21,10 +21,11 @@ On Fashion-MNIST with the small space and one fixed training budget for every ne
    network the supernet reads best scores once retrained (could choosing among latency-matched candidates by the
    supernet's reading have beaten random, where the argmax architecture did not?).
 
-Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick | --reduced]`` (hours on 2 cores without
-either; ``--reduced``: the demo's search at lambda 0.1 for each hardware, 8 matched random networks, 2 seeds,
-3 retraining epochs from scratch on 10,000 images, tested on 5,000; with ``--out runs`` it reuses the demo's
-warm-up). Networks train side by side as Ray tasks of one thread; latencies are measured afterwards, one at a time.
+Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick | --reduced] [--set train.KEY=VALUE]``
+(hours on 2 cores without either; ``--reduced``: the demo's search at lambda 0.1 for each hardware, 8 matched
+random networks, 2 seeds, 3 retraining epochs from scratch on 10,000 images, tested on 5,000; with ``--out runs`` it
+reuses the demo's warm-up; ``--set`` changes the search, never the retraining). Networks train side by side as Ray
+tasks of one thread; latencies are measured afterwards, one at a time.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import tempfile
 
 import pandas as pd
 
-from proxyless_ray.config import Experiment, load_experiment
+from proxyless_ray.config import Experiment, apply_override, load_experiment
 from proxyless_ray.demo import fit_in_parallel
 from proxyless_ray.distributed.retrain import measure_latency_ms
 from proxyless_ray.latency.model import arch_latency, load_latency_model
@@ -169,6 +170,9 @@ def main() -> None:
     parser.add_argument("--test-subset", type=int, default=0, help="test images (default: all, 3000 quick)")
     parser.add_argument("--search-epochs", type=int, default=0, help="search epochs after the 2 warm-up epochs")
     parser.add_argument("--analyse", default="", help="recompute the summaries from this benchmark's JSON output")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the search's config (repeatable; retraining is left alone), e.g. "
+                             "train.warmup_method=sandwich")
     parser.add_argument("--supernet-rank", action=argparse.BooleanOptionalAction, default=None,
                         help="read every matched group on the searched trial's supernet (default: on with --reduced)")
     args = parser.parse_args()
@@ -193,6 +197,8 @@ def main() -> None:
     sweep_cfg.update(name="search", sweep={"hardware": HARDWARE, "lambdas": lambdas, "scheduler": "fifo",
                                            "shared_warmup": True})
     sweep_cfg["dist"] = {"workers": 1}
+    for item in args.overrides:
+        apply_override(sweep_cfg, item)
     run_sweep(Experiment.from_dict(sweep_cfg))
     table = pd.read_parquet(os.path.join(out, "search", "pareto.parquet"))
     space = SearchSpace()
