@@ -95,6 +95,17 @@ def tune_results(sweep_dir, key: str) -> list[dict]:
     return rows
 
 
+def checkpoint_epochs(sweep_dir, key: str) -> list[int]:
+    """The epochs of a trial's checkpoints that Tune has persisted whole (their ``meta.json`` reads)."""
+    epochs = []
+    for meta in (sweep_dir / "tune" / key).glob("checkpoint_*/meta.json"):
+        try:
+            epochs.append(int(json.loads(meta.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError):  # being written, or removed by checkpoints_to_keep
+            pass
+    return epochs
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_paused_and_killed_trials_resume_in_reused_processes_with_the_uninterrupted_result(tmp_path):
@@ -111,15 +122,29 @@ def test_paused_and_killed_trials_resume_in_reused_processes_with_the_uninterrup
     killed: dict[str, int] = {}
     stop = threading.Event()
 
+    def kill(key: str, pid: int, sign: str) -> None:
+        os.kill(pid, signal.SIGKILL)
+        killed[key] = pid
+        print(f"killed {key} (pid {pid}) on its {sign}", flush=True)  # shown when the test fails
+
     def killer():
+        # Tune's result.json can get a trial's epoch-3 row after its epoch 4 is over (on a fast, quiet machine it did,
+        # for every trial of a run), so the first sign is the epoch-3 checkpoint the trial itself persists; the
+        # process to kill is then the one every trial so far reported from (one trial runs at a time, in a reused
+        # actor). The row stays the sign when the trials reported from several processes.
         while not stop.is_set() and not killed:
+            pids = {r["pid"] for key in keys for r in tune_results(sweep_dir, key)}
             for key in keys:
                 rows = tune_results(sweep_dir, key)
                 if rows and rows[-1].get("epoch") == 3:  # its epoch-3 checkpoint is saved; epoch 4 is under way
-                    os.kill(rows[-1]["pid"], signal.SIGKILL)
-                    killed[key] = rows[-1]["pid"]
+                    kill(key, rows[-1]["pid"], "epoch-3 row")
                     break
-            time.sleep(0.05)
+                saved = checkpoint_epochs(sweep_dir, key)
+                if len(pids) == 1 and saved and max(saved) == 3:
+                    time.sleep(0.2)  # past the report of epoch 3, into epoch 4
+                    kill(key, pids.pop(), "epoch-3 checkpoint")
+                    break
+            time.sleep(0.02)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
