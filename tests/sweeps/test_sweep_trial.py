@@ -136,10 +136,12 @@ def test_paused_and_killed_trials_resume_in_reused_processes_with_the_uninterrup
             pids = {r["pid"] for key in keys for r in tune_results(sweep_dir, key)}
             for key in keys:
                 rows = tune_results(sweep_dir, key)
+                saved = checkpoint_epochs(sweep_dir, key)
+                if 4 in saved:  # too late for this trial: its last epoch is over
+                    continue
                 if rows and rows[-1].get("epoch") == 3:  # its epoch-3 checkpoint is saved; epoch 4 is under way
                     kill(key, rows[-1]["pid"], "epoch-3 row")
                     break
-                saved = checkpoint_epochs(sweep_dir, key)
                 if len(pids) == 1 and saved and max(saved) == 3:
                     time.sleep(0.2)  # past the report of epoch 3, into epoch 4
                     kill(key, pids.pop(), "epoch-3 checkpoint")
