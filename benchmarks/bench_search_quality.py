@@ -13,7 +13,9 @@ On Fashion-MNIST with the small space and one fixed training budget for every ne
    searched for a platform is the fastest on that platform among networks of similar accuracy (within 1 point);
 6. matched latency: for every searched network, ``--matched`` random architectures whose predicted latency on the
    same hardware lies within 5 % of it, retrained alike, each network with ``--seeds`` seeds; target per hardware:
-   searched >= mean(random) + 1 std.
+   searched >= mean(random) + 1 std. Whether a group's networks differ at all at this budget is reported beside it
+   (``separability``: a one-way analysis of variance over the seeds, its permutation p-value, and the spread between
+   networks beyond seed noise); in a group that cannot be told apart, no search can beat random but by luck.
 7. the supernet's ranking at matched latency (with ``--supernet-rank``, on by default with ``--reduced``): the
    searched trial's final supernet reads every network of a matched group (the searched one and its random
    matches) with inherited weights (BatchNorm statistics re-estimated, ``train.bn_recal_batches``) on the held-out
@@ -37,6 +39,7 @@ import os
 import random
 import tempfile
 
+import numpy as np
 import pandas as pd
 
 from proxyless_ray.config import Experiment, apply_override, load_experiment
@@ -129,6 +132,34 @@ def front_hypervolume(part: pd.DataFrame, col: str, ref: tuple[float, float]) ->
     return hypervolume_2d(pts[pareto_front_mask(pts)], ref) if len(pts) else 0.0
 
 
+def separability(accs: list[list[float]], permutations: int = 4000, seed: int = 0) -> dict:
+    """Do the networks of a group differ beyond seed-to-seed noise? ``accs``: per network, its accuracy per seed.
+
+    Returns the one-way ANOVA F (between-network over within-network variance of the per-seed accuracies), its
+    p-value from a permutation test (the same accuracies dealt to the networks at random, ``permutations`` times; no
+    normality assumed), the standard deviation between networks once seed noise is taken out of it, and the
+    seed-to-seed one.
+    """
+    a = np.asarray(accs, dtype=float)
+    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] < 2:
+        raise ValueError(f"separability needs >= 2 networks with >= 2 seeds each, got shape {a.shape}")
+    n, s = a.shape
+
+    def f_stat(m: np.ndarray) -> float:
+        within = m.var(axis=1, ddof=1).mean()
+        return float(s * m.mean(axis=1).var(ddof=1) / max(within, 1e-12))
+
+    observed = f_stat(a)
+    gen = np.random.default_rng(seed)
+    flat = a.ravel()
+    hits = sum(f_stat(gen.permutation(flat).reshape(n, s)) >= observed for _ in range(permutations))
+    within = float(a.var(axis=1, ddof=1).mean())
+    between = float(a.mean(axis=1).var(ddof=1))
+    return {"f": observed, "p_value": (hits + 1) / (permutations + 1),
+            "network_sd": float(np.sqrt(max(between - within / s, 0.0))), "seed_sd": float(np.sqrt(within)),
+            "networks": n, "seeds": s}
+
+
 def matched_summary(df: pd.DataFrame) -> dict[str, list[dict]]:
     """Per hardware and searched network: its accuracy against its latency-matched random networks (mean, std over
     networks, each the mean of its seeds) and the seed-to-seed spread, which says how small a margin can be read."""
@@ -150,10 +181,71 @@ def matched_summary(df: pd.DataFrame) -> dict[str, list[dict]]:
                 "searched_rank": int((rand["test_acc"] > srow["test_acc"]).sum()) + 1,
                 "mean_seed_std": float(sum(seeds) / len(seeds)) if seeds else None,
                 "searched_beats_mean_plus_std": bool(srow["test_acc"] >= mean + std)})
+            seeds_of = [list(df.loc[i, "test_acc_seeds"]) for i in [srow.name, *rand.index]]
+            if min(len(v) for v in seeds_of) >= 2 and len({len(v) for v in seeds_of}) == 1:
+                out[hw][-1]["separability"] = separability(seeds_of)
             if "supernet_acc" in df and df.loc[rand.index, "supernet_acc"].notna().all():
                 group = pd.concat([df.loc[[srow.name]], rand])
                 out[hw][-1]["supernet_ranking"] = rank_summary(group)
     return out
+
+
+def load_result(path: str) -> dict:
+    """A run's JSON output (its last line: Tune may print tables above it)."""
+    with open(path) as fh:
+        lines = [line for line in fh if line.startswith("{")]
+    if not lines:
+        raise ValueError(f"{path!r} holds no benchmark output (a line of JSON)")
+    return json.loads(lines[-1])
+
+
+def retrain(nets: list[tuple[str, str, Arch]], out: str, quick: bool, epochs: int, train_subset: int,
+            test_subset: int, seeds: int) -> tuple[list[Arch], dict[str, dict]]:
+    """Train every network from scratch, ``seeds`` times, side by side as Ray tasks of one thread; returns the
+    networks as saved under ``out/archs`` and the fits keyed ``"network/seed"``."""
+    cfg = base(out, quick, epochs, train_subset, threads=1)
+    cfg["train"].update(warmup_epochs=0, ready_acc=0.0)  # plain training from scratch: no warm-up to wait for
+    cfg["data"].update(warmup_subset=0, **({"test_subset": test_subset} if test_subset else {}))
+    jobs, saved = [], []
+    for i, (kind, _hw, arch) in enumerate(nets):
+        name = f"{i:02d}-{arch.name or kind}"
+        path = os.path.join(out, "archs", f"{name}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Arch(arch.stem, arch.stages, arch.feature_mix, arch.num_classes, arch.resolution, arch.in_chs, arch.dropout,
+             name).save(path)
+        saved.append(Arch.load(path))
+        for seed in range(seeds):
+            seeded = Experiment.from_dict({**cfg, "name": f"retrain-s{seed}", "train": {**cfg["train"], "seed": seed}})
+            jobs.append((f"{i}/{seed}", seeded, path))
+    return saved, fit_in_parallel(jobs[0][1], jobs, epochs=epochs, lr=jobs[0][1].train.lr, finetune=False)
+
+
+def rerun(args, out: str) -> None:
+    """``--rerun-from``: the matched groups of an earlier run, retrained with this run's budget (does a ranking hold
+    when the networks train longer?)."""
+    saved = load_result(args.rerun_from)
+    keep = set(filter(None, args.hardware.split(","))) or set(HARDWARE)
+    unknown = keep - set(HARDWARE)
+    if unknown:
+        raise SystemExit(f"--hardware {sorted(unknown)} unknown; expected some of {HARDWARE}")
+    archs = os.path.join(saved["out"], "archs")
+    nets, readings = [], []
+    for row in saved["networks"]:
+        if row["kind"] in ("searched", "matched") and row["searched_for"] in keep:
+            nets.append((row["kind"], row["searched_for"], Arch.load(os.path.join(archs, f"{row['name']}.json"))))
+            readings.append(row.get("supernet_acc"))
+    nets = [(k, hw, Arch(a.stem, a.stages, a.feature_mix, a.num_classes, a.resolution, a.in_chs, a.dropout,
+                         a.name.split("-", 1)[1])) for k, hw, a in nets]  # drop the old run's index prefix
+    archs_saved, fitted = retrain(nets, out, args.quick, args.epochs, args.train_subset, args.test_subset,
+                                  args.seeds)
+    rows = []
+    for i, ((kind, hw, _), arch) in enumerate(zip(nets, archs_saved)):
+        accs = [fitted[f"{i}/{seed}"]["test_acc"] for seed in range(args.seeds)]
+        rows.append({"kind": kind, "searched_for": hw, "name": arch.name, "arch": arch.arch_string(),
+                     "test_acc": sum(accs) / len(accs), "test_acc_seeds": accs, "supernet_acc": readings[i]})
+    print(json.dumps({"benchmark": "search_quality", "rerun_from": args.rerun_from, "retrain_epochs": args.epochs,
+                      "train_subset": args.train_subset, "networks": rows,
+                      "matched_latency": matched_summary(pd.DataFrame(rows)), "out": out}, default=float))
 
 
 def main() -> None:
@@ -173,15 +265,22 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the search's config (repeatable; retraining is left alone), e.g. "
                              "train.warmup_method=sandwich")
+    parser.add_argument("--rerun-from", default="", metavar="JSON",
+                        help="retrain the networks of an earlier run (its JSON output; its archs/ folder must exist) "
+                             "with this run's --epochs, --train-subset and --seeds instead of searching anew")
+    parser.add_argument("--hardware", default="", help="with --rerun-from: only these hardware's matched groups "
+                                                      "(comma-separated)")
     parser.add_argument("--supernet-rank", action=argparse.BooleanOptionalAction, default=None,
                         help="read every matched group on the searched trial's supernet (default: on with --reduced)")
     args = parser.parse_args()
     if args.analyse:
-        with open(args.analyse) as fh:
-            saved = json.load(fh)
+        saved = load_result(args.analyse)
         print(json.dumps({"matched_latency": matched_summary(pd.DataFrame(saved["networks"]))}, default=float))
         return
     out = args.out or tempfile.mkdtemp(prefix="bench-quality-")
+    if args.rerun_from:
+        rerun(args, out)
+        return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     tune_allocator()  # measured latencies under the same allocator as the profiles and the CLI
     if args.reduced:  # 3 epochs from scratch on 10,000 images: one epoch on 6,000 left seeds further apart than nets
@@ -228,25 +327,12 @@ def main() -> None:
             accs = supernet_readings(exp, final_checkpoint(os.path.join(out, "search"), key), [c for _, c in plan])
             supernet_acc.update({i: acc for (i, _), acc in zip(plan, accs)})
     # every (network, seed) trains as a Ray task of one thread, side by side; latency is measured afterwards, alone
-    cfg = base(out, args.quick, args.epochs, args.train_subset, threads=1)
-    cfg["train"].update(warmup_epochs=0, ready_acc=0.0)  # plain training from scratch: no warm-up to wait for
-    cfg["data"].update(warmup_subset=0, **({"test_subset": args.test_subset} if args.test_subset else {}))
-    jobs, paths = [], []
-    for i, (kind, _hw, arch) in enumerate(nets):
-        name = f"{i:02d}-{arch.name or kind}"
-        path = os.path.join(out, "archs", f"{name}.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Arch(arch.stem, arch.stages, arch.feature_mix, arch.num_classes, arch.resolution, arch.in_chs, arch.dropout,
-             name).save(path)
-        paths.append(path)
-        for seed in range(args.seeds):
-            seeded = Experiment.from_dict({**cfg, "name": f"retrain-s{seed}", "train": {**cfg["train"], "seed": seed}})
-            jobs.append((f"{i}/{seed}", seeded, path))
-    fitted = fit_in_parallel(jobs[0][1], jobs, epochs=args.epochs, lr=jobs[0][1].train.lr, finetune=False)
+    archs_saved, fitted = retrain(nets, out, args.quick, args.epochs, args.train_subset, args.test_subset,
+                                  args.seeds)
     rows = []
     for i, (kind, hw, _) in enumerate(nets):
         accs = [fitted[f"{i}/{seed}"]["test_acc"] for seed in range(args.seeds)]
-        arch = Arch.load(paths[i])
+        arch = archs_saved[i]
         net = load_network(os.path.join(fitted[f"{i}/0"]["out_dir"], "network"))
         row = {"kind": kind, "searched_for": hw, "name": arch.name, "arch": arch.arch_string(),
                "test_acc": sum(accs) / len(accs), "test_acc_seeds": accs, "supernet_acc": supernet_acc.get(i),
