@@ -26,7 +26,8 @@ from proxyless_ray.search.evaluate import accuracy
 from proxyless_ray.search.loop import READY_EVAL_IMAGES, SearchLoop
 from proxyless_ray.search.path_sampling import largest_choices, smallest_choices, warmup_paths
 
-METHODS = ("separate:uniform", "nested:uniform", "nested:fair", "nested:sandwich", "nested:largest_first")
+METHODS = ("separate:uniform", "nested:uniform", "nested:uniform_depth", "nested:fair", "nested:sandwich",
+           "nested:largest_first")
 
 
 def saved_bytes_of_step(loop: SearchLoop, x: torch.Tensor, y: torch.Tensor) -> int:

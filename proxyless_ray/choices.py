@@ -21,6 +21,7 @@ class WarmupMethod(str, Enum):
     """How weight steps pick their paths while alpha is frozen (``train.warmup_method``)."""
 
     UNIFORM = "uniform"
+    UNIFORM_DEPTH = "uniform_depth"
     FAIR = "fair"
     SANDWICH = "sandwich"
     LARGEST_FIRST = "largest_first"

@@ -50,7 +50,8 @@ class TrainConfig:
     # expansions as its first channels), so sampled sub-networks learn as fast as one network; separate: the
     # paper's weights per candidate, which need thousands of steps before sampled paths can be ranked.
     weight_sharing: str = "nested"
-    warmup_method: str = "uniform"  # uniform | fair | sandwich | largest_first (proxyless_ray.search.path_sampling)
+    # uniform | uniform_depth | fair | sandwich | largest_first (proxyless_ray.search.path_sampling)
+    warmup_method: str = "uniform"
     # Architecture steps start only once sampled sub-networks reach this held-out accuracy (0: right after the
     # warm-up, the paper's schedule). Checked at the end of every warm-up epoch; if it is not met when the warm-up
     # ends, alpha stays frozen for up to half of the search epochs, then the search decides anyway and says so.

@@ -4,6 +4,11 @@ ProxylessNAS (https://arxiv.org/abs/1812.00332) warms the weights up on paths sa
 is uniform while alpha is frozen; later weight-sharing work changed which paths are trained and how:
 
 * ``uniform``: one path per step, every layer's candidate uniformly at random (SPOS, https://arxiv.org/abs/1904.00420).
+* ``uniform_depth``: one path per step, every depth equally likely: a share ``p`` drawn uniformly from [0, 1], each
+  layer that may be removed is zero with probability ``p``, every other layer a uniformly drawn real candidate
+  (Once-for-All samples each stage's depth uniformly; here the number of kept layers is uniform over 0..n). Under
+  ``uniform`` a layer is zero with probability 1/7, so shallow sub-networks, which the latency loss steers the
+  search towards, are seldom trained and read worse than they train alone.
 * ``fair``: strict fairness (FairNAS, https://arxiv.org/abs/1907.01845): within each group of ``n`` steps every
   candidate of every layer is trained exactly once (a random permutation per layer and group).
 * ``sandwich``: the largest path, the smallest and two random ones on every step, gradients summed, the others
@@ -57,6 +62,19 @@ def uniform_choices(slots: list[Slot], generator: torch.Generator) -> list[int]:
     return [int(torch.randint(len(s.candidates), (1,), generator=generator)) for s in slots]
 
 
+def uniform_depth_choices(slots: list[Slot], generator: torch.Generator) -> list[int]:
+    """A path whose number of zero layers is uniform over 0..(layers that may be zero); see ``uniform_depth``."""
+    p_zero = float(torch.rand((), generator=generator))
+    out = []
+    for s in slots:
+        zero = [i for i, c in enumerate(s.candidates) if parse_block(c).is_zero]
+        real = [i for i, c in enumerate(s.candidates) if not parse_block(c).is_zero]
+        drop = float(torch.rand((), generator=generator)) < p_zero  # drawn for every layer: paths stay aligned
+        pick = real[int(torch.randint(len(real), (1,), generator=generator))]
+        out.append(zero[0] if zero and drop else pick)
+    return out
+
+
 def warmup_paths(method: WarmupMethod | str, slots: list[Slot], seed: int, epoch: int, step: int,
                  progress: float) -> StepPaths:
     """The paths weight step ``step`` of ``epoch`` trains.
@@ -73,6 +91,8 @@ def warmup_paths(method: WarmupMethod | str, slots: list[Slot], seed: int, epoch
     gen = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) * 4 + 2)
     if method == WarmupMethod.UNIFORM:
         return StepPaths((tuple(uniform_choices(slots, gen)),))
+    if method == WarmupMethod.UNIFORM_DEPTH:
+        return StepPaths((tuple(uniform_depth_choices(slots, gen)),))
     if method == WarmupMethod.LARGEST_FIRST:
         if progress < LARGEST_FIRST_SHARE:
             return StepPaths((tuple(largest_choices(slots)),))

@@ -65,3 +65,27 @@ def test_paths_depend_only_on_seed_epoch_and_step(method):
 def test_unknown_method_names_the_valid_ones():
     with pytest.raises(ValueError, match="'spos'"):
         warmup_paths("spos", SLOTS, 0, 0, 0, 0.0)
+
+
+def test_uniform_depth_draws_every_depth_about_equally_often():
+    removable = sum(s.has_zero for s in SLOTS)
+    counts = [0] * (removable + 1)
+    draws = 2000
+    for i in range(draws):
+        (path,) = warmup_paths("uniform_depth", SLOTS, 0, 0, i, 0.5).paths
+        counts[sum(b == "zero" for b in blocks(path))] += 1
+        assert all(b != "zero" or s.has_zero for s, b in zip(SLOTS, blocks(path)))
+    expected = draws / (removable + 1)
+    assert all(0.6 * expected < c < 1.4 * expected for c in counts), counts
+    # uniform: a layer is zero with probability 1 / len(candidates), so paths with most layers removed hardly occur
+    uniform = [sum(b == "zero" for b in blocks(warmup_paths("uniform", SLOTS, 0, 0, i, 0.5).paths[0]))
+               for i in range(draws)]
+    assert sum(z > removable // 2 for z in uniform) < 0.05 * draws < sum(counts[removable // 2 + 1:])
+
+
+def test_uniform_depth_draws_every_real_candidate_of_a_layer():
+    seen = [set() for _ in SLOTS]
+    for i in range(500):
+        for layer, c in enumerate(warmup_paths("uniform_depth", SLOTS, 1, 0, i, 0.5).paths[0]):
+            seen[layer].add(c)
+    assert all(len(s) == len(slot.candidates) for s, slot in zip(seen, SLOTS))

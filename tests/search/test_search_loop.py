@@ -180,7 +180,7 @@ def test_reached_readiness_starts_arch_steps_after_the_warmup(tmp_path):
     assert [m["searching"] for m in seen] == [False, True] and seen[-1]["supernet_ready"] is True
 
 
-@pytest.mark.parametrize("method", ["fair", "sandwich", "largest_first"])
+@pytest.mark.parametrize("method", ["uniform_depth", "fair", "sandwich", "largest_first"])
 def test_warmup_methods_train_and_search(tmp_path, method):
     exp = tiny_experiment(tmp_path, train={"warmup_method": method})
     result = run_local(exp, echo=False)
