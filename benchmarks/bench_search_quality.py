@@ -28,6 +28,10 @@ Usage: ``python benchmarks/bench_search_quality.py [--epochs 3] [--quick | --red
 random networks, 2 seeds, 3 retraining epochs from scratch on 10,000 images, tested on 5,000; with ``--out runs`` it
 reuses the demo's warm-up; ``--set`` changes the search, never the retraining). Networks train side by side as Ray
 tasks of one thread; latencies are measured afterwards, one at a time.
+
+``--rerun-from OUTPUT.json [--hardware pixel1,...] --epochs 2 --train-subset 58000``: the matched groups of an earlier
+run (its networks, as saved in its ``archs/`` folder, and its supernet readings) trained again with another budget,
+no search; does what separated the networks at 3 short epochs still separate them when they train for longer?
 """
 
 from __future__ import annotations
