@@ -13,7 +13,9 @@ process):
 * ``unset``: libgomp's default (spin a while, then sleep; less spinning when it sees more threads than CPUs);
 * ``active``: ``OMP_WAIT_POLICY=ACTIVE`` (spin);
 * ``spin<N>``: ``GOMP_SPINCOUNT=N`` (spin N iterations, then sleep);
-* what :func:`proxyless_ray.runtime.thread_env` gives for ``owner`` and ``shared`` placements.
+* what :func:`proxyless_ray.runtime.thread_env` gives for ``owner`` and ``shared`` placements;
+* ``adaptive``: ``owner``'s spinning threads with :class:`proxyless_ray.runtime.ThreadGovernor` checking the other
+  processes' load every 0.5 s (the search's ``train.adapt_threads``); its warm-up lasts until the first check.
 
 ``--load`` adds, per cell, a run beside one busy single-threaded process (another job on one of the cores). Cells
 are interleaved round by round (rotating order) and each reports the median step time (wall clock) and the process
@@ -38,7 +40,7 @@ from typing import Any
 
 SETTINGS = {"A": (224, 8, 1000), "B": (64, 32, 10)}  # resolution, batch, classes
 KINDS = ("weight", "two", "full_v2", "child", "matmul")
-POLICIES = ("passive", "unset", "active", "owner", "shared")
+POLICIES = ("passive", "unset", "active", "owner", "shared", "adaptive")
 DEFAULT_CELLS = ("A:child:1:owner,A:child:2:owner,A:child:2:passive,A:child:2:unset,A:full_v2:2:owner,"
                  "A:full_v2:2:passive,B:child:2:owner,B:child:2:passive")
 BUSY = "while True: pass"
@@ -49,7 +51,7 @@ def policy_env(policy: str) -> dict[str, str | None]:
     """The variables a cell sets (``None``: removed) for ``policy``."""
     from proxyless_ray.runtime import THREAD_ENV_KEYS, thread_env
 
-    if policy in ("owner", "shared"):
+    if policy in ("owner", "shared", "adaptive"):
         env = thread_env(policy == "shared")
     elif policy.startswith("spin"):
         env = {"GOMP_SPINCOUNT": policy[4:]}
@@ -123,16 +125,23 @@ def build_step(setting: str, kind: str, threads: int, channels_last: bool):
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from proxyless_ray.runtime import ThreadGovernor
+
     step = build_step(spec["setting"], spec["kind"], spec["threads"], spec["channels_last"])
-    for _ in range(spec["warmup"]):
+    gov = ThreadGovernor(spec.get("policy") == "adaptive", every_s=0.5)
+    for i in range(spec["warmup"] + 20):
+        if i >= spec["warmup"] and (gov.checks or not gov.enabled):
+            break
         step()
+        gov.tick()
     wall, cpu = [], []
     for _ in range(spec["steps"]):
         c0, t0 = time.process_time(), time.perf_counter()
         step()
+        gov.tick()
         wall.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
-    return {"wall_ms": wall, "cpu_ms": cpu, "torch_threads": torch.get_num_threads(),
+    return {"wall_ms": wall, "cpu_ms": cpu, "torch_threads": torch.get_num_threads(), "thread_changes": gov.changes,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
 
 
@@ -158,7 +167,7 @@ def children_cpu_s() -> float:
 def run_cell(cell: str, loaded: bool, steps: int, warmup: int) -> dict[str, Any]:
     setting, kind, threads, policy, *layout = cell.split(":")
     spec = {"setting": setting, "kind": kind, "threads": int(threads), "steps": steps, "warmup": warmup,
-            "channels_last": (layout or ["cl"])[0] != "nchw"}
+            "channels_last": (layout or ["cl"])[0] != "nchw", "policy": policy}
     env = dict(os.environ)
     for key, value in policy_env(policy).items():
         env.pop(key, None)
@@ -212,22 +221,26 @@ def main(argv: list[str] | None = None) -> None:
         k = r % len(runs)
         for cell, loaded in runs[k:] + runs[:k]:
             res = run_cell(cell, loaded, args.steps, args.warmup)
-            s = samples.setdefault(f"{cell}{'+busy' if loaded else ''}", {"wall_ms": [], "cpu_ms": [], "foreign": []})
+            s = samples.setdefault(f"{cell}{'+busy' if loaded else ''}",
+                                   {"wall_ms": [], "cpu_ms": [], "foreign": [], "threads": []})
+            s["threads"].append(res["torch_threads"])
             s["wall_ms"] += res["wall_ms"]
             s["cpu_ms"] += res["cpu_ms"]
             s["foreign"].append(res.get("foreign_cores", 0.0))
             load.append(round(os.getloadavg()[0], 2))
             print(f"{cell}{' +busy' if loaded else ''}: {statistics.median(res['wall_ms']):.1f} ms "
                   f"(policy {res['omp_wait_policy']}, spincount {res['gomp_spincount']}, other processes "
-                  f"{res.get('foreign_cores', 0.0):.2f} cores)", file=sys.stderr, flush=True)
+                  f"{res.get('foreign_cores', 0.0):.2f} cores, torch threads {res['torch_threads']})",
+                  file=sys.stderr, flush=True)
     result: dict[str, Any] = {"benchmark": "bench_threads", "steps": args.steps, "warmup": args.warmup,
                               "rounds": args.rounds, "load_1min_after_each_cell": load,
                               "env": {p: policy_env(p) for p in POLICIES}, "median_ms": {}, "cpu_per_wall": {},
-                              "foreign_cores_max": {}}
+                              "foreign_cores_max": {}, "torch_threads_at_end": {}}
     for name, s in samples.items():
         result["median_ms"][name] = round(statistics.median(s["wall_ms"]), 1)
         result["cpu_per_wall"][name] = round(sum(s["cpu_ms"]) / sum(s["wall_ms"]), 2)
         result["foreign_cores_max"][name] = round(max(s["foreign"]), 2)
+        result["torch_threads_at_end"][name] = s["threads"]
     med = result["median_ms"]
     result["busy_over_quiet"] = {c: round(med[f"{c}+busy"] / med[c], 3) for c in cells if f"{c}+busy" in med}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -81,6 +81,10 @@ class TrainConfig:
     # How idle OpenMP threads wait between ops (proxyless_ray.runtime): spin (fast while each thread has a core),
     # passive (sleep at once: for processes that share cores), auto (spin unless the placement shares cores).
     wait_policy: str = "auto"
+    # A spinning process (it owned its cores at start) that other processes crowd later runs one torch thread per
+    # core they leave free until they go (proxyless_ray.runtime.ThreadGovernor); off: the thread count never changes,
+    # for runs that must repeat bit for bit whatever else the machine does.
+    adapt_threads: bool = True
     channels_last: bool = True  # NHWC activations: faster depthwise convs and BN on CPU
     max_steps_per_epoch: int = 0  # 0: the whole split; small values for smoke tests
     # Training batches that re-estimate the BatchNorm statistics of each network read on held-out or test data (the

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
+import time
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's maximum
@@ -115,20 +117,20 @@ def choose_wait_policy(setting: str, threads: int, processes: int, node_cpus: in
     return "spin", f"auto: {placement}, each thread has a core"
 
 
+def _busy_and_own_s() -> tuple[float, float]:
+    """Seconds all CPUs have been busy (``/proc/stat``) and this process's CPU seconds."""
+    with open("/proc/stat") as fh:
+        ticks = [int(v) for v in fh.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
 def other_processes_cores(window_s: float = 0.2) -> float:
     """Cores that processes other than this one kept busy over the next ``window_s`` seconds (Linux
     ``/proc/stat``; 0.0 where it cannot be read)."""
-    import time
-
-    def busy_s() -> float:
-        with open("/proc/stat") as fh:
-            ticks = [int(v) for v in fh.readline().split()[1:8]]  # user nice system idle iowait irq softirq
-        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
     try:
-        busy_0, own_0, t0 = busy_s(), time.process_time(), time.perf_counter()
+        (busy_0, own_0), t0 = _busy_and_own_s(), time.perf_counter()
         time.sleep(window_s)
-        busy_1, own_1, t1 = busy_s(), time.process_time(), time.perf_counter()
+        (busy_1, own_1), t1 = _busy_and_own_s(), time.perf_counter()
     except (OSError, ValueError, IndexError):
         return 0.0
     return max(busy_1 - busy_0 - (own_1 - own_0), 0.0) / (t1 - t0)
@@ -167,6 +169,75 @@ def local_policy(exp, busy_cores: float | None = None) -> tuple[str, int, str]:
             os.environ[_BUSY_ENV] = f"{busy_cores:.2f}"
     policy, why = choose_wait_policy(exp.train.wait_policy, threads, 1, cpus, busy_cores or 0.0)
     return policy, threads, why
+
+
+def threads_for(other_cores: float, cpus: int, threads: int) -> int:
+    """Torch threads for a spinning process beside other processes that keep ``other_cores`` cores busy: one per core
+    they leave free, at least one, at most ``threads``. A core counts as taken once they use 0.6 of it."""
+    return max(1, min(threads, math.floor(cpus - other_cores + 0.4)))
+
+
+GOVERNOR_EVERY_S = 10.0  # long enough that a compile or a test run beside the search counts, not a blip
+
+
+class ThreadGovernor:
+    """Fewer torch threads while other processes crowd a spinning process's cores; all of them once they leave.
+
+    ``auto`` makes a process that owns its cores spin (:func:`choose_wait_policy`); a job that starts on the same
+    machine later makes each op's end wait for the thread whose core it shares, while the other thread spins:
+    steps run 3-4x slower (figures: README). One thread per free core has no team to wait for. :meth:`tick`, called
+    after every step, measures every ``every_s`` seconds how many cores other processes took since the last check
+    and sets the thread count with :func:`threads_for`. It only acts where that can help: ``train.adapt_threads``,
+    at least 2 threads, spinning threads (``OMP_WAIT_POLICY=ACTIVE``; sleeping ones give their core back anyway), and
+    a readable ``/proc/stat``.
+    """
+
+    def __init__(self, enabled: bool, every_s: float | None = None, say=None, reader=None, cpus: int | None = None):
+        import torch
+
+        self.threads = self.current = torch.get_num_threads()
+        self.cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        self.every_s = GOVERNOR_EVERY_S if every_s is None else every_s
+        self.say, self.read = say or (lambda msg: None), reader or _busy_and_own_s
+        self.enabled = enabled and self.threads >= 2 and os.environ.get("OMP_WAIT_POLICY") == "ACTIVE"
+        self.checks = 0
+        self.changes: list[tuple[float, int]] = []  # (other processes' cores, threads set)
+        self._last: tuple[float, float, float] | None = None
+        if self.enabled:
+            try:
+                self._last = (time.perf_counter(), *self.read())
+            except (OSError, ValueError, IndexError):
+                self.enabled = False
+
+    def tick(self) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        t0, busy0, own0 = self._last
+        if now - t0 < self.every_s:
+            return
+        busy, own = self.read()
+        self._last = (now, busy, own)
+        self.checks += 1
+        others = max(busy - busy0 - (own - own0), 0.0) / (now - t0)
+        want = threads_for(others, self.cpus, self.threads)
+        if want != self.current:
+            import torch
+
+            torch.set_num_threads(want)
+            self.changes.append((round(others, 2), want))
+            why = "other processes keep" if want < self.current else "other processes now take"
+            self.say(f"[proxyless-ray] {why} {others:.1f} of {self.cpus} cores busy: {want} torch thread(s), "
+                     f"were {self.current}")
+            self.current = want
+
+    def restore(self) -> None:
+        """The thread count the process started with (a reused process's next run starts from it)."""
+        if self.current != self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.current = self.threads
 
 
 def describe(policy: str, threads: int, why: str, who: str) -> str:

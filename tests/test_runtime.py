@@ -15,11 +15,13 @@ from proxyless_ray.config import load_experiment
 from proxyless_ray.runtime import (
     THREAD_ENV_KEYS,
     WAIT_POLICIES,
+    ThreadGovernor,
     choose_wait_policy,
     local_policy,
     other_processes_cores,
     ray_worker_policy,
     thread_env,
+    threads_for,
 )
 
 from conftest import tiny_experiment
@@ -157,3 +159,104 @@ def test_local_run_logs_its_choice_and_whether_it_is_in_force(tmp_path, monkeypa
         monkeypatch.setenv(key, value)
     settle_local_threads(exp, reexec=False)
     assert "NOT in force" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("others", "cpus", "threads", "expected"), [
+    (0.0, 2, 2, 2), (0.1, 2, 2, 2), (0.5, 2, 2, 1), (1.0, 2, 2, 1), (2.0, 2, 2, 1),
+    (1.0, 8, 8, 7), (1.0, 8, 4, 4), (3.2, 8, 8, 5)])
+def test_threads_for_leaves_out_the_cores_others_take(others, cpus, threads, expected):
+    assert threads_for(others, cpus, threads) == expected
+
+
+class FakeMachine:
+    """/proc/stat as a reader sees it: this process uses ``own`` cores, other processes ``others``."""
+
+    def __init__(self):
+        self.others, self.own, self.t, self.busy_s, self.own_s = 0.0, 2.0, time.perf_counter(), 0.0, 0.0
+
+    def read(self):
+        now = time.perf_counter()
+        self.busy_s += (self.others + self.own) * (now - self.t)
+        self.own_s += self.own * (now - self.t)
+        self.t = now
+        return self.busy_s, self.own_s
+
+
+def test_thread_governor_drops_to_the_free_cores_and_comes_back(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    torch.set_num_threads(2)
+    said, machine = [], FakeMachine()
+    try:
+        gov = ThreadGovernor(True, every_s=0.02, say=said.append, reader=machine.read, cpus=2)
+        assert gov.enabled
+        time.sleep(0.03)
+        gov.tick()
+        assert torch.get_num_threads() == 2 and not said  # quiet: both threads stay
+        machine.others, machine.own = 1.0, 1.0  # another job takes a core
+        time.sleep(0.03)
+        gov.tick()
+        assert torch.get_num_threads() == 1 and "1.0 of 2 cores busy: 1 torch thread(s), were 2" in said[-1]
+        time.sleep(0.005)
+        gov.tick()  # within every_s: nothing read, nothing changed
+        assert len(said) == 1 and torch.get_num_threads() == 1
+        machine.others = 0.0  # it ends
+        time.sleep(0.03)
+        gov.tick()
+        assert torch.get_num_threads() == 2 and gov.changes == [(1.0, 1), (0.0, 2)]
+        machine.others = 1.0
+        time.sleep(0.03)
+        gov.tick()
+        assert torch.get_num_threads() == 1
+        gov.restore()  # the end of a run: the next one in this process starts with every thread
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("policy", "threads", "adapt"), [("PASSIVE", 2, True), ("ACTIVE", 1, True),
+                                                          ("ACTIVE", 2, False)])
+def test_thread_governor_stays_out_where_it_cannot_help(monkeypatch, policy, threads, adapt):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    torch.set_num_threads(threads)
+    machine = FakeMachine()
+    machine.others = 1.0
+    try:
+        gov = ThreadGovernor(adapt, every_s=0.0, reader=machine.read, cpus=2)
+        time.sleep(0.01)
+        gov.tick()
+        assert not gov.enabled and torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_a_search_beside_a_busy_machine_runs_on_the_cores_left_and_gives_them_back(tmp_path, monkeypatch, capsys,
+                                                                                   adapt):
+    import torch
+
+    import proxyless_ray.runtime as rt
+    from proxyless_ray.search.comm import Comm
+    from proxyless_ray.search.loop import SearchLoop
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    machine = FakeMachine()
+    machine.others, machine.own = float(cpus - 1), 1.0  # every core but one taken by other processes
+    monkeypatch.setattr(rt, "_busy_and_own_s", machine.read)
+    monkeypatch.setattr(rt, "GOVERNOR_EVERY_S", 0.0)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    before = torch.get_num_threads()
+    threads_at_report = []
+    try:
+        exp = tiny_experiment(tmp_path, train={"threads": 2, "adapt_threads": adapt})
+        SearchLoop(exp, Comm(), lambda m, f: threads_at_report.append(torch.get_num_threads()), progress=False).run()
+        assert threads_at_report == ([1, 1] if adapt else [2, 2])
+        assert ("1 torch thread(s), were 2" in capsys.readouterr().err) == adapt
+        assert torch.get_num_threads() == 2  # the run's end restores them
+    finally:
+        torch.set_num_threads(before)

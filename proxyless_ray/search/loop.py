@@ -35,7 +35,7 @@ from proxyless_ray.latency.model import LatencyModel, load_latency_model_for
 from proxyless_ray.nn.mixed_op import GateMode
 from proxyless_ray.nn.network import ProxylessNet
 from proxyless_ray.progress import Progress
-from proxyless_ray.runtime import tune_allocator
+from proxyless_ray.runtime import ThreadGovernor, tune_allocator
 from proxyless_ray.search.balance import BatchBalancer
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.evaluate import accuracy, derived_network, freeze_batchnorm, recalibrate_bn, to_device
@@ -84,6 +84,7 @@ class SearchLoop:
         self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
         if exp.train.threads > 0:
             torch.set_num_threads(exp.train.threads)
+        self.governor = ThreadGovernor(exp.train.adapt_threads, say=lambda m: print(m, file=sys.stderr, flush=True))
         self.splits = splits or build_splits(exp.data, exp.space)
         self.model = latency_model or load_latency_model_for(exp.latency.profile, exp.space,
                                                              strict=exp.latency.strict)
@@ -137,6 +138,7 @@ class SearchLoop:
             self.state.alpha_history.append([p.tolist() for p in self.state.net.probs()])
             self._report(metrics, force_checkpoint=self.state.epoch == end)
             last = metrics
+        self.governor.restore()
         return last
 
     # -- one epoch ---------------------------------------------------------------------------------------------
@@ -178,6 +180,7 @@ class SearchLoop:
             if not warm and (i + 1) % t.arch_update_every == 0:
                 for k in range(t.arch_steps):
                     arch_losses.append(self._arch_step(epoch, i, k))
+            self.governor.tick()
             bar.update(1, loss=loss.item())
         bar.close()
         elapsed = time.perf_counter() - t0

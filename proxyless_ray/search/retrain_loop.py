@@ -6,6 +6,7 @@ search loop runs it on its derived child for the held-out fine-tune.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from proxyless_ray.data.sharding import shard_batches
 from proxyless_ray.nn.arch import Arch
 from proxyless_ray.nn.network import ProxylessNet
 from proxyless_ray.progress import Progress
-from proxyless_ray.runtime import tune_allocator
+from proxyless_ray.runtime import ThreadGovernor, tune_allocator
 from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.evaluate import accuracy, to_device
 from proxyless_ray.search.state import check_finite_loss, cosine_lr
@@ -33,6 +34,7 @@ class RetrainLoop:
         self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
         if exp.train.threads > 0:
             torch.set_num_threads(exp.train.threads)
+        self.governor = ThreadGovernor(exp.train.adapt_threads, say=lambda m: print(m, file=sys.stderr, flush=True))
         self.splits = splits or build_splits_for(exp, arch)
         torch.manual_seed(exp.train.seed)
         self.net = ProxylessNet(arch).to(self.device)
@@ -81,6 +83,7 @@ class RetrainLoop:
                 loss.backward()
                 self.comm.mean_([p.grad for p in self.net.parameters() if p.grad is not None])
                 self.opt.step()
+                self.governor.tick()
                 seen += len(y)
                 correct += float((logits.argmax(1) == y).sum())
                 loss_sum += loss.item() * len(y)
@@ -96,6 +99,7 @@ class RetrainLoop:
                        "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                        "finished": self.epoch == self.epochs}
             self.report(metrics, self)
+        self.governor.restore()
         return metrics
 
 
