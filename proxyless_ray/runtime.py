@@ -221,23 +221,25 @@ class ThreadGovernor:
         self.checks += 1
         others = max(busy - busy0 - (own - own0), 0.0) / (now - t0)
         want = threads_for(others, self.cpus, self.threads)
-        if want != self.current:
-            import torch
+        import torch
 
+        have = torch.get_num_threads()  # not self.current: a nested loop (the search's fine-tune) may have set it
+        if want != have:
             torch.set_num_threads(want)
             self.changes.append((round(others, 2), want))
-            why = "other processes keep" if want < self.current else "other processes now take"
+            why = "other processes keep" if want < have else "other processes now take"
             self.say(f"[proxyless-ray] {why} {others:.1f} of {self.cpus} cores busy: {want} torch thread(s), "
-                     f"were {self.current}")
-            self.current = want
+                     f"were {have}")
+        self.current = want
 
     def restore(self) -> None:
-        """The thread count the process started with (a reused process's next run starts from it)."""
-        if self.current != self.threads:
+        """The thread count the process started with, if this governor changed it (a reused process's next run
+        starts from it)."""
+        if self.changes and self.current != self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
-            self.current = self.threads
+        self.current = self.threads
 
 
 def describe(policy: str, threads: int, why: str, who: str) -> str:
