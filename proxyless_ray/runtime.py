@@ -227,9 +227,8 @@ class ThreadGovernor:
         if want != have:
             torch.set_num_threads(want)
             self.changes.append((round(others, 2), want))
-            why = "other processes keep" if want < have else "other processes now take"
-            self.say(f"[proxyless-ray] {why} {others:.1f} of {self.cpus} cores busy: {want} torch thread(s), "
-                     f"were {have}")
+            self.say(f"[proxyless-ray] other processes keep {others:.1f} of {self.cpus} cores busy: {want} torch "
+                     f"thread(s), were {have}")
         self.current = want
 
     def restore(self) -> None:
