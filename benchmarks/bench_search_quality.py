@@ -37,6 +37,7 @@ no search; does what separated the networks at 3 short epochs still separate the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -215,8 +216,7 @@ def retrain(nets: list[tuple[str, str, Arch]], out: str, quick: bool, epochs: in
         name = f"{i:02d}-{arch.name or kind}"
         path = os.path.join(out, "archs", f"{name}.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        Arch(arch.stem, arch.stages, arch.feature_mix, arch.num_classes, arch.resolution, arch.in_chs, arch.dropout,
-             name).save(path)
+        dataclasses.replace(arch, name=name).save(path)
         saved.append(Arch.load(path))
         for seed in range(seeds):
             seeded = Experiment.from_dict({**cfg, "name": f"retrain-s{seed}", "train": {**cfg["train"], "seed": seed}})
@@ -236,10 +236,10 @@ def rerun(args, out: str) -> None:
     nets, readings = [], []
     for row in saved["networks"]:
         if row["kind"] in ("searched", "matched") and row["searched_for"] in keep:
-            nets.append((row["kind"], row["searched_for"], Arch.load(os.path.join(archs, f"{row['name']}.json"))))
+            arch = Arch.load(os.path.join(archs, f"{row['name']}.json"))
+            # without the old run's index prefix: retrain() numbers the networks afresh
+            nets.append((row["kind"], row["searched_for"], dataclasses.replace(arch, name=arch.name.split("-", 1)[1])))
             readings.append(row.get("supernet_acc"))
-    nets = [(k, hw, Arch(a.stem, a.stages, a.feature_mix, a.num_classes, a.resolution, a.in_chs, a.dropout,
-                         a.name.split("-", 1)[1])) for k, hw, a in nets]  # drop the old run's index prefix
     archs_saved, fitted = retrain(nets, out, args.quick, args.epochs, args.train_subset, args.test_subset,
                                   args.seeds)
     rows = []
@@ -321,8 +321,7 @@ def main() -> None:
         target = arch_latency(models[hw], arch)[0]
         for j, (m, blocks) in enumerate(matched_random(space, models[hw], target, args.matched, rng)):
             readings[key].append((len(nets), [s.candidates.index(b) for s, b in zip(space.slots(), blocks)]))
-            nets.append(("matched", hw, Arch(m.stem, m.stages, m.feature_mix, m.num_classes, m.resolution, m.in_chs,
-                                             m.dropout, f"matched-{hw}-{arch.name}-{j}")))
+            nets.append(("matched", hw, dataclasses.replace(m, name=f"matched-{hw}-{arch.name}-{j}")))
     supernet_acc: dict[int, float] = {}
     if args.supernet_rank if args.supernet_rank is not None else args.reduced:
         for key, plan in readings.items():

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import sys
 import time
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -177,6 +178,10 @@ def threads_for(other_cores: float, cpus: int, threads: int) -> int:
     return max(1, min(threads, math.floor(cpus - other_cores + 0.4)))
 
 
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 GOVERNOR_EVERY_S = 10.0  # long enough that a compile or a test run beside the search counts, not a blip
 
 
@@ -195,10 +200,10 @@ class ThreadGovernor:
     def __init__(self, enabled: bool, every_s: float | None = None, say=None, reader=None, cpus: int | None = None):
         import torch
 
-        self.threads = self.current = torch.get_num_threads()
+        self.threads = torch.get_num_threads()
         self.cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
         self.every_s = GOVERNOR_EVERY_S if every_s is None else every_s
-        self.say, self.read = say or (lambda msg: None), reader or _busy_and_own_s
+        self.say, self.read = say or _to_stderr, reader or _busy_and_own_s
         self.enabled = enabled and self.threads >= 2 and os.environ.get("OMP_WAIT_POLICY") == "ACTIVE"
         self.checks = 0
         self.changes: list[tuple[float, int]] = []  # (other processes' cores, threads set)
@@ -223,22 +228,20 @@ class ThreadGovernor:
         want = threads_for(others, self.cpus, self.threads)
         import torch
 
-        have = torch.get_num_threads()  # not self.current: a nested loop (the search's fine-tune) may have set it
+        have = torch.get_num_threads()  # in force now: a nested loop (the search's fine-tune) may have set its own
         if want != have:
             torch.set_num_threads(want)
             self.changes.append((round(others, 2), want))
             self.say(f"[proxyless-ray] other processes keep {others:.1f} of {self.cpus} cores busy: {want} torch "
                      f"thread(s), were {have}")
-        self.current = want
 
     def restore(self) -> None:
         """The thread count the process started with, if this governor changed it (a reused process's next run
         starts from it)."""
-        if self.changes and self.current != self.threads:
-            import torch
+        import torch
 
+        if self.changes and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        self.current = self.threads
 
 
 def describe(policy: str, threads: int, why: str, who: str) -> str:
@@ -254,8 +257,6 @@ def ensure_thread_env(policy: str, reexec: bool = False) -> bool:
     is already loaded, re-executes the same command line with them once if ``reexec`` allows it (the command
     line's own process; never a library caller's), else leaves everything as it is and returns False.
     """
-    import sys
-
     env = thread_env(policy == "passive")
     if all(os.environ.get(k) == v for k, v in env.items()):
         return True

@@ -84,7 +84,7 @@ class SearchLoop:
         self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
         if exp.train.threads > 0:
             torch.set_num_threads(exp.train.threads)
-        self.governor = ThreadGovernor(exp.train.adapt_threads, say=lambda m: print(m, file=sys.stderr, flush=True))
+        self.governor = ThreadGovernor(exp.train.adapt_threads)
         self.splits = splits or build_splits(exp.data, exp.space)
         self.model = latency_model or load_latency_model_for(exp.latency.profile, exp.space,
                                                              strict=exp.latency.strict)

@@ -6,7 +6,6 @@ search loop runs it on its derived child for the held-out fine-tune.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -34,7 +33,7 @@ class RetrainLoop:
         self.exp, self.comm, self.report, self.device = exp, comm, report, torch.device(device)
         if exp.train.threads > 0:
             torch.set_num_threads(exp.train.threads)
-        self.governor = ThreadGovernor(exp.train.adapt_threads, say=lambda m: print(m, file=sys.stderr, flush=True))
+        self.governor = ThreadGovernor(exp.train.adapt_threads)
         self.splits = splits or build_splits_for(exp, arch)
         torch.manual_seed(exp.train.seed)
         self.net = ProxylessNet(arch).to(self.device)
