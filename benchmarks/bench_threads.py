@@ -20,8 +20,10 @@ process):
 ``--load`` adds, per cell, a run beside one busy single-threaded process (another job on one of the cores). Cells
 are interleaved round by round (rotating order) and each reports the median step time (wall clock) and the process
 CPU time per step over wall time (``cpu_per_wall``: about 2 when two threads spin, nearer 1 when they sleep), which
-shows whether the policy took effect, and ``foreign_cores_max``: the cores that other processes than the cell's
-took while it ran (a few hundredths on a quiet machine; more flags a cell someone else's job slowed).
+shows whether the policy took effect, ``thread_cores``: the cores each of the cell's threads took over its timed
+steps, busiest first (beside a busy process it shows whether the team got more than the one free core), and
+``foreign_cores_max``: the cores that other processes than the cell's took while it ran (a few hundredths on a
+quiet machine; more flags a cell someone else's job slowed).
 
 Usage: ``python benchmarks/bench_threads.py [--cells A:child:2:passive,...] [--load] [--steps 8] [--rounds 1]``.
 """
@@ -122,6 +124,19 @@ def build_step(setting: str, kind: str, threads: int, channels_last: bool):
     return child
 
 
+def thread_ticks() -> dict[int, int]:
+    """CPU clock ticks (user + system) of each thread of this process (Linux; empty elsewhere)."""
+    ticks = {}
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            ticks[int(tid)] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    except (OSError, ValueError, IndexError):
+        return {}
+    return ticks
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -135,13 +150,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         step()
         gov.tick()
     wall, cpu = [], []
+    ticks_0, t_0 = thread_ticks(), time.perf_counter()
     for _ in range(spec["steps"]):
         c0, t0 = time.process_time(), time.perf_counter()
         step()
         gov.tick()
         wall.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
+    span, ticks_1 = time.perf_counter() - t_0, thread_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    shares = sorted(((ticks_1[t] - ticks_0.get(t, 0)) / hz / span for t in ticks_1), reverse=True)
     return {"wall_ms": wall, "cpu_ms": cpu, "torch_threads": torch.get_num_threads(), "thread_changes": gov.changes,
+            "thread_cores": [round(c, 2) for c in shares if c >= 0.02],
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
 
 
@@ -222,25 +242,29 @@ def main(argv: list[str] | None = None) -> None:
         for cell, loaded in runs[k:] + runs[:k]:
             res = run_cell(cell, loaded, args.steps, args.warmup)
             s = samples.setdefault(f"{cell}{'+busy' if loaded else ''}",
-                                   {"wall_ms": [], "cpu_ms": [], "foreign": [], "threads": []})
+                                   {"wall_ms": [], "cpu_ms": [], "foreign": [], "threads": [],
+                                    "thread_cores": []})
             s["threads"].append(res["torch_threads"])
+            s["thread_cores"].append(res["thread_cores"])
             s["wall_ms"] += res["wall_ms"]
             s["cpu_ms"] += res["cpu_ms"]
             s["foreign"].append(res.get("foreign_cores", 0.0))
             load.append(round(os.getloadavg()[0], 2))
             print(f"{cell}{' +busy' if loaded else ''}: {statistics.median(res['wall_ms']):.1f} ms "
                   f"(policy {res['omp_wait_policy']}, spincount {res['gomp_spincount']}, other processes "
-                  f"{res.get('foreign_cores', 0.0):.2f} cores, torch threads {res['torch_threads']})",
+                  f"{res.get('foreign_cores', 0.0):.2f} cores, torch threads {res['torch_threads']}, cores per thread "
+                  f"{res['thread_cores']})",
                   file=sys.stderr, flush=True)
     result: dict[str, Any] = {"benchmark": "bench_threads", "steps": args.steps, "warmup": args.warmup,
                               "rounds": args.rounds, "load_1min_after_each_cell": load,
                               "env": {p: policy_env(p) for p in POLICIES}, "median_ms": {}, "cpu_per_wall": {},
-                              "foreign_cores_max": {}, "torch_threads_at_end": {}}
+                              "foreign_cores_max": {}, "torch_threads_at_end": {}, "thread_cores": {}}
     for name, s in samples.items():
         result["median_ms"][name] = round(statistics.median(s["wall_ms"]), 1)
         result["cpu_per_wall"][name] = round(sum(s["cpu_ms"]) / sum(s["wall_ms"]), 2)
         result["foreign_cores_max"][name] = round(max(s["foreign"]), 2)
         result["torch_threads_at_end"][name] = s["threads"]
+        result["thread_cores"][name] = s["thread_cores"]
     med = result["median_ms"]
     result["busy_over_quiet"] = {c: round(med[f"{c}+busy"] / med[c], 3) for c in cells if f"{c}+busy" in med}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
