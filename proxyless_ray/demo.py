@@ -30,6 +30,9 @@ from proxyless_ray.tracking.retrain import log_retrain
 from proxyless_ray.tracking.tracker import Tracker
 
 DEMO_EXPERIMENT = "demo.yaml"
+# predicted / measured beyond this factor either way is well past the local profile's own error on a quiet machine
+# (docs/benchmarks.md, "local CPU profile"): the table then says the machine's speed may have moved since profiling
+RATIO_DRIFT = 1.25
 
 
 def demo_experiment_path() -> str:
@@ -71,14 +74,22 @@ def retrain_front(exp: Experiment, table: pd.DataFrame, sweep_dir: str, tracker=
         res = measure_retrained(texp, fitted[trial_id], measured[trial_id], target=targets[trial_id])
         if tracker is not None:
             log_retrain(tracker, res, trial_key=trial_id)
-        rows.append({"trial_id": trial_id, "retrained_test_acc": res["test_acc"],
-                     "measured_cpu_ms": res["measured_cpu_latency_ms"], "measured_threads": res["measured"]["threads"],
-                     "measured_clock": res["measured"].get("clock", "wall"),
-                     "predicted_ms": res["predicted_latency_ms"], "latency_ratio": res["latency_ratio"]})
-    return table.merge(pd.DataFrame(rows, columns=["trial_id", "retrained_test_acc", "measured_cpu_ms",
-                                                   "measured_threads", "measured_clock", "predicted_ms",
-                                                   "latency_ratio"]),
-                       on="trial_id", how="left")
+        rows.append(front_row(trial_id, res, targets[trial_id]))
+    return table.merge(pd.DataFrame(rows, columns=FRONT_COLUMNS), on="trial_id", how="left")
+
+
+FRONT_COLUMNS = ["trial_id", "retrained_test_acc", "measured_cpu_ms", "measured_threads", "measured_clock",
+                 "predicted_ms", "latency_ratio", "profile_date"]
+
+
+def front_row(trial_id: str, res: dict[str, Any], target: HardwareTarget) -> dict[str, Any]:
+    """The demo table's columns of one retrained front network (``res``: :func:`measure_retrained`'s result); the
+    profile's measurement date where its prediction is compared with the time measured here."""
+    return {"trial_id": trial_id, "retrained_test_acc": res["test_acc"],
+            "measured_cpu_ms": res["measured_cpu_latency_ms"], "measured_threads": res["measured"]["threads"],
+            "measured_clock": res["measured"].get("clock", "wall"), "predicted_ms": res["predicted_latency_ms"],
+            "latency_ratio": res["latency_ratio"],
+            "profile_date": target.metadata.get("date") if res["latency_ratio"] is not None else None}
 
 
 def measure_front(jobs: list[tuple[str, Experiment, str]], fitted: dict[str, dict[str, Any]],
@@ -217,6 +228,17 @@ def format_demo_table(table: pd.DataFrame) -> str:
                      f"median of end-to-end runs, {clock or 'wall clock'}, as the target's profile was timed). "
                      f"For mobile and GPU targets it says nothing about the target; pred/meas is given only where "
                      f"the target is this CPU (cpu_local).")
+    ratios = table["latency_ratio"].dropna() if "latency_ratio" in table.columns else pd.Series(dtype=float)
+    if len(ratios):
+        dates = sorted(set(table["profile_date"].dropna())) if "profile_date" in table.columns else []
+        lines.append(f"  pred/meas: the profile's prediction over the time measured now; the profile was measured "
+                     f"{' and '.join(dates) or 'at an unrecorded time'}.")
+        off = ratios[(ratios < 1 / RATIO_DRIFT) | (ratios > RATIO_DRIFT)]
+        if len(off):
+            lines.append(f"  {len(off)} of {len(ratios)} ratios are off by more than {RATIO_DRIFT - 1:.0%}: the "
+                         f"profile is cached per CPU model, and a machine's speed can change since it was measured "
+                         f"(a shared host, another CPU frequency, other jobs then or now). Measure it again with "
+                         f"`proxyless-ray profile --quick --space <experiment YAML>` and compare on a quiet machine.")
     return "\n".join(lines)
 
 

@@ -358,6 +358,36 @@ def test_demo_table_shows_predicted_and_measured():
     assert "1.200" in cpu and "1.000" in cpu and cpu.split()[-2] == "1.20" and "9.9" not in text
     assert "31.500" in pix and "1.100" in pix and pix.split()[-2] == "1.100"  # no ratio for a mobile target
     assert "measured on this machine's CPU" in text and "says nothing about the target" in text
+    assert "the profile was measured at an unrecorded time" in text and "off by more than" not in text
+
+
+def test_front_row_dates_the_profile_only_where_the_ratio_compares_with_it(tiny_profile):
+    from proxyless_ray.demo import FRONT_COLUMNS, front_row
+    from proxyless_ray.latency.target import HardwareTarget
+
+    res = {"test_acc": 0.8, "measured_cpu_latency_ms": 1.0, "measured": {"threads": 1, "clock": "thread"},
+           "predicted_latency_ms": 1.1, "latency_ratio": 1.1}
+    row = front_row("t", res, HardwareTarget("cpu_local", tiny_profile))
+    assert list(row) == FRONT_COLUMNS and row["profile_date"] == tiny_profile.metadata["date"]
+    mobile = front_row("m", {**res, "latency_ratio": None}, HardwareTarget("pixel1", load_profile("pixel1")))
+    assert mobile["profile_date"] is None and mobile["measured_clock"] == "thread"
+
+
+def test_demo_table_dates_the_profile_and_flags_ratios_a_speed_change_would_explain():
+    from proxyless_ray.demo import RATIO_DRIFT, format_demo_table
+
+    def table(ratios):
+        return pd.DataFrame([{"trial_id": f"cpu_local-add-lam{i}", "hardware": "cpu_local", "on_front": True,
+                              "heldout_acc": 0.8, "derived_latency_ms": r, "retrained_test_acc": 0.81,
+                              "measured_cpu_ms": 1.0, "measured_threads": 1, "predicted_ms": r,
+                              "latency_ratio": r, "profile_date": "2026-12-02T21:20:15Z", "arch": "x"}
+                             for i, r in enumerate(ratios)])
+
+    fine = format_demo_table(table([0.97, 1.0 / RATIO_DRIFT + 0.01, RATIO_DRIFT - 0.01]))
+    assert "the profile was measured 2026-12-02T21:20:15Z" in fine and "off by more than" not in fine
+    slow, fast = format_demo_table(table([0.64, 0.95])), format_demo_table(table([1.0, RATIO_DRIFT + 0.05]))
+    for text in (slow, fast):
+        assert "1 of 2 ratios are off by more than 25%" in text and "proxyless-ray profile --quick" in text
 
 
 def test_gpu_fingerprint_from_device_properties(tmp_path, monkeypatch):
