@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -92,6 +93,15 @@ TINY_SPACE = {"preset": "small", "widths": [8, 16], "depths": [1, 2], "strides":
 REFERENCE_ENV = "PROXYLESS_REFERENCE_DIR"
 REQUIRE_REFERENCE_ENV = "PROXYLESS_REQUIRE_REFERENCE"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 REFERENCE = Path(os.environ[REFERENCE_ENV]) if os.environ.get(REFERENCE_ENV) else REPO.parent / "shared" / "reference"
 
 

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from proxyless_ray.nn.space import SearchSpace
 
+from conftest import load_benchmark
+
 SPACE = SearchSpace(widths=(8, 16), depths=(1, 2), strides=(1, 2), feature_mix_chs=32)
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_supernet.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_supernet", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny net: one thread is fastest, and spins no idle threads on a busy machine
-    yield load_bench()
+    yield load_benchmark("bench_supernet")
     torch.set_num_threads(threads)
 
 

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_threads.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_threads", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_threads")
 
 
 def spin(seconds: float) -> None:
-    end = time.process_time() + seconds
-    while time.process_time() < end:
+    end = time.thread_time() + seconds  # this thread's own CPU time: other threads may run meanwhile
+    while time.thread_time() < end:
         pass
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import datetime
-import importlib.util
 import os
 import pathlib
 import random
@@ -18,12 +17,9 @@ from proxyless_ray.search.comm import Comm
 from proxyless_ray.search.loop import SearchLoop
 from proxyless_ray.tracking.server import free_port
 
-from conftest import requires_fmnist, tiny_experiment
+from conftest import load_benchmark, requires_fmnist, tiny_experiment
 
-_BENCH = importlib.util.spec_from_file_location(
-    "bench_balance", pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "bench_balance.py")
-bench_balance = importlib.util.module_from_spec(_BENCH)
-_BENCH.loader.exec_module(bench_balance)
+bench_balance = load_benchmark("bench_balance")
 SlowSource = bench_balance.SlowSource  # a training split that reads slowly: the benchmark's straggler
 
 
