@@ -93,6 +93,7 @@ TINY_SPACE = {"preset": "small", "widths": [8, 16], "depths": [1, 2], "strides":
 REFERENCE_ENV = "PROXYLESS_REFERENCE_DIR"
 REQUIRE_REFERENCE_ENV = "PROXYLESS_REQUIRE_REFERENCE"
 REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ[REFERENCE_ENV]) if os.environ.get(REFERENCE_ENV) else REPO.parent / "shared" / "reference"
 
 
 def load_benchmark(name: str):
@@ -102,7 +103,6 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
-REFERENCE = Path(os.environ[REFERENCE_ENV]) if os.environ.get(REFERENCE_ENV) else REPO.parent / "shared" / "reference"
 
 
 def reference_required() -> bool:
